@@ -1,0 +1,48 @@
+"""Test harness: import one paper folder's flat modules without name clashes.
+
+Every folder has its own `model.py`, `train.py`, ... and imports its siblings
+flatly (`from model import GPT`), exactly as `python gpt/main.py` sees them.
+`import_folder("gpt")` imports all of a folder's modules with that folder
+first on `sys.path`, hands them back as attributes of a namespace, and then
+takes the bare names (`model`, `train`, ...) out of `sys.modules` again, so
+the next folder's `model.py` is a fresh import. Folder modules therefore
+import their siblings at the top of the file.
+"""
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a display
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def paper_folders():
+    """Top-level folders that hold a `main.py`: the paper reimplementations."""
+    return sorted(p.name for p in ROOT.iterdir() if (p / "main.py").is_file())
+
+
+def import_folder(folder):
+    """Import every module of `ROOT/folder` and return them as a namespace."""
+    path = ROOT / folder
+    names = sorted(p.stem for p in path.glob("*.py"))
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, str(path))
+    try:
+        mods = {n: importlib.import_module(n) for n in names}
+    finally:
+        sys.path.remove(str(path))
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    return SimpleNamespace(**mods)
+
+
+@pytest.fixture
+def root():
+    return ROOT
