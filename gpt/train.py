@@ -1,0 +1,223 @@
+"""Train the character GPT: data, model, optimiser, schedule, then the loop with
+evaluation and atomic checkpoints. Several GPUs or nodes: launch with torchrun, and
+DistributedDataParallel averages the gradients; rank 0 alone logs and checkpoints."""
+import csv
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import CharTokenizer, get_batch, load_text, train_val_split, val_windows
+from model import GPT, GPTConfig
+
+FOLDER = "gpt"  # stamped into checkpoints, so that another folder's checkpoint is refused
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
+LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"gpt: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("gpt: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device):
+    if not path.is_file():
+        raise SystemExit(f"gpt: no checkpoint at {path}; train first, or pass the --out-dir of a gpt run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"gpt: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"gpt: {path} is a checkpoint of {folder or 'something else'}, not of gpt/")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, args):
+    """Linear warmup to --lr, then cosine decay to --min-lr at --steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, windows, device, autocast):
+    """Mean cross-entropy (nats per character) over the whole validation split."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in windows:
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total, n = total + loss.item() * y.numel(), n + y.numel()
+    model.train()
+    return total / n
+
+
+def open_log(path, resume_step):
+    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first."""
+    rows = []
+    if resume_step and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def train(args):
+    # ---- processes and device: one per GPU under torchrun, else just this one
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        rank, world, device = 0, 1, resolve_device(args.device)
+    master = rank == 0
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    # ---- data and vocabulary (from the checkpoint when resuming)
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    text = load_text(args)
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not args.quick:
+        raise SystemExit(f"gpt: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    tok = CharTokenizer(ckpt["vocab"]) if ckpt else CharTokenizer.from_text(text)
+    cfg = GPTConfig(**ckpt["config"]) if ckpt else GPTConfig(
+        vocab_size=len(tok), block_size=args.block_size, n_layer=args.n_layer,
+        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    train_data, val_data = train_val_split(tok.encode(text), cfg.block_size)
+    windows = val_windows(val_data, cfg.block_size, args.batch_size)
+
+    # ---- model and optimiser
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(cfg).to(device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
+    torch.manual_seed(args.seed + rank)  # but different dropout masks
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if master:
+            torch.set_rng_state(ckpt["rng"].cpu())
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    eval_model = model.module if ddp else model
+
+    tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world
+    flops_per_step = raw.flops_per_token() * tokens_per_step
+    peak = next((f for k, f in PEAK_BF16_FLOPS.items()
+                 if device_type == "cuda" and k in torch.cuda.get_device_name()), None)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{raw.num_params() / 1e6:.2f}M parameters, vocabulary {len(tok)}, "
+              f"{len(train_data):,} train / {len(val_data):,} val characters, {tokens_per_step:,} "
+              f"tokens per step on {world} x {device}" + (f", resuming at step {step}" if ckpt else ""))
+        log_file, log = open_log(out / "log.csv", step)
+        if args.wandb:
+            import wandb
+            wandb.init(project="papers-gpt", config=vars(args), dir=out, resume="allow")
+
+    def checkpoint(step, val_loss):
+        save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "config": asdict(cfg), "vocab": tok.chars, "args": vars(args),
+                     "val_loss": val_loss, "rng": torch.get_rng_state()}, ckpt_path)
+
+    # ---- the loop
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master,
+                desc="train", dynamic_ncols=True)
+    train_time, t0, losses, last_ckpt = 0.0, time.perf_counter(), [], step
+    val_loss = ckpt["val_loss"] if ckpt else float("nan")
+    try:
+        for step in pbar:
+            lr = get_lr(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                x, y = get_batch(train_data, args.batch_size, cfg.block_size, (args.seed, step, rank, micro))
+                x, y = x.to(device), y.to(device)
+                # DDP: all-reduce the gradients only on the last micro-step
+                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
+                with sync:
+                    with autocast:
+                        _, loss = model(x, y)
+                    (loss / args.grad_accum).backward()
+                if master:
+                    losses.append(loss.detach())
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if master and (done % args.log_interval == 0 or done == args.steps):
+                train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
+                dt = time.perf_counter() - t0
+                train_time += dt
+                tps = len(losses) / args.grad_accum * tokens_per_step / dt
+                losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
+                if done % args.eval_interval == 0 or done == args.steps:
+                    row["val_loss"] = val_loss = evaluate(eval_model, windows, device, autocast)
+                    checkpoint(done, val_loss)
+                    last_ckpt = done
+                row["elapsed_s"] = train_time
+                log.writerow(row)
+                log_file.flush()
+                pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.1e}",
+                                 tok_s=f"{tps:,.0f}")
+                if args.wandb:
+                    wandb.log(row, step=done)
+                t0 = time.perf_counter()
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: "
+                  f"continue with --resume")
+        raise SystemExit(130)
+    finally:
+        if master:
+            log_file.close()
+        if ddp:
+            dist.destroy_process_group()
+
+    if master and args.steps > (ckpt["step"] if ckpt else 0):
+        tps = tokens_per_step * (args.steps - (ckpt["step"] if ckpt else 0)) / train_time
+        tflops = flops_per_step / tokens_per_step * tps / 1e12
+        mfu = f", MFU {tflops * 1e12 / peak:.1%}" if peak else ""
+        print(f"val loss {val_loss:.4f} nats/char (whole validation split) after {args.steps} steps; "
+              f"{train_time:.0f} s training, {tps:,.0f} tokens/s, {tflops:.2f} TFLOP/s{mfu}")
+        if args.wandb:
+            wandb.finish()
+    return raw
