@@ -12,8 +12,8 @@ from sample import sample
 from train import train
 
 # --quick: a tiny model and a short run; flags given explicitly still win.
-QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=16, steps=60,
-             warmup_steps=10, eval_interval=30, log_interval=10, num_samples=2, max_new_tokens=200,
+QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=16, steps=300, lr=3e-3,
+             warmup_steps=20, eval_interval=100, log_interval=10, num_samples=2, max_new_tokens=200,
              out_dir="runs/gpt-quick")
 
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=positive(float), default=1e-3, help="peak learning rate")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt (same schedule and batches)")
     g.add_argument("--sample-only", action="store_true", help="skip training: sample and draw figures from --out-dir's checkpoint")
-    g.add_argument("--quick", action="store_true", help="tiny model, 60 steps: the whole pipeline on CPU in under a minute")
+    g.add_argument("--quick", action="store_true", help="tiny model, 300 steps: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
 
     g = p.add_argument_group("data")

@@ -36,7 +36,7 @@ def plot_loss(log_path, fig_path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train (batch)")
     ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation (whole split)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / character)", title="char GPT on 1984")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / character)", title="character-level GPT")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

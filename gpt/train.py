@@ -138,7 +138,6 @@ def train(args):
     eval_model = model.module if ddp else model
 
     tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world
-    flops_per_step = raw.flops_per_token() * tokens_per_step
     peak = next((f for k, f in PEAK_BF16_FLOPS.items()
                  if device_type == "cuda" and k in torch.cuda.get_device_name()), None)
     if master:
@@ -149,7 +148,7 @@ def train(args):
         log_file, log = open_log(out / "log.csv", step)
         if args.wandb:
             import wandb
-            wandb.init(project="papers-gpt", config=vars(args), dir=out, resume="allow")
+            wandb.init(project="papers-gpt", config=vars(args), dir=out)
 
     def checkpoint(step, val_loss):
         save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
@@ -159,7 +158,7 @@ def train(args):
     # ---- the loop
     pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master,
                 desc="train", dynamic_ncols=True)
-    train_time, t0, losses, last_ckpt = 0.0, time.perf_counter(), [], step
+    start, train_time, t0, losses, last_ckpt = step, 0.0, time.perf_counter(), [], step
     val_loss = ckpt["val_loss"] if ckpt else float("nan")
     try:
         for step in pbar:
@@ -212,9 +211,9 @@ def train(args):
         if ddp:
             dist.destroy_process_group()
 
-    if master and args.steps > (ckpt["step"] if ckpt else 0):
-        tps = tokens_per_step * (args.steps - (ckpt["step"] if ckpt else 0)) / train_time
-        tflops = flops_per_step / tokens_per_step * tps / 1e12
+    if master and args.steps > start:
+        tps = tokens_per_step * (args.steps - start) / train_time
+        tflops = raw.flops_per_token() * tps / 1e12
         mfu = f", MFU {tflops * 1e12 / peak:.1%}" if peak else ""
         print(f"val loss {val_loss:.4f} nats/char (whole validation split) after {args.steps} steps; "
               f"{train_time:.0f} s training, {tps:,.0f} tokens/s, {tflops:.2f} TFLOP/s{mfu}")

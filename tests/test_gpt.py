@@ -134,7 +134,7 @@ def test_quick_pipeline_writes_samples_and_figure(tmp_path):
     text = (out / "generated.txt").read_text()
     assert text.startswith("#### SAMPLE 1 ####\n") and "#### SAMPLE 2 ####" in text
     assert (out / "gpt_loss.png").stat().st_size > 0
-    assert torch.load(out / "ckpt.pt")["step"] == 60
+    assert torch.load(out / "ckpt.pt")["step"] == 300
 
 
 @pytest.fixture(scope="module")
