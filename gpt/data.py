@@ -1,5 +1,6 @@
 """The novel as characters: find (or download) the text, build the vocabulary,
 split 90/10, and draw random (B, T) windows."""
+import http.client
 import os
 import urllib.request
 from pathlib import Path
@@ -24,22 +25,29 @@ def download(path):
         text = text[start:end + len("THE END")] + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def load_text(args):
     path = text_path(args)
+    if path.is_dir():
+        raise SystemExit(f"gpt: {path} is a directory; --data takes a text file")
     if not path.is_file():
         if args.data:
             raise SystemExit(f"gpt: --data {path}: no such file")
         try:
             print(f"downloading 1984 from {URL} to {path}")
             download(path)
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             raise SystemExit(f"gpt: no text at {path} and the download failed ({e}); pass --data-dir "
                              f"DIR with DIR/text/1984.txt (e.g. --data-dir ../shared/data) or --data FILE")
-    text = path.read_text(errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise SystemExit(f"gpt: cannot read {path} ({e.strerror})")
+    if "\0" in text:
+        raise SystemExit(f"gpt: {path} looks binary (it holds NUL bytes); give a text file")
     if len(text) < 100:
         raise SystemExit(f"gpt: {path} holds {len(text)} characters; need a text of at least 100")
     return text

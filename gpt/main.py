@@ -5,16 +5,21 @@
     torchrun --nproc_per_node=4 gpt/main.py ...            # DistributedDataParallel
 """
 import argparse
+import math
 import os
 import re
+from pathlib import Path
 
 from sample import sample
-from train import train
+from train import QUICK_OUT_DIR, load_checkpoint, train
 
 # --quick: a tiny model and a short run; flags given explicitly still win.
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=16, steps=300, lr=3e-3,
              warmup_steps=20, eval_interval=100, log_interval=10, num_samples=2, max_new_tokens=200,
-             out_dir="runs/gpt-quick")
+             out_dir=QUICK_OUT_DIR)
+# Flags that --resume does not take from the checkpoint: where things go and how to sample.
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "prompt",
+               "num_samples", "max_new_tokens", "temperature", "top_k"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,31 +33,35 @@ def device(s):
     return s
 
 
-def positive(kind):
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{s!r}: must be > 0")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
         return v
-    parse.__name__ = kind.__name__
     return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
 
 
 def parse_args(argv=None):
     p = Parser(prog="gpt/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--seed", type=int, default=1337, help="seeds weights, batches and sampling (>= 0)")
+    g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and sampling (>= 0)")
     g.add_argument("--data-dir", default="data", help="dataset root; the novel is DIR/text/1984.txt (downloaded there if missing)")
     g.add_argument("--out-dir", default="runs/gpt", help="checkpoint ckpt.pt, log.csv and generated.txt go here")
     g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
     g.add_argument("--steps", type=positive(int), default=5000, help="optimiser steps")
     g.add_argument("--batch-size", type=positive(int), default=64, help="sequences per micro-step and process")
     g.add_argument("--lr", type=positive(float), default=1e-3, help="peak learning rate")
-    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt (same schedule and batches)")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt with its flags (same schedule and batches)")
     g.add_argument("--sample-only", action="store_true", help="skip training: sample and draw figures from --out-dir's checkpoint")
     g.add_argument("--quick", action="store_true", help="tiny model, 300 steps: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
@@ -65,14 +74,14 @@ def parse_args(argv=None):
     g.add_argument("--n-head", type=positive(int), default=6, help="attention heads")
     g.add_argument("--n-embd", type=positive(int), default=384, help="width C, divisible by --n-head")
     g.add_argument("--block-size", type=positive(int), default=256, help="context length in characters")
-    g.add_argument("--dropout", type=float, default=0.2, help="dropout probability")
+    g.add_argument("--dropout", type=number(float, 0, 1), default=0.2, help="dropout probability")
 
     g = p.add_argument_group("training")
-    g.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
-    g.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--min-lr", type=number(float, 0), default=1e-4, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=number(int, 0), default=100, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.1, help="AdamW weight decay, on matrices only")
+    g.add_argument("--beta2", type=number(float, 0, 1), default=0.99, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--grad-accum", type=positive(int), default=1, help="micro-steps per optimiser step")
     g.add_argument("--eval-interval", type=positive(int), default=250, help="steps between validation + checkpoint")
     g.add_argument("--log-interval", type=positive(int), default=10, help="steps between log lines")
@@ -85,17 +94,19 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=positive(float), default=0.8, help="softmax temperature")
     g.add_argument("--top-k", type=positive(int), default=200, help="sample among the k likeliest characters")
 
+    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
     args = p.parse_args(argv)
     if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
-    if args.seed < 0:
-        p.error(f"--seed {args.seed}: must be >= 0")
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    if args.resume:
+        saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt", "cpu")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if not 0 <= args.dropout < 1:
-        p.error(f"--dropout {args.dropout}: must be in [0, 1)")
+    if args.prompt == "":
+        p.error("--prompt is empty; give at least one character")
     if args.eval_interval % args.log_interval:
         p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
     args.figures_dir = args.figures_dir or args.out_dir

@@ -1,6 +1,6 @@
 """A decoder-only Transformer (Vaswani et al. 2017) with GPT-2's pre-LayerNorm
 block (Radford et al. 2019), in the order the data meets it:
-LayerNorm -> CausalSelfAttention -> MLP -> Block -> GPT.
+CausalSelfAttention -> MLP -> Block -> GPTConfig -> GPT.
 
 Shapes: B batch, T time (characters), C = n_embd channels, nh heads, hs = C / nh.
 """
@@ -118,7 +118,7 @@ class GPT(nn.Module):
         # idx (B, T) token ids; targets (B, T) or None.
         # cache: a list with one (k, v) or None per layer, filled in place: pass it to decode
         # token by token without recomputing the prefix.
-        B, T = idx.shape
+        T = idx.size(1)
         past = cache[0][0].size(2) if cache and cache[0] is not None else 0
         assert past + T <= self.cfg.block_size, f"context {past + T} > block_size {self.cfg.block_size}"
         pos = torch.arange(past, past + T, device=idx.device)
@@ -150,7 +150,7 @@ class GPT(nn.Module):
             if cache[0] is not None and cache[0][0].size(2) == self.cfg.block_size:
                 # Context full: positions are absolute, so restart the cache from the last
                 # half-context (a window slid every step would recompute all of it each token).
-                cache, feed = [None] * self.cfg.n_layer, idx[:, -self.cfg.block_size // 2:]
+                cache, feed = [None] * self.cfg.n_layer, idx[:, -max(1, self.cfg.block_size // 2):]
             logits, _ = self(feed, cache=cache)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:

@@ -49,7 +49,7 @@ def sample(args):
     samples = generate_samples(args)
     text = "".join(f"#### SAMPLE {i} ####\n{s}\n\n" for i, s in enumerate(samples, 1))
     tmp = out / "generated.tmp"
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out / "generated.txt")
     print(text, end="")
     print(f"wrote {out / 'generated.txt'}")

@@ -2,6 +2,7 @@
 evaluation and atomic checkpoints. Several GPUs or nodes: launch with torchrun, and
 DistributedDataParallel averages the gradients; rank 0 alone logs and checkpoints."""
 import csv
+import hashlib
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from data import CharTokenizer, get_batch, load_text, train_val_split, val_windo
 from model import GPT, GPTConfig
 
 FOLDER = "gpt"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/gpt-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
 LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
 
@@ -91,8 +93,10 @@ def train(args):
     if ddp:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if args.device == "mps":
+            raise SystemExit("gpt: torchrun with --device mps is not supported; use cuda or cpu")
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
         if use_cuda:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -107,10 +111,18 @@ def train(args):
     # ---- data and vocabulary (from the checkpoint when resuming)
     out = Path(args.out_dir)
     ckpt_path = out / "ckpt.pt"
-    text = load_text(args)
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
-    if ckpt is None and ckpt_path.exists() and not args.quick:
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"gpt: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    if ddp and local_rank != 0:
+        dist.barrier()  # local rank 0 alone downloads the text, if it has to
+    text = load_text(args)
+    if ddp and local_rank == 0:
+        dist.barrier()
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    if ckpt and ckpt["text_sha256"] != text_sha:
+        raise SystemExit(f"gpt: {ckpt_path} was trained on another text than {args.data or 'the novel'}; "
+                         f"--resume needs the same --data / --data-dir text")
     tok = CharTokenizer(ckpt["vocab"]) if ckpt else CharTokenizer.from_text(text)
     cfg = GPTConfig(**ckpt["config"]) if ckpt else GPTConfig(
         vocab_size=len(tok), block_size=args.block_size, n_layer=args.n_layer,
@@ -128,8 +140,10 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        if master:
+        if master:  # exact resume of the dropout masks (the other ranks draw fresh ones)
             torch.set_rng_state(ckpt["rng"].cpu())
+            if device_type == "cuda" and ckpt["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
     raw = model
     if args.compile:
         model = torch.compile(model)
@@ -153,13 +167,18 @@ def train(args):
     def checkpoint(step, val_loss):
         save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": asdict(cfg), "vocab": tok.chars, "args": vars(args),
-                     "val_loss": val_loss, "rng": torch.get_rng_state()}, ckpt_path)
+                     "val_loss": val_loss, "text_sha256": text_sha, "train_time": train_time,
+                     "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
 
     # ---- the loop
     pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master,
                 desc="train", dynamic_ncols=True)
-    start, train_time, t0, losses, last_ckpt = step, 0.0, time.perf_counter(), [], step
-    val_loss = ckpt["val_loss"] if ckpt else float("nan")
+    start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
+    train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
+    resumed_time = train_time
+    if master and start >= args.steps:
+        print(f"{ckpt_path} is at step {start}, which is not below --steps {args.steps}: nothing to train")
     try:
         for step in pbar:
             lr = get_lr(step, args)
@@ -201,9 +220,11 @@ def train(args):
                     wandb.log(row, step=done)
                 t0 = time.perf_counter()
     except KeyboardInterrupt:
-        if master:
+        if master and ckpt_path.exists():
             print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: "
                   f"continue with --resume")
+        elif master:
+            print("\ninterrupted before the first checkpoint; nothing was saved")
         raise SystemExit(130)
     finally:
         if master:
@@ -212,7 +233,7 @@ def train(args):
             dist.destroy_process_group()
 
     if master and args.steps > start:
-        tps = tokens_per_step * (args.steps - start) / train_time
+        tps = tokens_per_step * (args.steps - start) / (train_time - resumed_time)
         tflops = raw.flops_per_token() * tps / 1e12
         mfu = f", MFU {tflops * 1e12 / peak:.1%}" if peak else ""
         print(f"val loss {val_loss:.4f} nats/char (whole validation split) after {args.steps} steps; "

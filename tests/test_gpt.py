@@ -1,5 +1,6 @@
 """gpt/: causality, KV cache, learning, exact resume, DDP, and clear errors. Synthetic text only."""
 import csv
+import os
 import subprocess
 import sys
 
@@ -53,15 +54,21 @@ def test_kv_cache_logits_equal_full_recompute():
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_generate_matches_naive_decoding_and_runs_past_the_context():
-    m, idx = model(), torch.randint(0, 11, (3, 4))
-    out = m.generate(idx, max_new_tokens=12, top_k=1)
-    naive = idx
-    for _ in range(12):
-        logits, _ = m(naive)
-        naive = torch.cat([naive, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, naive)
-    assert m.generate(idx, max_new_tokens=3 * CFG.block_size).shape == (3, 4 + 3 * CFG.block_size)
+@pytest.mark.parametrize("prompt_len", [4, 2 * CFG.block_size + 3])
+def test_greedy_generate_matches_recomputing_from_scratch(prompt_len):
+    # Reference without a cache: the context is the last block_size characters, and once it is
+    # full it restarts from the last half (the rule generate() follows with its cache).
+    m, idx = model(), torch.randint(0, 11, (3, prompt_len))
+    n_new, bs = 3 * CFG.block_size, CFG.block_size
+    out = m.generate(idx, max_new_tokens=n_new, top_k=1)
+    ref, start = idx, max(0, prompt_len - bs)
+    for _ in range(n_new):
+        if ref.size(1) - start > bs:
+            start = ref.size(1) - bs // 2
+        logits, _ = m(ref[:, start:])
+        ref = torch.cat([ref, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape == (3, prompt_len + n_new)
+    assert torch.equal(out, ref)
 
 
 def test_loss_falls_on_a_repeating_text(tmp_path):
@@ -91,7 +98,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
         gpt.train.train(gpt.main.parse_args([*flags, "--out-dir", str(tmp_path / "b")]))
     assert e.value.code == 130
     monkeypatch.undo()
-    b = gpt.train.train(gpt.main.parse_args([*flags, "--out-dir", str(tmp_path / "b"), "--resume"]))
+    # no other flags: --resume takes them from the checkpoint
+    b = gpt.train.train(gpt.main.parse_args(["--out-dir", str(tmp_path / "b"), "--resume", "--device", "cpu"]))
 
     loss_a = [r["train_loss"] for r in log_rows(tmp_path / "a")]
     loss_b = [r["train_loss"] for r in log_rows(tmp_path / "b")]
@@ -113,12 +121,12 @@ def test_two_process_gloo_ddp_keeps_identical_weights(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     argv = [*TINY, "--data", text_file(tmp_path), "--out-dir", str(out), "--steps", "6", "--eval-interval", "3",
-            "--log-interval", "1"]
+            "--log-interval", "1", "--grad-accum", "2"]  # micro-steps: no_sync, then one all-reduce
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(gpt_dir=str(ROOT / "gpt"), argv=argv, out=str(out)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     torch.manual_seed(1337)
@@ -161,17 +169,33 @@ def test_checkpoint_of_another_folder_is_refused(tmp_path):
     one_line_error(run_main("--sample-only", "--out-dir", str(tmp_path)), "vit", "not of gpt/")
 
 
-def test_missing_and_empty_text_are_clear_errors(tmp_path):
+def test_bad_text_files_are_clear_errors(tmp_path):
     one_line_error(run_main("--data", str(tmp_path / "nope.txt"), "--out-dir", str(tmp_path)), "nope.txt")
     (tmp_path / "empty.txt").write_text("")
     one_line_error(run_main("--data", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path)), "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 4)
+    one_line_error(run_main("--data", str(tmp_path / "bin.txt"), "--out-dir", str(tmp_path)), "binary")
+    one_line_error(run_main("--data", str(tmp_path), "--out-dir", str(tmp_path)), "directory")
+
+
+def test_resume_on_another_text_is_refused(trained, tmp_path):
+    other = text_file(tmp_path, "a different text, same characters. " * 80)
+    one_line_error(run_main("--resume", "--out-dir", str(trained), "--data", other, "--steps", "4"), "another text")
+
+
+def test_empty_prompt_and_out_of_range_values_are_clear_errors():
+    one_line_error(run_main("--prompt", ""), "--prompt")
+    one_line_error(run_main("--beta2", "1.5"), "--beta2")
+    one_line_error(run_main("--temperature", "nan"), "--temperature")
 
 
 def test_heads_must_divide_the_width():
     one_line_error(run_main("--n-embd", "100", "--n-head", "3"), "--n-embd 100", "--n-head 3")
 
 
-def test_a_fresh_run_does_not_overwrite_a_checkpoint(trained):
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_a_fresh_run_does_not_overwrite_a_checkpoint(trained, quick):
     before = (trained / "ckpt.pt").read_bytes()
-    one_line_error(run_main(*TINY, "--data", str(trained / "text.txt"), "--out-dir", str(trained)), "--resume")
+    one_line_error(run_main(*TINY, *quick, "--data", str(trained / "text.txt"), "--out-dir", str(trained)),
+                   "--resume")
     assert (trained / "ckpt.pt").read_bytes() == before
