@@ -1,0 +1,123 @@
+"""PPO with the clipped objective (Schulman et al. 2017): train, evaluate greedily, record a GIF.
+
+    python ppo/main.py                          # CartPole-v1 to 500, then images of the agent
+    python ppo/main.py --env-id Pendulum-v1     # continuous actions (diagonal Gaussian)
+    python ppo/main.py --quick                  # the whole pipeline on CPU in < 60 s
+
+Hyperparameters left unset take the --env-id's preset (PRESETS below; CleanRL's defaults for
+other ids); any flag given explicitly wins.
+"""
+import argparse
+import re
+
+from sample import sample
+from train import QUICK_OUT_DIR, train
+
+DEFAULTS = dict(num_envs=4, num_steps=128, total_timesteps=500_000, lr=2.5e-4, update_epochs=4,
+                num_minibatches=4, gamma=0.99, gae_lambda=0.95, clip_coef=0.2, ent_coef=0.01,
+                vf_coef=0.5, max_grad_norm=0.5, normalize=False)  # CleanRL's ppo.py
+PRESETS = {
+    # Many short rollouts and many epochs (the RL Baselines3 Zoo's tuned CartPole settings).
+    "CartPole-v1": dict(num_envs=8, num_steps=32, total_timesteps=150_000, lr=1e-3, update_epochs=20,
+                        num_minibatches=1, gamma=0.98, gae_lambda=0.8, ent_coef=0.0),
+    # Short horizon (gamma 0.95), normalised observations and rewards, batches of 2048.
+    "Pendulum-v1": dict(num_envs=8, num_steps=256, total_timesteps=200_000, lr=3e-4, update_epochs=10,
+                        num_minibatches=32, gamma=0.95, gae_lambda=0.95, ent_coef=0.0, normalize=True,
+                        solve_return=-300.0),
+}
+QUICK = dict(total_timesteps=40_000, eval_episodes=3, out_dir=QUICK_OUT_DIR)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def positive(kind):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{s!r}: must be > 0")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_args(argv=None):
+    p = Parser(prog="ppo/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="cpu", help="cpu (fastest for these small networks), auto, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=int, default=1, help="seeds the networks, the envs and the action noise")
+    g.add_argument("--data-dir", default="data", help="unused: the environments are simulated (kept for a uniform interface)")
+    g.add_argument("--out-dir", default=None, help="checkpoint, log.csv and figures (default runs/ppo/<env-id>)")
+    g.add_argument("--figures-dir", default=None, help="where the curve and GIF go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--total-timesteps", "--steps", type=positive(int), default=None, help="environment steps in all")
+    g.add_argument("--lr", type=positive(float), default=None, help="Adam learning rate (annealed to 0)")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt (weights, optimiser, counters)")
+    g.add_argument("--sample-only", action="store_true", help="skip training: evaluate, curve and GIF from the checkpoint")
+    g.add_argument("--quick", action="store_true", help="40k steps: the whole pipeline on CPU in under a minute")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("environment")
+    g.add_argument("--env-id", default="CartPole-v1", help="any gymnasium id with Discrete or Box actions")
+    g.add_argument("--num-envs", type=positive(int), default=None, help="N parallel actors (gymnasium SyncVectorEnv)")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="running observation and reward normalisation (preset: on for Pendulum)")
+
+    g = p.add_argument_group("PPO")
+    g.add_argument("--num-steps", type=positive(int), default=None, help="T steps per actor per rollout")
+    g.add_argument("--update-epochs", type=positive(int), default=None, help="K epochs per rollout")
+    g.add_argument("--num-minibatches", type=positive(int), default=None, help="minibatches per epoch")
+    g.add_argument("--gamma", type=float, default=None, help="discount gamma")
+    g.add_argument("--gae-lambda", type=float, default=None, help="GAE lambda")
+    g.add_argument("--clip-coef", type=float, default=None, help="epsilon of the clipped surrogate")
+    g.add_argument("--ent-coef", type=float, default=None, help="c2, entropy bonus")
+    g.add_argument("--vf-coef", type=float, default=None, help="c1, value loss")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="global gradient-norm clip")
+    g.add_argument("--clip-vloss", action="store_true", help="clip the value loss around the old values")
+    g.add_argument("--no-norm-adv", dest="norm_adv", action="store_false", help="do not normalise advantages")
+    g.add_argument("--no-anneal-lr", dest="anneal_lr", action="store_false", help="constant learning rate")
+    g.add_argument("--target-kl", type=float, default=None, help="stop the epochs early above this approx-KL")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--solve-return", type=float, default=475.0, help="report the step where the last-20-episode mean first reaches this")
+    g.add_argument("--eval-episodes", type=positive(int), default=10, help="greedy evaluation episodes")
+    g.add_argument("--save-interval", type=positive(int), default=10, help="iterations between checkpoints")
+    g.add_argument("--gif-steps", type=positive(int), default=500, help="frames in the GIF of the trained agent")
+
+    args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and v != p.get_default(k)}
+    for k, v in {**DEFAULTS, **PRESETS.get(args.env_id, {}), **(QUICK if args.quick else {})}.items():
+        if k not in given:
+            setattr(args, k, v)
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: must be >= 0")
+    if args.num_envs * args.num_steps % args.num_minibatches:
+        p.error(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by "
+                f"--num-minibatches {args.num_minibatches}")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        p.error(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+                f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+    args.out_dir = args.out_dir or f"runs/ppo/{args.env_id}"
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.sample_only:
+        train(args)  # ends with a greedy evaluation
+    sample(args, evaluate_policy=args.sample_only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""PPO, Algorithm 1 of Schulman et al. (2017): N actors collect T steps each, advantages by
+GAE, then K epochs of minibatch Adam on the clipped surrogate L^CLIP+VF+S.
+
+The implementation details that matter (Huang et al. 2022, "The 37 implementation details
+of PPO") are named in a comment where they happen. Shapes: T steps, N envs, O obs size.
+"""
+import csv
+import os
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from tqdm import tqdm
+
+from model import Agent, RunningMeanStd
+
+FOLDER = "ppo"
+QUICK_OUT_DIR = "runs/ppo-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_FIELDS = ["global_step", "episodic_return", "pg_loss", "v_loss", "entropy", "approx_kl",
+              "clipfrac", "explained_var", "lr", "sps"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"ppo: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("ppo: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def make_env(env_id, render_mode=None):
+    try:
+        env = gym.make(env_id, **({"render_mode": render_mode} if render_mode else {}))
+    except gym.error.Error as e:
+        raise SystemExit(f"ppo: --env-id {env_id}: {str(e).splitlines()[0]}")
+    space = env.action_space
+    if not isinstance(space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise SystemExit(f"ppo: --env-id {env_id} has a {type(space).__name__} action space; "
+                         f"PPO here handles Discrete (categorical) and Box (Gaussian) actions")
+    if len(env.observation_space.shape or ()) != 1:
+        raise SystemExit(f"ppo: --env-id {env_id} has observations of shape {env.observation_space.shape}; "
+                         f"these MLPs take flat vectors")
+    return gym.wrappers.RecordEpisodeStatistics(env)  # raw episodic return, before any scaling
+
+
+def make_envs(env_id, num_envs):
+    # SAME_STEP autoreset: a finished env is reset inside step(), and the true last observation
+    # comes back in info["final_obs"], which we need to bootstrap truncated episodes.
+    return gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(num_envs)],
+                                    autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+class Normalizer:
+    """Implementation detail for continuous control: observations scaled by their running mean
+    and std, rewards divided by the running std of the discounted return; both clipped to +-10."""
+
+    def __init__(self, obs_dim, num_envs, gamma, enabled):
+        self.enabled, self.gamma = enabled, gamma
+        self.obs_rms, self.ret_rms = RunningMeanStd((obs_dim,)), RunningMeanStd()
+        self.returns = np.zeros(num_envs)
+
+    def obs(self, o, update=False):
+        if not self.enabled:
+            return o
+        if update:
+            self.obs_rms.update(o)
+        return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10, 10)
+
+    def reward(self, r, done):
+        if not self.enabled:
+            return r
+        self.returns = self.returns * self.gamma + r
+        self.ret_rms.update(self.returns)
+        self.returns[done] = 0.0
+        return np.clip(r / np.sqrt(self.ret_rms.var + 1e-8), -10, 10)
+
+    def state_dict(self):
+        return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict()}
+
+    def load_state_dict(self, d):
+        self.obs_rms.load_state_dict(d["obs_rms"])
+        self.ret_rms.load_state_dict(d["ret_rms"])
+
+
+def compute_gae(rewards, values, next_values, terminated, dones, gamma, lam):
+    """Generalized advantage estimation over (T, N) arrays, backwards in time.
+    next_values[t] is V(s_{t+1}) of the true next state (the final observation when the episode
+    ended at t). Implementation detail: a terminated episode bootstraps with 0, a truncated one
+    (time limit) with V(s_{t+1}); either way the advantage does not flow across the boundary."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.size(0))):
+        # delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        # A_t = delta_t + (gamma lambda) A_{t+1}
+        last = delta + gamma * lam * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values  # A_t and the lambda-return, the value target
+
+
+def clipped_surrogate(ratio, advantages, clip_coef):
+    """-L^CLIP per sample: -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t), with r_t = pi / pi_old."""
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+
+
+def value_loss(new_values, old_values, returns, clip_coef, clip):
+    """L^VF = (V(s_t) - V_t^targ)^2 / 2; implementation detail (option): clip V around its old value."""
+    loss = (new_values - returns) ** 2
+    if clip:
+        clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * loss.mean()
+
+
+def load_checkpoint(path, env_id=None):
+    if not path.is_file():
+        raise SystemExit(f"ppo: no checkpoint at {path}; train first, or pass the --out-dir of a ppo run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"ppo: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"ppo: {path} is a checkpoint of {folder or 'something else'}, not of ppo/")
+    if env_id and ckpt["env_id"] != env_id:
+        raise SystemExit(f"ppo: {path} was trained on {ckpt['env_id']}, not --env-id {env_id}")
+    return ckpt
+
+
+def agent_for(obs_space, act_space):
+    continuous = isinstance(act_space, gym.spaces.Box)
+    return Agent(int(np.prod(obs_space.shape)), act_space.shape[0] if continuous else act_space.n, continuous)
+
+
+@torch.no_grad()
+def evaluate(agent, env_id, normalizer, episodes, seed, device):
+    """Greedy policy (arg max, or the Gaussian mean) on fresh episodes: mean raw return."""
+    env = make_env(env_id)
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + 10_000 + i)
+        done = False
+        while not done:
+            o = torch.as_tensor(normalizer.obs(obs[None]), dtype=torch.float32, device=device)
+            action = agent.get_action_and_value(o, greedy=True)[0][0].cpu().numpy()
+            obs, _, terminated, truncated, info = env.step(clip_action(action, env.action_space))
+            done = terminated or truncated
+        returns.append(info["episode"]["r"])
+    env.close()
+    return float(np.mean(returns))
+
+
+def clip_action(a, space):
+    """Implementation detail: the Gaussian sample is clipped to the action bounds for the env
+    only; the policy's log-probability is of the unclipped sample."""
+    return np.clip(a, space.low, space.high) if isinstance(space, gym.spaces.Box) else a
+
+
+def train(args):
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, args.env_id) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
+        raise SystemExit(f"ppo: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+
+    envs = make_envs(args.env_id, args.num_envs)
+    T, N = args.num_steps, args.num_envs
+    batch_size = T * N
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    agent = agent_for(envs.single_observation_space, envs.single_action_space).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)  # detail: Adam eps 1e-5
+    normalizer = Normalizer(envs.single_observation_space.shape[0], N, args.gamma,
+                            enabled=args.normalize)
+    iteration, global_step = 0, 0
+    if ckpt:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        normalizer.load_state_dict(ckpt["normalizer"])
+        iteration, global_step = ckpt["iteration"], ckpt["global_step"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_mode = "a" if ckpt and (out / "log.csv").is_file() else "w"
+    log_file = open(out / "log.csv", log_mode, newline="")
+    log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+    if log_mode == "w":
+        log.writeheader()
+    if args.wandb:
+        import wandb
+        wandb.init(project="papers-ppo", config=vars(args), dir=out)
+
+    def checkpoint():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"folder": FOLDER, "env_id": args.env_id, "agent": agent.state_dict(),
+                    "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
+                    "iteration": iteration, "global_step": global_step, "args": vars(args)}, tmp)
+        os.replace(tmp, ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+    # Rollout storage, (T, N, ...)
+    obs_buf = torch.zeros((T, N) + envs.single_observation_space.shape, device=device)
+    next_obs_buf = torch.zeros_like(obs_buf)  # the true s_{t+1}, final observation included
+    actions = torch.zeros((T, N) + envs.single_action_space.shape, device=device)
+    logprobs, rewards, values, terminated, dones = (torch.zeros((T, N), device=device) for _ in range(5))
+
+    raw_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+    recent = []  # returns of the last 20 finished episodes
+    solved_at, start_time, start_step = None, time.time(), global_step
+    pbar = tqdm(range(iteration, num_iterations), initial=iteration, total=num_iterations,
+                desc=args.env_id, dynamic_ncols=True)
+    try:
+        for iteration in pbar:
+            # Implementation detail: learning rate annealed linearly to 0.
+            lr = args.lr * (1.0 - iteration / num_iterations) if args.anneal_lr else args.lr
+            optimizer.param_groups[0]["lr"] = lr
+
+            # ---- rollout: N actors, T steps each (Algorithm 1, "run policy pi_old")
+            for t in range(T):
+                global_step += N
+                obs_buf[t] = next_obs
+                with torch.no_grad():
+                    action, logp, _, value = agent.get_action_and_value(next_obs)
+                actions[t], logprobs[t], values[t] = action, logp, value
+                raw_obs, r, term, trunc, info = envs.step(clip_action(action.cpu().numpy(), envs.single_action_space))
+                done = term | trunc
+                rewards[t] = torch.as_tensor(normalizer.reward(r, done), device=device)
+                terminated[t] = torch.as_tensor(term, device=device)
+                dones[t] = torch.as_tensor(done, device=device)
+                true_next = raw_obs.copy()
+                if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start
+                    true_next[done] = np.stack(info["final_obs"][done])
+                    ep = info["final_info"]
+                    recent = (recent + list(ep["episode"]["r"][ep["_episode"]]))[-20:]
+                next_obs_buf[t] = torch.as_tensor(normalizer.obs(true_next), dtype=torch.float32, device=device)
+                next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+
+            # ---- advantages
+            with torch.no_grad():
+                next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(T, N)
+                advantages, returns = compute_gae(rewards, values, next_values, terminated, dones,
+                                                  args.gamma, args.gae_lambda)
+
+            # ---- K epochs of minibatch updates on the flattened batch
+            b_obs, b_actions = obs_buf.flatten(0, 1), actions.flatten(0, 1)
+            b_logprobs, b_adv = logprobs.flatten(), advantages.flatten()
+            b_returns, b_values = returns.flatten(), values.flatten()
+            clipfracs = []
+            for epoch in range(args.update_epochs):
+                perm = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, minibatch_size):
+                    mb = perm[start:start + minibatch_size]
+                    _, new_logp, entropy, new_value = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                    log_ratio = new_logp - b_logprobs[mb]
+                    ratio = log_ratio.exp()  # r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
+                    with torch.no_grad():  # detail: the k3 estimator of KL, and the clipped fraction
+                        approx_kl = ((ratio - 1) - log_ratio).mean()
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                    mb_adv = b_adv[mb]
+                    if args.norm_adv:  # detail: advantages normalised per minibatch
+                        mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                    pg_loss = clipped_surrogate(ratio, mb_adv, args.clip_coef).mean()
+                    v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef, args.clip_vloss)
+                    entropy_loss = entropy.mean()
+                    # L^{CLIP+VF+S} = E[L^CLIP - c1 L^VF + c2 S], maximised; we minimise its negative
+                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy_loss
+                    optimizer.zero_grad()
+                    loss.backward()
+                    # detail: global gradient-norm clipping
+                    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+
+            # ---- log, checkpoint
+            iteration += 1
+            y, v = b_returns.cpu().numpy(), b_values.cpu().numpy()
+            mean_return = float(np.mean(recent)) if recent else float("nan")
+            if solved_at is None and len(recent) >= 20 and mean_return >= args.solve_return:
+                solved_at = global_step
+            sps = (global_step - start_step) / (time.time() - start_time)
+            row = {"global_step": global_step, "episodic_return": mean_return, "pg_loss": pg_loss.item(),
+                   "v_loss": v_loss.item(), "entropy": entropy_loss.item(), "approx_kl": approx_kl.item(),
+                   "clipfrac": float(np.mean(clipfracs)),
+                   "explained_var": float(1 - np.var(y - v) / np.var(y)) if np.var(y) > 0 else float("nan"),
+                   "lr": lr, "sps": sps}
+            log.writerow(row)
+            log_file.flush()
+            if args.wandb:
+                wandb.log(row, step=global_step)
+            pbar.set_postfix(ret=f"{mean_return:.1f}", kl=f"{row['approx_kl']:.4f}", sps=f"{sps:.0f}")
+            if iteration % args.save_interval == 0 or iteration == num_iterations:
+                checkpoint()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last checkpoint is {ckpt_path}: continue with --resume")
+        raise SystemExit(130)
+    finally:
+        envs.close()
+        log_file.close()
+
+    greedy = evaluate(agent, args.env_id, normalizer, args.eval_episodes, args.seed, device)
+    sps = (global_step - start_step) / (time.time() - start_time)
+    mean_return = float(np.mean(recent)) if recent else float("nan")
+    print(f"{args.env_id}: mean return of the last 20 training episodes {mean_return:.1f}; "
+          f"{args.solve_return:g} first reached at step {solved_at if solved_at else 'never'}; "
+          f"greedy evaluation {greedy:.1f} over {args.eval_episodes} episodes; {sps:.0f} steps/s")
+    if args.wandb:
+        wandb.finish()
+    return {"solved_at": solved_at, "greedy_return": greedy, "sps": sps, "agent": agent}
