@@ -4,14 +4,18 @@
     python ppo/main.py --env-id Pendulum-v1     # continuous actions (diagonal Gaussian)
     python ppo/main.py --quick                  # the whole pipeline on CPU in < 60 s
 
-Hyperparameters left unset take the --env-id's preset (PRESETS below; CleanRL's defaults for
+Hyperparameters left unset take the --env-id's preset (PRESETS in ppo/main.py; CleanRL's defaults for
 other ids); any flag given explicitly wins.
 """
 import argparse
+import math
 import re
+from pathlib import Path
+
+import gymnasium as gym
 
 from sample import sample
-from train import QUICK_OUT_DIR, train
+from train import QUICK_OUT_DIR, load_checkpoint, train
 
 DEFAULTS = dict(num_envs=4, num_steps=128, total_timesteps=500_000, lr=2.5e-4, update_epochs=4,
                 num_minibatches=4, gamma=0.99, gae_lambda=0.95, clip_coef=0.2, ent_coef=0.01,
@@ -26,6 +30,9 @@ PRESETS = {
                         solve_return=-300.0),
 }
 QUICK = dict(total_timesteps=40_000, eval_episodes=3, out_dir=QUICK_OUT_DIR)
+# Flags that --resume and --sample-only do not take from the checkpoint's run.
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "eval_episodes",
+               "gif_steps", "total_timesteps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,30 +46,34 @@ def device(s):
     return s
 
 
-def positive(kind):
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high], or (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{s!r}: must be > 0")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high}]")
         return v
-    parse.__name__ = kind.__name__
     return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
 
 
 def parse_args(argv=None):
     p = Parser(prog="ppo/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="cpu", help="cpu (fastest for these small networks), auto, cuda, cuda:N, mps")
-    g.add_argument("--seed", type=int, default=1, help="seeds the networks, the envs and the action noise")
+    g.add_argument("--seed", type=number(int, 0), default=1, help="seeds the networks, the envs and the action noise")
     g.add_argument("--data-dir", default="data", help="unused: the environments are simulated (kept for a uniform interface)")
     g.add_argument("--out-dir", default=None, help="checkpoint, log.csv and figures (default runs/ppo/<env-id>)")
     g.add_argument("--figures-dir", default=None, help="where the curve and GIF go (default: --out-dir); 'images' refreshes the README's")
     g.add_argument("--total-timesteps", "--steps", type=positive(int), default=None, help="environment steps in all")
     g.add_argument("--lr", type=positive(float), default=None, help="Adam learning rate (annealed to 0)")
-    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt (weights, optimiser, counters)")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt with its flags (weights, optimiser, normaliser, counters)")
     g.add_argument("--sample-only", action="store_true", help="skip training: evaluate, curve and GIF from the checkpoint")
     g.add_argument("--quick", action="store_true", help="40k steps: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
@@ -77,33 +88,42 @@ def parse_args(argv=None):
     g.add_argument("--num-steps", type=positive(int), default=None, help="T steps per actor per rollout")
     g.add_argument("--update-epochs", type=positive(int), default=None, help="K epochs per rollout")
     g.add_argument("--num-minibatches", type=positive(int), default=None, help="minibatches per epoch")
-    g.add_argument("--gamma", type=float, default=None, help="discount gamma")
-    g.add_argument("--gae-lambda", type=float, default=None, help="GAE lambda")
-    g.add_argument("--clip-coef", type=float, default=None, help="epsilon of the clipped surrogate")
-    g.add_argument("--ent-coef", type=float, default=None, help="c2, entropy bonus")
-    g.add_argument("--vf-coef", type=float, default=None, help="c1, value loss")
-    g.add_argument("--max-grad-norm", type=float, default=None, help="global gradient-norm clip")
+    g.add_argument("--gamma", type=number(float, 0, 1), default=None, help="discount gamma")
+    g.add_argument("--gae-lambda", type=number(float, 0, 1), default=None, help="GAE lambda")
+    g.add_argument("--clip-coef", type=positive(float), default=None, help="epsilon of the clipped surrogate")
+    g.add_argument("--ent-coef", type=number(float, 0), default=None, help="c2, entropy bonus")
+    g.add_argument("--vf-coef", type=number(float, 0), default=None, help="c1, value loss")
+    g.add_argument("--max-grad-norm", type=positive(float), default=None, help="global gradient-norm clip")
     g.add_argument("--clip-vloss", action="store_true", help="clip the value loss around the old values")
     g.add_argument("--no-norm-adv", dest="norm_adv", action="store_false", help="do not normalise advantages")
     g.add_argument("--no-anneal-lr", dest="anneal_lr", action="store_false", help="constant learning rate")
-    g.add_argument("--target-kl", type=float, default=None, help="stop the epochs early above this approx-KL")
+    g.add_argument("--target-kl", type=positive(float), default=None, help="stop the epochs early above this approx-KL")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--solve-return", type=float, default=475.0, help="report the step where the last-20-episode mean first reaches this")
+    g.add_argument("--solve-return", type=float, default=None,
+                   help="report the step where the last-20-episode mean first reaches this (default: the env's reward_threshold)")
     g.add_argument("--eval-episodes", type=positive(int), default=10, help="greedy evaluation episodes")
     g.add_argument("--save-interval", type=positive(int), default=10, help="iterations between checkpoints")
     g.add_argument("--gif-steps", type=positive(int), default=500, help="frames in the GIF of the trained agent")
 
+    # Defaults, then the env's preset, then --quick's, then a resumed run's flags;
+    # flags typed on the command line always win.
     args = p.parse_args(argv)
-    given = {k for k, v in vars(args).items() if v is not None and v != p.get_default(k)}
-    for k, v in {**DEFAULTS, **PRESETS.get(args.env_id, {}), **(QUICK if args.quick else {})}.items():
-        if k not in given:
-            setattr(args, k, v)
+    p.set_defaults(**{**DEFAULTS, **PRESETS.get(args.env_id, {}), **(QUICK if args.quick else {})})
+    args = p.parse_args(argv)
+    if args.resume or args.sample_only:
+        out = Path(args.out_dir or f"runs/ppo/{args.env_id}")
+        saved = load_checkpoint(out / "ckpt.pt").get("args", {})  # its env id too, unless typed
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
+    if args.solve_return is None and args.env_id in gym.registry:
+        args.solve_return = gym.spec(args.env_id).reward_threshold
     if args.seed < 0:
         p.error(f"--seed {args.seed}: must be >= 0")
-    if args.num_envs * args.num_steps % args.num_minibatches:
-        p.error(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by "
-                f"--num-minibatches {args.num_minibatches}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches or batch // args.num_minibatches < 2:
+        p.error(f"--num-envs x --num-steps ({batch}) must split into --num-minibatches "
+                f"{args.num_minibatches} equal minibatches of 2 or more")
     if args.total_timesteps < args.num_envs * args.num_steps:
         p.error(f"--total-timesteps {args.total_timesteps} is less than one rollout "
                 f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")

@@ -1,4 +1,4 @@
-"""Actor and critic (Schulman et al. 2017, section 5: separate networks, no shared trunk),
+"""Actor and critic (Schulman et al. 2017, section 6.1: separate networks, no shared trunk),
 two tanh layers of 64 as in the paper's MuJoCo experiments.
 
 Shapes: B batch, O observation size, A number of actions (discrete) or action dimensions (continuous).

@@ -36,8 +36,8 @@ def resolve_device(name):
 def make_env(env_id, render_mode=None):
     try:
         env = gym.make(env_id, **({"render_mode": render_mode} if render_mode else {}))
-    except gym.error.Error as e:
-        raise SystemExit(f"ppo: --env-id {env_id}: {str(e).splitlines()[0]}")
+    except (gym.error.Error, ImportError, TypeError) as e:  # unknown id, missing extra, bad entry point
+        raise SystemExit(f"ppo: --env-id {env_id}: {(str(e).splitlines() or [type(e).__name__])[0]}")
     space = env.action_space
     if not isinstance(space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise SystemExit(f"ppo: --env-id {env_id} has a {type(space).__name__} action space; "
@@ -179,19 +179,24 @@ def train(args):
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)  # detail: Adam eps 1e-5
     normalizer = Normalizer(envs.single_observation_space.shape[0], N, args.gamma,
                             enabled=args.normalize)
-    iteration, global_step = 0, 0
+    iteration, global_step, recent, solved_at = 0, 0, [], None  # recent: the last 20 episodes' returns
     if ckpt:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
         normalizer.load_state_dict(ckpt["normalizer"])
         iteration, global_step = ckpt["iteration"], ckpt["global_step"]
+        recent, solved_at = ckpt["recent"], ckpt["solved_at"]
+        torch.manual_seed(args.seed + iteration)  # fresh random streams, not a replay of iteration 0's
 
     out.mkdir(parents=True, exist_ok=True)
-    log_mode = "a" if ckpt and (out / "log.csv").is_file() else "w"
-    log_file = open(out / "log.csv", log_mode, newline="")
+    rows = []
+    if ckpt and (out / "log.csv").is_file():  # keep the log up to the checkpoint, drop lost work
+        with open(out / "log.csv") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["global_step"]) <= global_step]
+    log_file = open(out / "log.csv", "w", newline="")
     log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-    if log_mode == "w":
-        log.writeheader()
+    log.writeheader()
+    log.writerows(rows)
     if args.wandb:
         import wandb
         wandb.init(project="papers-ppo", config=vars(args), dir=out)
@@ -200,7 +205,8 @@ def train(args):
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"folder": FOLDER, "env_id": args.env_id, "agent": agent.state_dict(),
                     "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-                    "iteration": iteration, "global_step": global_step, "args": vars(args)}, tmp)
+                    "iteration": iteration, "global_step": global_step, "recent": recent,
+                    "solved_at": solved_at, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
 
     # Rollout storage, (T, N, ...)
@@ -209,10 +215,9 @@ def train(args):
     actions = torch.zeros((T, N) + envs.single_action_space.shape, device=device)
     logprobs, rewards, values, terminated, dones = (torch.zeros((T, N), device=device) for _ in range(5))
 
-    raw_obs, _ = envs.reset(seed=args.seed)
+    raw_obs, _ = envs.reset(seed=args.seed + iteration)
     next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
-    recent = []  # returns of the last 20 finished episodes
-    solved_at, start_time, start_step = None, time.time(), global_step
+    start_time, start_step = time.time(), global_step
     pbar = tqdm(range(iteration, num_iterations), initial=iteration, total=num_iterations,
                 desc=args.env_id, dynamic_ncols=True)
     try:
@@ -237,9 +242,10 @@ def train(args):
                 if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start
                     true_next[done] = np.stack(info["final_obs"][done])
                     ep = info["final_info"]
-                    recent = (recent + list(ep["episode"]["r"][ep["_episode"]]))[-20:]
-                next_obs_buf[t] = torch.as_tensor(normalizer.obs(true_next), dtype=torch.float32, device=device)
+                    recent = (recent + [float(r) for r in ep["episode"]["r"][ep["_episode"]]])[-20:]
+                # update the statistics first, so that s_{t+1} is normalised alike in both buffers
                 next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+                next_obs_buf[t] = torch.as_tensor(normalizer.obs(true_next), dtype=torch.float32, device=device)
 
             # ---- advantages
             with torch.no_grad():
@@ -282,7 +288,8 @@ def train(args):
             iteration += 1
             y, v = b_returns.cpu().numpy(), b_values.cpu().numpy()
             mean_return = float(np.mean(recent)) if recent else float("nan")
-            if solved_at is None and len(recent) >= 20 and mean_return >= args.solve_return:
+            if (solved_at is None and args.solve_return is not None and len(recent) >= 20
+                    and mean_return >= args.solve_return):
                 solved_at = global_step
             sps = (global_step - start_step) / (time.time() - start_time)
             row = {"global_step": global_step, "episodic_return": mean_return, "pg_loss": pg_loss.item(),
@@ -307,8 +314,9 @@ def train(args):
     greedy = evaluate(agent, args.env_id, normalizer, args.eval_episodes, args.seed, device)
     sps = (global_step - start_step) / (time.time() - start_time)
     mean_return = float(np.mean(recent)) if recent else float("nan")
-    print(f"{args.env_id}: mean return of the last 20 training episodes {mean_return:.1f}; "
-          f"{args.solve_return:g} first reached at step {solved_at if solved_at else 'never'}; "
+    solved = "" if args.solve_return is None else \
+        f"{args.solve_return:g} first reached at step {solved_at if solved_at else 'never'}; "
+    print(f"{args.env_id}: mean return of the last 20 training episodes {mean_return:.1f}; {solved}"
           f"greedy evaluation {greedy:.1f} over {args.eval_episodes} episodes; {sps:.0f} steps/s")
     if args.wandb:
         wandb.finish()

@@ -86,8 +86,19 @@ def test_continuous_pipeline_and_resume(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt")
     assert ckpt["global_step"] == 256 and ckpt["normalizer"]["obs_rms"]["count"] > 256
     assert (tmp_path / "ppo_pendulum.gif").stat().st_size > 0
-    ppo.train.train(ppo.main.parse_args([*flags, "--total-timesteps", "512", "--resume"]))
-    assert torch.load(tmp_path / "ckpt.pt")["global_step"] == 512
+    # Resuming with nothing left to do hands back exactly the saved agent...
+    agent = ppo.train.train(ppo.main.parse_args(["--out-dir", str(tmp_path), "--resume",
+                                                 "--total-timesteps", "256"]))["agent"]
+    for k, v in agent.state_dict().items():
+        assert torch.equal(v, ckpt["agent"][k]), k
+    # ...and with more to do continues the run with its own flags (env id, sizes, normalisation).
+    args = ppo.main.parse_args(["--out-dir", str(tmp_path), "--resume", "--total-timesteps", "512"])
+    assert (args.env_id, args.num_envs, args.num_steps, args.normalize) == ("Pendulum-v1", 2, 64, True)
+    ppo.train.train(args)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    assert (ckpt["global_step"], ckpt["iteration"]) == (512, 4)
+    with open(tmp_path / "log.csv") as f:
+        assert [int(r["global_step"]) for r in csv.DictReader(f)] == [128, 256, 384, 512]
 
 
 def run_main(*args):
@@ -103,6 +114,16 @@ def one_line_error(r, *words):
 
 def test_unknown_env_id_is_a_clear_error(tmp_path):
     one_line_error(run_main("--env-id", "NoSuchEnv-v9", "--out-dir", str(tmp_path)), "NoSuchEnv-v9")
+    one_line_error(run_main("--env-id", "nosuchmodule:Env-v0", "--out-dir", str(tmp_path)), "nosuchmodule")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--num-minibatches", "256"], ["minibatches of 2"]),  # CartPole preset: a batch of 256
+    (["--gamma", "1.5"], ["--gamma"]),
+    (["--clip-coef", "-0.2"], ["--clip-coef"]),
+])
+def test_bad_hyperparameters_are_clear_errors(args, words):
+    one_line_error(run_main(*args), *words)
 
 
 def test_unsupported_action_space_is_a_clear_error():
