@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, import_folder
@@ -145,3 +146,44 @@ def test_checkpoint_of_another_env_is_refused(tmp_path):
 def test_checkpoint_of_another_folder_is_refused(tmp_path):
     torch.save({"folder": "gpt"}, tmp_path / "ckpt.pt")
     one_line_error(run_main("--sample-only", "--out-dir", str(tmp_path)), "gpt", "not of ppo/")
+
+
+class CountingEnv(gym.Env):
+    """Observation = steps taken in this episode; truncated by a TimeLimit of 3 steps."""
+    observation_space = gym.spaces.Box(0, 10, (1,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, dtype=np.float32), 1.0, False, False, {}
+
+
+def test_truncated_steps_bootstrap_from_the_final_observation(tmp_path, monkeypatch):
+    gym.register("Counting-v0", entry_point=CountingEnv, max_episode_steps=3)
+
+    class ObsIsValue(ppo.model.Agent):
+        def get_value(self, obs):  # V(s) = the step count, so V(s_{t+1}) shows which s_{t+1} was used
+            return obs[:, 0]
+
+    seen = {}
+
+    def spy(rewards, values, next_values, terminated, dones, gamma, lam):
+        seen.update(next_values=next_values, dones=dones, terminated=terminated)
+        return compute_gae(rewards, values, next_values, terminated, dones, gamma, lam)
+
+    compute_gae = ppo.train.compute_gae
+    monkeypatch.setattr(ppo.train, "compute_gae", spy)
+    monkeypatch.setattr(ppo.train, "agent_for", lambda o, a: ObsIsValue(1, 2, continuous=False))
+    ppo.train.train(ppo.main.parse_args(["--env-id", "Counting-v0", "--num-envs", "2", "--num-steps", "7",
+                                         "--num-minibatches", "2", "--total-timesteps", "14",
+                                         "--eval-episodes", "1", "--out-dir", str(tmp_path)]))
+    # steps 0..6 of each env: s_{t+1} counts 1, 2, 3 (truncated: the final observation, not the
+    # reset's 0), then 1, 2, 3, 1
+    expected = torch.tensor([1., 2., 3., 1., 2., 3., 1.])[:, None].expand(7, 2)
+    torch.testing.assert_close(seen["next_values"], expected)
+    assert seen["dones"][:, 0].tolist() == [0, 0, 1, 0, 0, 1, 0] and not seen["terminated"].any()
