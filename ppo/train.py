@@ -238,14 +238,14 @@ def train(args):
                 rewards[t] = torch.as_tensor(normalizer.reward(r, done), device=device)
                 terminated[t] = torch.as_tensor(term, device=device)
                 dones[t] = torch.as_tensor(done, device=device)
-                true_next = raw_obs.copy()
-                if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start
-                    true_next[done] = np.stack(info["final_obs"][done])
+                next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+                next_obs_buf[t] = next_obs
+                if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start,
+                    # s_{t+1} is the final observation (normalised with the same, updated statistics)
+                    final = normalizer.obs(np.stack(info["final_obs"][done]))
+                    next_obs_buf[t, torch.as_tensor(done)] = torch.as_tensor(final, dtype=torch.float32, device=device)
                     ep = info["final_info"]
                     recent = (recent + [float(r) for r in ep["episode"]["r"][ep["_episode"]]])[-20:]
-                # update the statistics first, so that s_{t+1} is normalised alike in both buffers
-                next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
-                next_obs_buf[t] = torch.as_tensor(normalizer.obs(true_next), dtype=torch.float32, device=device)
 
             # ---- advantages
             with torch.no_grad():
