@@ -1,0 +1,102 @@
+"""MNIST and FashionMNIST as uint8 tensors, from torchvision's folder layout:
+DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
+
+The files are read directly (the IDX format is a few lines of numpy) and torchvision
+is only asked to download them when they are missing, so a machine without network
+access works as soon as the files are in place.
+"""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+CLASSES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+}
+MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}  # of the training images, on [0, 1]
+
+
+def idx_files(split):
+    prefix = "train" if split == "train" else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def read_idx(path):
+    """An IDX file (LeCun's format: magic with the number of dimensions, sizes, then uint8 data)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">i4", count=ndim, offset=4)
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def find(raw, name):
+    for candidate in (raw / name, raw / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def download(dataset, root):
+    try:
+        from torchvision import datasets
+        getattr(datasets, DATASETS[dataset])(root=root, train=True, download=True)
+        getattr(datasets, DATASETS[dataset])(root=root, train=False, download=True)
+    except Exception as e:  # no network, no torchvision, a mirror down: say what to do instead
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def load_split(data_dir, dataset, split):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of 'train' or 'test'."""
+    raw = Path(data_dir) / DATASETS[dataset] / "raw"
+    names = idx_files(split)
+    paths = [find(raw, n) for n in names]
+    if None in paths:
+        reason = download(dataset, data_dir)
+        paths = [find(raw, n) for n in names]
+        if None in paths:
+            raise SystemExit(
+                f"vit: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz] and the download failed "
+                f"({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
+                f"(here: --data-dir ../shared/data)")
+    try:
+        images, labels = (read_idx(p) for p in paths)
+    except (ValueError, IndexError, OSError, EOFError) as e:
+        raise SystemExit(f"vit: {paths[0].parent} holds a damaged IDX file ({type(e).__name__}: {e})")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise SystemExit(f"vit: {paths[0]} and {paths[1]} do not hold matching images (N, H, W) and labels (N,)")
+    return images, labels.long()
+
+
+def load_data(args):
+    """Train / validation / test splits: validation is the last --val-size training images,
+    training the first --train-size (0: all) of the rest."""
+    train_x, train_y = load_split(args.data_dir, args.dataset, "train")
+    test_x, test_y = load_split(args.data_dir, args.dataset, "test")
+    if not 0 <= args.val_size < len(train_x):
+        raise SystemExit(f"vit: --val-size {args.val_size} must be below the {len(train_x)} training images")
+    n = len(train_x) - args.val_size
+    m = min(n, args.train_size) if args.train_size else n
+    return {"train": (train_x[:m], train_y[:m]), "val": (train_x[n:], train_y[n:]), "test": (test_x, test_y)}
+
+
+def normalize(images, dataset):
+    """uint8 (B, H, W) -> float (B, 1, H, W), standardised with the training set's mean and std."""
+    mean, std = MEAN_STD[dataset]
+    return (images.float().unsqueeze(1) / 255.0 - mean) / std
+
+
+def random_crop(images, padding, generator):
+    """The light augmentation: pad uint8 images (B, H, W) by `padding` black pixels and crop back
+    to H x W at a random offset per image. Batched with index arithmetic, on the images' device."""
+    B, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(H, device=images.device))[:, :, None]   # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, :]   # (B, 1, W)
+    return padded[torch.arange(B, device=images.device)[:, None, None], rows, cols]

@@ -1,0 +1,125 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) on MNIST or FashionMNIST: train, then
+test accuracy, attention-rollout maps and a confusion matrix.
+
+    python vit/main.py --dataset mnist --data-dir ../shared/data     # the README result
+    python vit/main.py --dataset fashion --data-dir ../shared/data
+    python vit/main.py --quick --data-dir ../shared/data             # the whole pipeline on CPU in < 60 s
+"""
+import argparse
+import math
+import re
+from pathlib import Path
+
+from data import DATASETS
+from sample import sample
+from train import QUICK_OUT_DIR, load_checkpoint, train
+
+IMAGE_SIZE = 28  # MNIST and FashionMNIST
+# --quick: a tiny model (P=7) on half the data for six epochs; flags given explicitly still win.
+QUICK = dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=64, epochs=6, train_size=30_000, val_size=2000,
+             batch_size=128, lr=3e-3, warmup_epochs=0.5, num_examples=8, out_dir=QUICK_OUT_DIR)
+# Flags that --resume does not take from the checkpoint: where things go and what to draw.
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
+               "num_examples", "compile"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        return v
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="vit/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds weights, batch order, augmentation, dropout (>= 0)")
+    g.add_argument("--data-dir", default="data", help="dataset root holding MNIST/raw/ or FashionMNIST/raw/ (downloaded there if missing)")
+    g.add_argument("--out-dir", default=None, help="checkpoint ckpt.pt, log.csv, metrics.json (default: runs/vit/<dataset>)")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--epochs", type=positive(int), default=30, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive(int), default=128, help="images per optimiser step")
+    g.add_argument("--lr", type=positive(float), default=2e-3, help="peak learning rate")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt with its flags (same schedule and batches)")
+    g.add_argument("--sample-only", action="store_true", help="skip training: evaluate and draw figures from --out-dir's checkpoint")
+    g.add_argument("--quick", action="store_true", help="small model (P=7), 30k images, 6 epochs: the whole pipeline on CPU in under a minute")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
+    g.add_argument("--val-size", type=number(int, 0), default=5000, help="last training images held out for validation")
+    g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
+    g.add_argument("--crop-padding", type=number(int, 0, 14), default=2, help="augmentation: random crop after padding by this many pixels (0: off)")
+
+    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
+    g.add_argument("--patch-size", type=positive(int), default=4, help=f"patch side P; divides the {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    g.add_argument("--dim", type=positive(int), default=64, help="width D, divisible by --heads")
+    g.add_argument("--depth", type=positive(int), default=6, help="encoder layers L")
+    g.add_argument("--heads", type=positive(int), default=4, help="attention heads k")
+    g.add_argument("--mlp-dim", type=positive(int), default=128, help="hidden width of each block's MLP")
+    g.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout probability")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--min-lr", type=number(float, 0), default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-epochs", type=number(float, 0), default=2.0, help="linear warmup, in epochs")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.05, help="AdamW weight decay, on matrices only")
+    g.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="label smoothing of the cross-entropy")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("figures")
+    g.add_argument("--num-examples", type=positive(int), default=16, help="test digits in the attention-map grid")
+
+    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    out_dir = args.out_dir or f"runs/vit/{args.dataset}"
+    if args.resume or args.sample_only:
+        saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
+        if args.dataset != saved["dataset"]:
+            p.error(f"--dataset {args.dataset}, but {out_dir} holds a {saved['dataset']} run")
+    args.out_dir = out_dir
+    if IMAGE_SIZE % args.patch_size:
+        divisors = ", ".join(str(d) for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0)
+        p.error(f"--patch-size {args.patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} images; choose {divisors}")
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.sample_only:
+        train(args)
+    sample(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Train the ViT: data, model, optimiser, schedule, then the loop over epochs with
+validation accuracy and an atomic checkpoint after each epoch."""
+import csv
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import load_data, normalize, random_crop
+from model import ViT, ViTConfig
+
+FOLDER = "vit"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/vit-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "elapsed_s"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"vit: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("vit: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device):
+    if not path.is_file():
+        raise SystemExit(f"vit: no checkpoint at {path}; train first, or pass the --out-dir of a vit run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"vit: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"vit: {path} is a checkpoint of {folder or 'something else'}, not of vit/")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, total_steps, warmup_steps, args):
+    """Linear warmup to --lr, then cosine decay towards --min-lr at the end of training."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def configure_optimizer(model, args):
+    """AdamW; weight decay on the weight matrices only, not on biases, LayerNorms,
+    the class token or the position embeddings."""
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim != 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+
+
+@torch.no_grad()
+def predict(model, images, dataset, batch_size, autocast):
+    """Logits (N, classes) for uint8 images (N, H, W) already on the model's device."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    for i in range(0, len(images), batch_size):
+        with autocast:
+            logits.append(model(normalize(images[i:i + batch_size], dataset)).float())
+    model.train(was_training)
+    return torch.cat(logits)
+
+
+def evaluate(model, images, labels, dataset, batch_size, autocast):
+    """(mean cross-entropy, accuracy) over a whole split."""
+    logits = predict(model, images, dataset, batch_size, autocast)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
+
+
+def open_log(path, resume_epoch):
+    """CSV of the run, one row per epoch; on resume, rows past the checkpoint are dropped first."""
+    rows = []
+    if resume_epoch and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def train(args):
+    device = resolve_device(args.device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    # ---- checkpoint, data (on the device once: 60k small images fit anywhere)
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
+        raise SystemExit(f"vit: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args).items()}
+    train_x, train_y = data["train"]
+    H, W = train_x.shape[1:]
+    if H != W:
+        raise SystemExit(f"vit: images are {H}x{W}; this ViT takes square images")
+
+    # ---- model and optimiser
+    cfg = ViTConfig(image_size=H, patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
+                    mlp_dim=args.mlp_dim, dropout=args.dropout)
+    if ckpt and asdict(cfg) != ckpt["config"]:
+        raise SystemExit(f"vit: {ckpt_path} holds another model ({ckpt['config']}); "
+                         f"resume without model flags, or train it in another --out-dir")
+    torch.manual_seed(args.seed)
+    model = ViT(cfg).to(device)
+    optimizer = configure_optimizer(model, args)
+    epoch = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch = ckpt["epoch"]
+    fwd = torch.compile(model) if args.compile else model
+
+    steps_per_epoch = len(train_x) // args.batch_size  # the last partial batch of each epoch is dropped
+    if steps_per_epoch == 0:
+        raise SystemExit(f"vit: --batch-size {args.batch_size} exceeds the {len(train_x)} training images")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}, "
+          f"D={cfg.dim}, L={cfg.depth}, k={cfg.heads}); {args.dataset}: {len(train_x):,} train / "
+          f"{len(data['val'][0]):,} val / {len(data['test'][0]):,} test images on {device}"
+          + (f"; resuming after epoch {epoch}" if ckpt else ""))
+    log_file, log = open_log(out / "log.csv", epoch)
+    if args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("vit: --wandb needs the wandb package (pip install wandb)")
+        wandb.init(project="papers-vit", config=vars(args), dir=out)
+
+    # ---- the loop: one epoch = one pass over a fresh permutation of the training set
+    train_time = ckpt["train_time"] if ckpt else 0.0
+    val_acc = ckpt["val_acc"] if ckpt else float("nan")
+    if epoch >= args.epochs:
+        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    try:
+        for epoch in range(epoch, args.epochs):
+            # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
+            torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
+            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_x), generator=g).to(device)
+            t0, losses, correct = time.perf_counter(), [], []
+            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        leave=False)
+            for i in pbar:
+                step = epoch * steps_per_epoch + i
+                lr = get_lr(step, total_steps, warmup_steps, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+                x, y = train_x[idx], train_y[idx]
+                if args.crop_padding:
+                    x = random_crop(x, args.crop_padding, g)
+                with autocast:
+                    logits = fwd(normalize(x, args.dataset))
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                correct.append((logits.argmax(-1) == y).sum())
+                if i % 50 == 0:
+                    pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            dt = time.perf_counter() - t0
+            train_time += dt
+            done = epoch + 1
+            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(),
+                   "train_acc": torch.stack(correct).sum().item() / (steps_per_epoch * args.batch_size),
+                   "lr": lr, "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
+            if len(data["val"][0]):
+                row["val_loss"], row["val_acc"] = evaluate(model, *data["val"], args.dataset, 1000, autocast)
+                val_acc = row["val_acc"]
+            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": done, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
+                         "train_time": train_time}, ckpt_path)
+            log.writerow(row)
+            log_file.flush()
+            tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['images_per_s']:,.0f} img/s  {train_time:.0f} s")
+            if args.wandb:
+                wandb.log(row, step=done)
+    except KeyboardInterrupt:
+        if ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
+                  f"continue with --resume")
+        else:
+            print("\ninterrupted before the first epoch ended; nothing was saved")
+        raise SystemExit(130)
+    finally:
+        log_file.close()
+        if args.wandb:
+            wandb.finish()
+    return model
