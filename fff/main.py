@@ -1,0 +1,162 @@
+"""Fast Feedforward Networks (Belcak & Wattenhofer 2023) on MNIST: train an FFF and two dense
+baselines (equal training width, equal inference width), report test accuracy (FFF in soft
+and hard mode) and the spread of digits over leaves; --speed times FFF-hard against dense.
+
+    python fff/main.py --data-dir ../shared/data          # the README result
+    python fff/main.py --speed --device cpu               # inference time, depths 3, 6, 9 (no data needed)
+    python fff/main.py --quick --data-dir ../shared/data  # the whole pipeline on CPU in < 60 s
+"""
+import argparse
+import math
+import re
+
+from data import DATASETS
+from model import MAX_DEPTH
+from sample import sample, speed
+from train import MODELS, QUICK_OUT_DIR, ckpt_path, load_checkpoint, train
+
+MAX_PARAMETERS = 2 ** 28  # 1 GiB of float32 weights: refuse before allocating more than that
+# --quick: part of the data for two epochs; flags given explicitly still win.
+QUICK = dict(epochs=2, train_size=15_000, val_size=2000, speed_depths=[2, 4], out_dir=QUICK_OUT_DIR)
+# Flags that --resume does not take from the checkpoints: where things go, what to print.
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
+               "speed", "speed_depths"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        return v
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
+
+
+def fraction(s):
+    v = number(float, 0)(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: must be in [0, 1]")
+    return v
+
+
+def depth(s):
+    try:
+        d = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid depth {s!r}: a whole number of tree levels")
+    if not 1 <= d <= MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"depth {d}: must be in 1..{MAX_DEPTH} (2^depth leaves)")
+    return d
+
+
+def depths(s):
+    return [depth(d) for d in s.split(",")]
+
+
+def models(s):
+    names = s.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{s!r}: a comma-separated subset of {','.join(MODELS)}")
+    return names
+
+
+def fff_parameters(depth, leaf_width, in_dim=784, out_dim=10):
+    nodes, leaves = 2 ** depth - 1, 2 ** depth
+    return nodes * (in_dim + 1) + leaves * (in_dim * leaf_width + leaf_width + leaf_width * out_dim + out_dim)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="fff/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps; --speed times on this device")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds weights, batch order and leaks (>= 0)")
+    g.add_argument("--data-dir", default="data", help="dataset root holding MNIST/raw/ (downloaded there if missing)")
+    g.add_argument("--out-dir", default="runs/fff", help="checkpoints ckpt_<model>.pt, log_<model>.csv, metrics.json, speed.json")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--epochs", type=positive(int), default=30, help="passes over the training set, per model")
+    g.add_argument("--batch-size", type=positive(int), default=256, help="samples per step")
+    g.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate at the start of the cosine decay")
+    g.add_argument("--resume", action="store_true", help="continue the checkpoints in --out-dir with their flags")
+    g.add_argument("--sample-only", action="store_true", help="skip training: test accuracy and figures from --out-dir")
+    g.add_argument("--quick", action="store_true", help="15k images, 2 epochs per model, small speed table: under a minute on CPU")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist (the paper's) or fashion")
+    g.add_argument("--val-size", type=positive(int), default=6000, help="last training images held out (the paper: 9:1)")
+    g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
+
+    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoints')")
+    g.add_argument("--depth", type=depth, default=3, help=f"tree depth d: 2^d leaves, d node neurons per path (1..{MAX_DEPTH})")
+    g.add_argument("--leaf-width", type=positive(int), default=32, help="hidden width l of each leaf; training width is l * 2^d")
+    g.add_argument("--models", type=models, default=list(MODELS),
+                   help="which to train: fff (the FFF), ff_train (dense, width l*2^d), ff_infer (dense, width l)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--hardening", type=number(float, 0), default=3.0, help="h in L = L_pred + h * sum_nodes H(c): pushes node decisions to 0 or 1")
+    g.add_argument("--hardening-ramp", type=fraction, default=1.0,
+                   help="fraction of training over which h grows linearly from 0 to --hardening (0: constant h, as in the paper)")
+    g.add_argument("--region-leak", type=number(float, 0, 0.5), default=0.1, help="probability of a randomized child transposition per node and sample")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--speed", action="store_true", help="only time inference (batch 1 and 1024) of FFF-hard against dense layers")
+    g.add_argument("--speed-depths", type=depths, default=[3, 6, 9], help="comma-separated depths to time")
+
+    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    if (args.resume or args.sample_only) and not args.speed:
+        path = next((ckpt_path(args.out_dir, n) for n in args.models if ckpt_path(args.out_dir, n).exists()), None)
+        if path is None:
+            p.error(f"no checkpoint ckpt_<model>.pt in {args.out_dir} to resume or sample from")
+        saved = load_checkpoint(path, "cpu")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
+        if args.dataset != saved["dataset"]:
+            p.error(f"--dataset {args.dataset}, but {args.out_dir} holds a {saved['dataset']} run")
+    for d in [args.depth] + (args.speed_depths if args.speed else []):
+        n = fff_parameters(d, args.leaf_width)
+        if n > MAX_PARAMETERS:
+            p.error(f"depth {d} with --leaf-width {args.leaf_width} needs {n:,} parameters (over {MAX_PARAMETERS:,}); "
+                    f"choose a smaller depth")
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.speed:
+        speed(args)
+        return
+    if not args.sample_only:
+        train(args)
+    sample(args)
+    if args.quick:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""From checkpoints to what a person looks at: test accuracies (metrics.json), how the
+test digits spread over the leaves, the training curves; and, with --speed, the inference
+time of FFF-hard against the dense layer of equal training width."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch.utils import benchmark
+
+from data import load_split
+from model import FF, FFF
+from train import accuracy, build, ckpt_path, load_checkpoint, resolve_device
+
+LABELS = {"fff": "FFF", "ff_train": "FF, equal training width", "ff_infer": "FF, equal inference width"}
+
+
+def write_json(obj, path):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_leaves(leaf, y, n_leaves, path):
+    """Per leaf, the class histogram of the test digits that hard routing sends there."""
+    counts = torch.zeros(n_leaves, 10, dtype=torch.long)
+    counts.index_put_((leaf.cpu(), y.cpu()), torch.ones_like(leaf.cpu()), accumulate=True)
+    if n_leaves <= 16:
+        cols = min(n_leaves, 4)
+        rows = -(-n_leaves // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), sharey=True, squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            if k >= n_leaves:
+                ax.axis("off")
+                continue
+            ax.bar(range(10), counts[k].numpy(), color="tab:blue")
+            ax.set_xticks(range(10))
+            ax.set_title(f"leaf {k} ({format(k, f'0{n_leaves.bit_length() - 1}b')}): {counts[k].sum().item()} digits",
+                         fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 0.12 * n_leaves + 2))
+        ax.imshow(counts.numpy(), aspect="auto", cmap="Blues", interpolation="nearest")
+        ax.set(xlabel="class", ylabel="leaf", xticks=range(10))
+    fig.suptitle("FFF, hard routing: test digits per leaf and class (leaf label = path, 1 = right)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(out, names, path):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in names:
+        with open(out / f"log_{name}.csv") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        ax.plot(epochs, [100 * float(r["val_acc"]) for r in rows], "o-", ms=3,
+                label=LABELS[name] + (" (soft)" if name == "fff" else ""))
+        if name == "fff":
+            ax.plot(epochs, [100 * float(r["val_acc_hard"]) for r in rows], "o-", ms=3, label="FFF (hard)")
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="FFF against dense baselines")
+    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample(args):
+    """Test accuracy of every trained model (FFF in both modes) and the figures."""
+    device = resolve_device(args.device)
+    out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
+    names = [n for n in args.models if ckpt_path(out, n).exists()]
+    if not names:
+        raise SystemExit(f"fff: no checkpoints ckpt_{{{','.join(args.models)}}}.pt in {out}; train first")
+    x, y = (t.to(device) for t in load_split(args.data_dir, args.dataset, "test"))
+    metrics = {}
+    for name in names:
+        ckpt = load_checkpoint(ckpt_path(out, name), device)
+        model = build(name, ckpt["config"]).to(device)
+        model.load_state_dict(ckpt["model"])
+        m = {"parameters": sum(p.numel() for p in model.parameters()), "epochs": ckpt["epoch"],
+             "inference_multiply_adds": model.inference_flops(), "train_time_s": round(ckpt["train_time"], 1),
+             "test_acc": accuracy(model, x, y, "soft")}
+        if name == "fff":
+            m["test_acc_hard"] = accuracy(model, x, y, "hard")
+            with torch.no_grad():
+                model.eval()
+                soft, hard = model(x, mode="soft")[0].argmax(-1), model(x, mode="hard")[0].argmax(-1)
+                leaf = model.route(x)
+            m["soft_hard_agreement"] = (soft == hard).float().mean().item()
+            m["leaves_used"] = leaf.unique().numel()
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            plot_leaves(leaf, y, model.n_leaves, fig_dir / "fff_leaves.png")
+            print(f"wrote {fig_dir / 'fff_leaves.png'}")
+        metrics[name] = m
+        hard = f", hard {m['test_acc_hard']:.2%} (soft-hard agreement {m['soft_hard_agreement']:.2%})" \
+            if name == "fff" else ""
+        print(f"{LABELS[name]:>26}: test accuracy {m['test_acc']:.2%}{hard}; {m['parameters']:,} parameters, "
+              f"{m['inference_multiply_adds']:,} multiply-adds per sample")
+    write_json(metrics, out / "metrics.json")
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    if all((out / f"log_{n}.csv").is_file() for n in names):
+        plot_curves(out, names, fig_dir / "fff_curves.png")
+        print(f"wrote {fig_dir / 'fff_curves.png'}")
+    return metrics
+
+
+def time_per_batch(fn, x):
+    """Median seconds of fn(x) over repeated runs (torch.utils.benchmark handles warm-up and threads)."""
+    timer = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.5).median
+
+
+@torch.no_grad()
+def speed(args):
+    """Inference time per batch: FFF-hard against the dense FF of equal training width (and of equal
+    inference width), at several depths, all timed in this one run on this device."""
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    I, l, O = 784, args.leaf_width, 10
+    rows = []
+    for depth in args.speed_depths:
+        fff, ff_train, ff_infer = (m.to(device).eval() for m in
+                                   (FFF(I, l, O, depth), FF(I, l * 2 ** depth, O), FF(I, l, O)))
+        for batch in (1, 1024):
+            x = torch.randn(batch, I, device=device)
+            t = {"fff_hard": time_per_batch(lambda x: fff(x, mode="hard"), x),
+                 "ff_train": time_per_batch(ff_train, x), "ff_infer": time_per_batch(ff_infer, x)}
+            rows.append({"depth": depth, "leaves": 2 ** depth, "training_width": l * 2 ** depth, "batch": batch,
+                         **{f"{k}_us": round(v * 1e6, 1) for k, v in t.items()},
+                         "speedup_vs_ff_train": round(t["ff_train"] / t["fff_hard"], 2)})
+            r = rows[-1]
+            print(f"depth {depth} (FF width {r['training_width']:>6}), batch {batch:>4}: FFF-hard {r['fff_hard_us']:>9.1f} us, "
+                  f"FF equal training width {r['ff_train_us']:>9.1f} us -> speed-up {r['speedup_vs_ff_train']:.2f}x; "
+                  f"FF width {l}: {r['ff_infer_us']:.1f} us")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"device": device, "threads": torch.get_num_threads(), "rows": rows}, out / "speed.json")
+    print(f"wrote {out / 'speed.json'}")
+    return rows
