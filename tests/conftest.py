@@ -7,13 +7,19 @@ first on `sys.path`, hands them back as attributes of a namespace, and then
 takes the bare names (`model`, `train`, ...) out of `sys.modules` again, so
 the next folder's `model.py` is a fresh import. Folder modules therefore
 import their siblings at the top of the file.
+
+Also here, for the tests of several folders: `write_idx` (synthetic MNIST-style
+files) and `cli_error_line` (a command that must fail with exactly one line).
 """
+import gzip
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a display
@@ -41,6 +47,23 @@ def import_folder(folder):
             sys.modules.pop(n, None)
         sys.modules.update(saved)
     return SimpleNamespace(**mods)
+
+
+def write_idx(path, array):
+    """An MNIST-style IDX file, gzipped: 0, 0, type 0x08 (uint8), ndim, big-endian sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def cli_error_line(folder, *args):
+    """Run `python <folder>/main.py ARGS`, expect failure, return its one stderr line."""
+    r = subprocess.run([sys.executable, str(ROOT / folder / "main.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
 
 
 @pytest.fixture

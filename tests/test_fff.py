@@ -1,14 +1,11 @@
 """fff/: soft mixture against Algorithm 1's recursion, hard routing, sparsity of the hard path,
 learning on a tiny set, exact resume, clear errors."""
-import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, import_folder
+from conftest import cli_error_line, import_folder, write_idx
 from torch.distributions import Bernoulli
 
 fff = import_folder("fff")
@@ -123,12 +120,6 @@ def test_unknown_mode_and_bad_depth_say_so():
         fff.model.FFF(6, 4, 3, depth=0)
 
 
-def write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def synthetic_mnist(root, n_train=1200, n_test=300, seed=0):
     """Ten classes of 28x28 images: class c lights up its own 6x6 square, plus noise."""
     rng = np.random.default_rng(seed)
@@ -200,12 +191,7 @@ def test_speed_table_runs_and_reports_ratios(tmp_path):
 
 
 def one_line_error(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "fff" / "main.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
+    return cli_error_line("fff", *args)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -1,13 +1,10 @@
 """vit/: patches, attention, permutation equivariance, rollout, learning, exact resume, clear errors."""
-import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, import_folder
+from conftest import cli_error_line, import_folder, write_idx
 
 vit = import_folder("vit")
 
@@ -102,13 +99,6 @@ def test_random_crop_shifts_each_image_within_the_padding():
     assert len({tuple(p) for p in pos.tolist()}) > 5  # offsets differ between images
 
 
-def write_idx(path, array):
-    """The IDX format: 0, 0, dtype code 0x08 (uint8), ndim, big-endian sizes, data; gzipped."""
-    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def synthetic_mnist(root, n_train=700, n_test=200, seed=0):
     """Ten classes of 28x28 images: class c is a fixed random binary pattern, plus noise. (Every
     patch carries the class, as strokes do in digits; a class told only by position would need the
@@ -184,12 +174,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
 
 
 def one_line_error(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "vit" / "main.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
+    return cli_error_line("vit", *args)
 
 
 @pytest.mark.parametrize("args, says", [
