@@ -61,12 +61,17 @@ def save_atomic(obj, path):
 
 
 @torch.no_grad()
-def accuracy(model, x, y, mode, batch_size=4096):
+def predict(model, x, mode, batch_size=4096):
+    """Predicted classes (N,), in eval mode and in batches (soft mode holds every leaf's output)."""
+    was_training = model.training
     model.eval()
-    correct = sum((model(x[i:i + batch_size], mode=mode)[0].argmax(-1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    model.train()
-    return correct / len(x)
+    pred = torch.cat([model(x[i:i + batch_size], mode=mode)[0].argmax(-1) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return pred
+
+
+def accuracy(model, x, y, mode):
+    return (predict(model, x, mode) == y).float().mean().item()
 
 
 def open_log(path, resume_epoch):
