@@ -1,0 +1,210 @@
+"""MNIST digits as pixel graphs.
+
+Each image becomes a graph: a node per pixel (with --background drop, only the pixels
+with ink, intensity > 0), node features (intensity, x, y) on [0, 1], and an edge between
+each pair of 8-neighbouring pixels that are both nodes, in both directions. Self-loops are
+not stored; the layers add them (A + I).
+
+A split is built once, vectorised over all its images, and cached as a `GraphSet`: node
+features and edges of all graphs concatenated (edges in local, per-graph node indices),
+with offsets `node_ptr` and `edge_ptr`. `GraphSet.batch(idx)` gathers any set of graphs
+into one disjoint graph with a batch vector, again without a Python loop over graphs.
+
+The IDX files are read directly, from torchvision's layout
+DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz];
+torchvision is only asked to download them when they are missing.
+"""
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+CLASSES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
+}
+NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]  # 8-neighbourhood
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------- images
+
+def idx_files(split):
+    prefix = "train" if split == "train" else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def read_idx(path):
+    """An IDX file (LeCun's format: magic with the number of dimensions, sizes, then uint8 data)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">i4", count=ndim, offset=4)
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def find(raw, name):
+    for candidate in (raw / name, raw / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def download(dataset, root):
+    try:
+        from torchvision import datasets
+        getattr(datasets, DATASETS[dataset])(root=root, train=True, download=True)
+        getattr(datasets, DATASETS[dataset])(root=root, train=False, download=True)
+    except Exception as e:  # no network, no torchvision, a mirror down: say what to do instead
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def load_images(data_dir, dataset, split):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of 'train' or 'test'."""
+    raw = Path(data_dir) / DATASETS[dataset] / "raw"
+    names = idx_files(split)
+    paths = [find(raw, n) for n in names]
+    if None in paths:
+        reason = download(dataset, data_dir)
+        paths = [find(raw, n) for n in names]
+        if None in paths:
+            raise SystemExit(
+                f"gnns: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz] and the download failed "
+                f"({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
+                f"(here: --data-dir ../shared/data)")
+    try:
+        images, labels = (read_idx(p) for p in paths)
+    except (ValueError, IndexError, OSError, EOFError) as e:
+        raise SystemExit(f"gnns: {paths[0].parent} holds a damaged IDX file ({type(e).__name__}: {e})")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise SystemExit(f"gnns: {paths[0]} and {paths[1]} do not hold matching images (N, H, W) and labels (N,)")
+    return images, labels.long()
+
+
+# ---------------------------------------------------------------- graphs
+
+@dataclass
+class Batch:
+    """Many graphs as one disjoint graph: node i belongs to graph batch[i]."""
+    x: torch.Tensor           # (N, 3) float: intensity, x, y
+    edge_index: torch.Tensor  # (2, E) long: rows (source j, target i), message j -> i
+    batch: torch.Tensor       # (N,) long, graph of each node
+    num_graphs: int
+    y: torch.Tensor = None    # (G,) labels
+
+    def to(self, device):
+        return Batch(self.x.to(device), self.edge_index.to(device), self.batch.to(device), self.num_graphs,
+                     None if self.y is None else self.y.to(device))
+
+
+def exclusive_cumsum(counts):
+    return torch.cumsum(counts, 0) - counts
+
+
+def ranges(starts, counts):
+    """Concatenated aranges [starts[k], starts[k] + counts[k]) for every k, without a loop."""
+    offsets = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts)
+    return offsets + torch.arange(int(counts.sum()))
+
+
+@dataclass
+class GraphSet:
+    """All graphs of a split, concatenated; graph g owns nodes node_ptr[g]:node_ptr[g+1]
+    and edges edge_ptr[g]:edge_ptr[g+1], whose endpoints are local node numbers."""
+    nodes: torch.Tensor      # (N_total, 3) uint8: intensity 0..255, column, row
+    node_ptr: torch.Tensor   # (G + 1,) long
+    edges: torch.Tensor      # (2, E_total) int16: local (source, target)
+    edge_ptr: torch.Tensor   # (G + 1,) long
+    y: torch.Tensor          # (G,) long
+    side: int                # images are side x side
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, idx):
+        """The graphs `idx` (a 1-D long tensor) as one disjoint graph, features on [0, 1]."""
+        n_nodes = self.node_ptr[idx + 1] - self.node_ptr[idx]
+        n_edges = self.edge_ptr[idx + 1] - self.edge_ptr[idx]
+        nodes = self.nodes[ranges(self.node_ptr[idx], n_nodes)].float()
+        x = nodes / torch.tensor([255.0, self.side - 1, self.side - 1])
+        shift = torch.repeat_interleave(exclusive_cumsum(n_nodes), n_edges)  # local -> batch node numbers
+        edge_index = self.edges[:, ranges(self.edge_ptr[idx], n_edges)].long() + shift
+        batch = torch.repeat_interleave(torch.arange(len(idx)), n_nodes)
+        return Batch(x, edge_index, batch, len(idx), self.y[idx])
+
+
+def build_graphs(images, labels, background="drop"):
+    """Pixel graphs of uint8 images (G, H, W), vectorised over all images at once."""
+    G, H, W = images.shape
+    if H != W:
+        raise SystemExit(f"gnns: images are {H}x{W}; pixel graphs here are built from square images")
+    if H - 1 > 255:
+        raise SystemExit(f"gnns: images of side {H} do not fit the uint8 coordinates of the graph cache")
+    keep = images > 0 if background == "drop" else torch.ones_like(images, dtype=torch.bool)
+    flat = keep.reshape(G, -1)
+    n_nodes = flat.sum(1)
+    local = torch.cumsum(flat, 1) - 1                    # (G, H*W): node number of each kept pixel in its graph
+    g, r, c = keep.nonzero(as_tuple=True)                # kept pixels, graph-major then row-major
+    nodes = torch.stack([images[g, r, c], c.to(torch.uint8), r.to(torch.uint8)], 1)
+
+    # an edge (source j -> target i) for every kept pixel i and each kept 8-neighbour j
+    src, dst, owner = [], [], []
+    for dy, dx in NEIGHBOURS:
+        rj, cj = r + dy, c + dx
+        inside = (rj >= 0) & (rj < H) & (cj >= 0) & (cj < W)
+        gi, ri, ci, rj, cj = g[inside], r[inside], c[inside], rj[inside], cj[inside]
+        both = keep[gi, rj, cj]
+        gi, ri, ci, rj, cj = gi[both], ri[both], ci[both], rj[both], cj[both]
+        src.append(local[gi, rj * W + cj])
+        dst.append(local[gi, ri * W + ci])
+        owner.append(gi)
+    src, dst, owner = torch.cat(src), torch.cat(dst), torch.cat(owner)
+    order = torch.argsort(owner, stable=True)            # edges grouped by graph
+    edges = torch.stack([src[order], dst[order]]).to(torch.int16)
+    n_edges = torch.bincount(owner, minlength=G)
+    ptr = lambda n: torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(n, 0)])
+    return GraphSet(nodes, ptr(n_nodes), edges, ptr(n_edges), labels, H)
+
+
+def load_graphs(args, split):
+    """The cached GraphSet of a split, built from the images on first use."""
+    cache = Path(args.cache_dir) / f"{args.dataset}-{split}-{args.background}-v{CACHE_VERSION}.pt"
+    if cache.is_file():
+        try:
+            return GraphSet(**torch.load(cache, weights_only=True))
+        except Exception:  # a damaged cache is rebuilt, not trusted
+            pass
+    images, labels = load_images(args.data_dir, args.dataset, split)
+    graphs = build_graphs(images, labels, args.background)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(vars(graphs), tmp)
+    os.replace(tmp, cache)
+    return graphs
+
+
+def subset(graphs, idx):
+    """The graphs `idx` as a GraphSet of their own (for the train / validation split)."""
+    b = graphs.node_ptr
+    n_nodes, n_edges = b[idx + 1] - b[idx], graphs.edge_ptr[idx + 1] - graphs.edge_ptr[idx]
+    ptr = lambda n: torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(n, 0)])
+    return GraphSet(graphs.nodes[ranges(b[idx], n_nodes)], ptr(n_nodes),
+                    graphs.edges[:, ranges(graphs.edge_ptr[idx], n_edges)], ptr(n_edges), graphs.y[idx], graphs.side)
+
+
+def load_data(args):
+    """Train / validation / test GraphSets: validation is the last --val-size training images,
+    training the first --train-size (0: all) of the rest."""
+    train, test = load_graphs(args, "train"), load_graphs(args, "test")
+    if not 0 <= args.val_size < len(train):
+        raise SystemExit(f"gnns: --val-size {args.val_size} must be below the {len(train)} training images")
+    n = len(train) - args.val_size
+    m = min(n, args.train_size) if args.train_size else n
+    return {"train": subset(train, torch.arange(m)), "val": subset(train, torch.arange(n, len(train))),
+            "test": test}

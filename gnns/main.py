@@ -1,0 +1,140 @@
+"""Graph convolution (GCN) and graph attention (GAT) networks classifying MNIST digits
+turned into pixel graphs: train, then test accuracy, training curves and the graph of a
+digit with its edge weights. --speed times sparse O(E) against dense O(N^2) layers.
+
+    python gnns/main.py --model gcn --data-dir ../shared/data     # the README results
+    python gnns/main.py --model gat --data-dir ../shared/data     # (then the curve shows both)
+    python gnns/main.py --speed --data-dir ../shared/data         # sparse vs dense at 49..784 nodes
+    python gnns/main.py --quick --data-dir ../shared/data         # the whole pipeline on CPU in < 60 s
+"""
+import argparse
+import math
+import re
+from pathlib import Path
+
+from data import DATASETS
+from sample import sample, speed
+from train import QUICK_OUT_DIR, load_checkpoint, train
+
+# --quick: a small GCN on 10k graphs for two epochs, a small speed table; flags given explicitly still win.
+QUICK = dict(hidden=32, layers=2, epochs=2, train_size=10_000, val_size=1000, batch_size=64, lr=3e-3,
+             speed_sides=[7, 14], speed_steps=1, out_dir=QUICK_OUT_DIR)
+# Flags that --resume does not take from the checkpoint: where things go, what to draw, what to time.
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
+               "cache_dir", "speed", "speed_sides", "speed_steps", "speed_batch"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        return v
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
+
+
+def sides(s):
+    try:
+        values = [int(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give comma-separated image sides, e.g. 7,14,21,28")
+    if not values or any(not 2 <= v <= 28 for v in values):
+        raise argparse.ArgumentTypeError(f"{s!r}: each side must be in [2, 28]")
+    return values
+
+
+def parse_args(argv=None):
+    p = Parser(prog="gnns/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds weights, batch order and dropout (>= 0)")
+    g.add_argument("--data-dir", default="data", help="dataset root holding MNIST/raw/ or FashionMNIST/raw/ (downloaded there if missing)")
+    g.add_argument("--out-dir", default=None, help="checkpoint ckpt.pt, log.csv, metrics.json (default: runs/gnns/<model>; --speed: runs/gnns)")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--epochs", type=positive(int), default=12, help="passes over the training graphs")
+    g.add_argument("--batch-size", type=positive(int), default=128, help="graphs per optimiser step")
+    g.add_argument("--lr", type=positive(float), default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt with its flags (same schedule and batches)")
+    g.add_argument("--sample-only", action="store_true", help="skip training: evaluate and draw figures from --out-dir's checkpoint")
+    g.add_argument("--quick", action="store_true", help="small GCN, 10k graphs, 2 epochs, small speed table: under a minute on CPU")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
+    g.add_argument("--background", choices=["drop", "keep"], default="drop",
+                   help="drop: nodes only for pixels with ink (about 150 per MNIST digit); keep: all 784 pixels")
+    g.add_argument("--val-size", type=number(int, 0), default=5000, help="last training images held out for validation")
+    g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
+    g.add_argument("--cache-dir", default="runs/gnns/cache", help="where the built graphs are cached")
+
+    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
+    g.add_argument("--model", choices=["gcn", "gat"], default="gcn", help="gcn: graph convolution; gat: graph attention")
+    g.add_argument("--hidden", type=positive(int), default=64, help="node feature width (GAT: all heads together)")
+    g.add_argument("--layers", type=positive(int), default=4, help="message-passing layers")
+    g.add_argument("--heads", type=positive(int), default=4, help="GAT attention heads; divides --hidden")
+    g.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout probability")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--warmup-epochs", type=number(float, 0), default=0.5, help="linear warmup, in epochs")
+    g.add_argument("--weight-decay", type=number(float, 0), default=1e-4, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--speed", action="store_true", help="only time training steps, sparse against dense, GCN and GAT")
+    g.add_argument("--speed-sides", type=sides, default=[7, 14, 21, 28], help="image sides to time (28: 784 nodes)")
+    g.add_argument("--speed-batch", type=positive(int), default=64, help="graphs per timed step")
+    g.add_argument("--speed-steps", type=positive(int), default=3, help="timed steps per setting (after one warm-up)")
+
+    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    out_dir = args.out_dir or ("runs/gnns" if args.speed else f"runs/gnns/{args.model}")
+    if (args.resume or args.sample_only) and not args.speed:
+        saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
+        for flag in ("model", "dataset"):
+            if getattr(args, flag) != saved[flag]:
+                p.error(f"--{flag} {getattr(args, flag)}, but {out_dir} holds a {saved[flag]} run")
+    args.out_dir = out_dir
+    if args.model == "gat" and args.hidden % args.heads:
+        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.speed:
+        speed(args)
+        return
+    if not args.sample_only:
+        train(args)
+    sample(args)
+    if args.quick:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

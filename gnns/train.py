@@ -1,0 +1,210 @@
+"""Train a GCN or GAT on pixel graphs: data, model, optimiser, schedule, then the loop over
+epochs with validation accuracy and an atomic checkpoint after each epoch."""
+import csv
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import load_data
+from model import GNN, GNNConfig
+
+FOLDER = "gnns"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/gnns-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "graphs_per_s", "elapsed_s"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"gnns: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("gnns: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device):
+    if not path.is_file():
+        raise SystemExit(f"gnns: no checkpoint at {path}; train first, or pass the --out-dir of a gnns run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"gnns: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"gnns: {path} is a checkpoint of {folder or 'something else'}, not of gnns/")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, total_steps, warmup_steps, args):
+    """Linear warmup to --lr, then cosine decay to zero at the end of training."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * args.lr
+
+
+def model_config(args):
+    return GNNConfig(model=args.model, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                     dropout=args.dropout)
+
+
+def forward(model, b, device, dense=False, **kw):
+    """The model on a Batch of graphs (moved to `device`)."""
+    b = b.to(device)
+    return model(b.x, b.edge_index, b.batch, b.num_graphs, dense=dense, **kw), b.y
+
+
+@torch.no_grad()
+def predict(model, graphs, device, batch_size=1000):
+    """Logits (G, classes) of every graph of a GraphSet, in order."""
+    was_training = model.training
+    model.eval()
+    logits = [forward(model, graphs.batch(torch.arange(i, min(i + batch_size, len(graphs)))), device)[0]
+              for i in range(0, len(graphs), batch_size)]
+    model.train(was_training)
+    return torch.cat(logits)
+
+
+def evaluate(model, graphs, device):
+    """(mean cross-entropy, accuracy) over a whole GraphSet."""
+    logits = predict(model, graphs, device)
+    y = graphs.y.to(device)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
+
+
+def open_log(path, resume_epoch):
+    """CSV of the run, one row per epoch; on resume, rows past the checkpoint are dropped first."""
+    rows = []
+    if resume_epoch and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def check_finite(loss, step, ckpt_path):
+    if not torch.isfinite(loss):
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        raise SystemExit(f"gnns: the loss became {loss.item()} at step {step}; stopping ({kept}); "
+                         f"try a lower --lr")
+
+
+def train(args):
+    device = resolve_device(args.device)
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
+        raise SystemExit(f"gnns: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    data = load_data(args)
+    train_set = data["train"]
+
+    cfg = model_config(args)
+    if ckpt and asdict(cfg) != ckpt["config"]:
+        raise SystemExit(f"gnns: {ckpt_path} holds another model ({ckpt['config']}); "
+                         f"resume without model flags, or train it in another --out-dir")
+    torch.manual_seed(args.seed)
+    model = GNN(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    epoch = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch = ckpt["epoch"]
+
+    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
+    if steps_per_epoch == 0:
+        raise SystemExit(f"gnns: --batch-size {args.batch_size} exceeds the {len(train_set)} training graphs")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    out.mkdir(parents=True, exist_ok=True)
+    nodes = (train_set.node_ptr[-1] / len(train_set)).item()
+    edges = (train_set.edge_ptr[-1] / len(train_set)).item()
+    print(f"{cfg.model.upper()}: {model.num_params():,} parameters; {args.dataset} as pixel graphs "
+          f"(background {args.background}: {nodes:.0f} nodes, {edges:.0f} directed edges per graph on average); "
+          f"{len(train_set):,} train / {len(data['val']):,} val graphs on {device}"
+          + (f"; resuming after epoch {epoch}" if ckpt else ""))
+    log_file, log = open_log(out / "log.csv", epoch)
+    if args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("gnns: --wandb needs the wandb package (pip install wandb)")
+        wandb.init(project="papers-gnns", config=vars(args), dir=out)
+
+    train_time = ckpt["train_time"] if ckpt else 0.0
+    val_acc = ckpt["val_acc"] if ckpt else float("nan")
+    if epoch >= args.epochs:
+        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    try:
+        for epoch in range(epoch, args.epochs):
+            # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
+            torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
+            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_set), generator=g)
+            t0, losses, correct = time.perf_counter(), [], []
+            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        leave=False)
+            for s in pbar:
+                step = epoch * steps_per_epoch + s
+                lr = get_lr(step, total_steps, warmup_steps, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logits, y = forward(model, train_set.batch(order[s * args.batch_size:(s + 1) * args.batch_size]),
+                                    device)
+                loss = F.cross_entropy(logits, y)
+                check_finite(loss, step, ckpt_path)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                correct.append((logits.argmax(-1) == y).sum())
+                if s % 20 == 0:
+                    pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            dt = time.perf_counter() - t0
+            train_time += dt
+            done = epoch + 1
+            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(),
+                   "train_acc": torch.stack(correct).sum().item() / (steps_per_epoch * args.batch_size),
+                   "lr": lr, "graphs_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
+            if len(data["val"]):
+                row["val_loss"], row["val_acc"] = evaluate(model, data["val"], device)
+                val_acc = row["val_acc"]
+            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": done, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
+                         "train_time": train_time}, ckpt_path)
+            log.writerow(row)
+            log_file.flush()
+            tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['graphs_per_s']:,.0f} graphs/s  {train_time:.0f} s")
+            if args.wandb:
+                wandb.log(row, step=done)
+    except KeyboardInterrupt:
+        if ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
+                  f"continue with --resume")
+        else:
+            print("\ninterrupted before the first epoch ended; nothing was saved")
+        raise SystemExit(130)
+    finally:
+        log_file.close()
+        if args.wandb:
+            wandb.finish()
+    return model

@@ -1,0 +1,262 @@
+"""gnns/: sparse = dense, GCN normalisation by hand, attention sums, permutation symmetry,
+pixel graphs and batching, isolated nodes and empty graphs, learning, exact resume, errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_error_line, import_folder, write_idx
+
+gnns = import_folder("gnns")
+GNN, GNNConfig = gnns.model.GNN, gnns.model.GNNConfig
+
+
+def random_graphs(sizes, p=0.3, d=5, seed=0):
+    """A disjoint batch of random directed graphs with the given node counts (0 allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    x, edges, batch, offset = [], [], [], 0
+    for k, n in enumerate(sizes):
+        x.append(torch.randn(n, d, generator=g))
+        a = (torch.rand(n, n, generator=g) < p) & ~torch.eye(n, dtype=torch.bool)
+        i, j = a.nonzero(as_tuple=True)
+        edges.append(torch.stack([j, i]) + offset)
+        batch.append(torch.full((n,), k))
+        offset += n
+    return torch.cat(x), torch.cat(edges, 1), torch.cat(batch), len(sizes)
+
+
+@pytest.mark.parametrize("model", ["gcn", "gat"])
+def test_sparse_and_dense_layers_and_models_agree_on_random_graphs(model):
+    torch.manual_seed(0)
+    x, edge_index, batch, G = random_graphs([7, 1, 12, 4])     # the 1-node graph is an isolated node
+    net = GNN(GNNConfig(model=model, in_dim=5, hidden=16, layers=3, heads=4)).eval()
+    layer = net.convs[0]
+    h = torch.randn(len(x), 16)
+    sparse, _ = layer(h, edge_index)
+    H, adj, mask = gnns.model.to_dense(h, edge_index, batch, G)
+    dense, _ = layer.forward_dense(H, adj)
+    torch.testing.assert_close(dense[mask], sparse)
+    torch.testing.assert_close(net(x, edge_index, batch, G, dense=True), net(x, edge_index, batch, G))
+
+
+def test_gcn_normalisation_of_a_three_node_path_matches_the_hand_computation():
+    # 0 - 1 - 2: with self-loops the degrees are 2, 3, 2, so D^-1/2 (A + I) D^-1/2 is
+    s6 = 1 / math.sqrt(6)
+    expected = torch.tensor([[1 / 2, s6, 0], [s6, 1 / 3, s6], [0, s6, 1 / 2]])
+    edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    layer = gnns.model.GCNLayer(3, 3)
+    with torch.no_grad():
+        layer.W.weight.copy_(torch.eye(3))                      # H' = A_hat H with H = I gives A_hat itself
+    out, _ = layer(torch.eye(3), edge_index)
+    torch.testing.assert_close(out, expected)
+    H, adj, _ = gnns.model.to_dense(torch.eye(3), edge_index, torch.zeros(3, dtype=torch.long), 1)
+    torch.testing.assert_close(layer.forward_dense(H, adj)[0][0], expected)
+
+
+def test_gat_attention_over_each_neighbourhood_sums_to_one():
+    torch.manual_seed(0)
+    x, edge_index, batch, G = random_graphs([9, 1, 5], d=8)
+    layer = gnns.model.GATLayer(8, 8, heads=2)
+    _, (edges, alpha) = layer(x, edge_index)
+    assert alpha.shape == (edges.shape[1], 2) and (alpha > 0).all()
+    sums = torch.zeros(len(x), 2).index_add_(0, edges[1], alpha)
+    torch.testing.assert_close(sums, torch.ones(len(x), 2))
+    assert alpha[(edges[1] == 9) & (edges[0] == 9)].eq(1).all()  # the isolated node attends only to itself
+    H, adj, _ = gnns.model.to_dense(x, edge_index, batch, G)
+    _, dense_alpha = layer.forward_dense(H, adj)
+    torch.testing.assert_close(dense_alpha.sum(-1), torch.ones(G, 2, 9))
+    assert (dense_alpha[adj[:, None].expand_as(dense_alpha) == 0] == 0).all()  # no weight off the graph
+
+
+@pytest.mark.parametrize("model", ["gcn", "gat"])
+def test_node_outputs_are_permutation_equivariant_and_the_pooled_output_invariant(model):
+    torch.manual_seed(0)
+    x, edge_index, batch, G = random_graphs([10, 6])
+    net = GNN(GNNConfig(model=model, in_dim=5, hidden=16, layers=2, heads=2)).eval()
+    perm = torch.randperm(len(x))                               # new node k is old node perm[k]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(x))
+    x_p, edge_index_p, batch_p = x[perm], inverse[edge_index], batch[perm]
+    h, _ = net.blocks(net.encoder(x), lambda layer, h: layer(h, edge_index))
+    h_p, _ = net.blocks(net.encoder(x_p), lambda layer, h: layer(h, edge_index_p))
+    torch.testing.assert_close(h_p, h[perm])
+    torch.testing.assert_close(net(x_p, edge_index_p, batch_p, G), net(x, edge_index, batch, G))
+
+
+def test_isolated_nodes_and_empty_graphs_give_finite_outputs():
+    torch.manual_seed(0)
+    x, edge_index, batch, G = random_graphs([0, 1, 4, 0], p=0.0)  # no edges at all, two empty graphs
+    for model in ("gcn", "gat"):
+        net = GNN(GNNConfig(model=model, in_dim=5, hidden=8, layers=2, heads=2)).eval()
+        sparse = net(x, edge_index, batch, G)
+        assert sparse.shape == (4, 10) and torch.isfinite(sparse).all()
+        torch.testing.assert_close(net(x, edge_index, batch, G, dense=True), sparse)
+        torch.testing.assert_close(sparse[0], sparse[3])        # an empty graph pools to zeros
+    loss = torch.nn.functional.cross_entropy(sparse, torch.arange(4))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_pixel_graph_of_a_small_image_by_hand():
+    image = torch.tensor([[[0, 10, 0], [20, 30, 0], [0, 0, 40]]], dtype=torch.uint8)
+    g = gnns.data.build_graphs(image, torch.tensor([3]), "drop")
+    b = g.batch(torch.tensor([0]))
+    # nodes in row-major order: (r0,c1)=10, (r1,c0)=20, (r1,c1)=30, (r2,c2)=40; features intensity, x, y
+    torch.testing.assert_close(b.x, torch.tensor([[10, 1, 0], [20, 0, 1], [30, 1, 1], [40, 2, 2]]) /
+                               torch.tensor([255.0, 2, 2]))
+    pairs = {(j, i) for j, i in b.edge_index.t().tolist()}
+    undirected = {(0, 1), (0, 2), (1, 2), (2, 3)}                 # 8-neighbours among the kept pixels
+    assert pairs == undirected | {(i, j) for j, i in undirected}
+    keep = gnns.data.build_graphs(image, torch.tensor([3]), "keep")
+    assert keep.node_ptr[-1] == 9 and keep.edge_ptr[-1] == 2 * (2 * 3 * 2 + 2 * 2 * 2)  # 3x3 grid, 8-neighbour
+
+
+def test_batching_offsets_each_graph_and_matches_graphs_built_one_by_one():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 3, (6, 5, 5)) * 100).to(torch.uint8)
+    images[2] = 0                                               # an empty graph in the middle
+    labels = torch.arange(6)
+    graphs = gnns.data.build_graphs(images, labels)
+    idx = torch.tensor([4, 2, 0, 5])
+    b = graphs.batch(idx)
+    assert b.num_graphs == 4 and torch.equal(b.y, labels[idx])
+    start = 0
+    for k, i in enumerate(idx.tolist()):
+        one = gnns.data.build_graphs(images[i:i + 1], labels[i:i + 1]).batch(torch.tensor([0]))
+        n = len(one.x)
+        assert torch.equal(b.batch == k, torch.arange(len(b.x)).ge(start) & torch.arange(len(b.x)).lt(start + n))
+        torch.testing.assert_close(b.x[start:start + n], one.x)
+        mine = b.edge_index[:, b.batch[b.edge_index[1]] == k] - start
+        assert sorted(map(tuple, mine.t().tolist())) == sorted(map(tuple, one.edge_index.t().tolist()))
+        start += n
+    sub = gnns.data.subset(graphs, torch.tensor([1, 3]))
+    torch.testing.assert_close(sub.batch(torch.tensor([1])).x, graphs.batch(torch.tensor([3])).x)
+
+
+def synthetic_mnist(root, n_train=600, n_test=100, seed=0):
+    """Four classes of 28x28 images: a bar at the top, bottom, left or right, plus dropped pixels."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    templates = np.zeros((4, 28, 28))
+    templates[0, 3:7, 4:24] = templates[1, 21:25, 4:24] = 1    # horizontal bars
+    templates[2, 4:24, 3:7] = templates[3, 4:24, 21:25] = 1    # vertical bars
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 4, n)
+        images = templates[labels] * rng.integers(150, 256, (n, 1, 1)) * (rng.random((n, 28, 28)) < 0.9)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def run_args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--cache-dir", str(out_dir.parent / "cache"),
+            "--device", "cpu", "--hidden", "16", "--layers", "2", "--heads", "2", "--val-size", "100",
+            "--batch-size", "50", "--lr", "1e-2", *extra]
+
+
+@pytest.mark.parametrize("model", ["gcn", "gat"])
+def test_the_loss_falls_and_the_pipeline_writes_its_figures(tmp_path, model):
+    data = synthetic_mnist(tmp_path / "data")
+    out = tmp_path / "runs" / model
+    gnns.main.main(run_args(data, out, "--model", model, "--epochs", "6"))
+    rows = (out / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    loss = [float(r.split(",")[header.index("train_loss")]) for r in rows[1:]]
+    assert len(loss) == 6 and loss[-1] < 0.5 * loss[0], loss
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_acc"] > 0.9 and metrics["model"] == model, metrics
+    for name in (f"{model}_graph", "curves"):
+        assert (out / f"gnns_mnist_{name}.png").stat().st_size > 0
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = synthetic_mnist(tmp_path / "data", n_train=300)
+    random = ["--model", "gat", "--epochs", "3", "--dropout", "0.1"]  # batch order and dropout replayed
+    gnns.main.main(run_args(data, tmp_path / "straight", *random))
+
+    calls = []
+    evaluate = gnns.train.evaluate
+
+    def interrupted_in_epoch_2(*a, **kw):  # Ctrl-C after epoch 2's training, before its checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(gnns.train, "evaluate", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        gnns.main.main(run_args(data, tmp_path / "resumed", *random))
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(gnns.train, "evaluate", evaluate)
+    gnns.main.main(["--resume", "--out-dir", str(tmp_path / "resumed"), "--data-dir", str(data),
+                    "--cache-dir", str(tmp_path / "cache")])
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert b["epoch"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0)
+    assert (tmp_path / "resumed" / "log.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicate
+
+
+def test_speed_times_sparse_and_dense_and_draws_the_figure(tmp_path):
+    data = synthetic_mnist(tmp_path / "data", n_train=20, n_test=10)
+    gnns.main.main(["--speed", "--data-dir", str(data), "--out-dir", str(tmp_path / "speed"), "--device", "cpu",
+                    "--speed-sides", "4,8", "--speed-batch", "4", "--speed-steps", "1", "--hidden", "8"])
+    rows = json.loads((tmp_path / "speed" / "speed.json").read_text())["rows"]
+    assert [(r["model"], r["nodes"]) for r in rows] == [("gcn", 16), ("gat", 16), ("gcn", 64), ("gat", 64)]
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert (tmp_path / "speed" / "gnns_speed.png").stat().st_size > 0
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    data = synthetic_mnist(tmp_path / "data", n_train=300)
+    out = tmp_path / "runs" / "gcn"
+    gnns.main.main(run_args(data, out, "--epochs", "1"))
+    before = (out / "ckpt.pt").read_bytes()
+    cross_entropy = gnns.train.F.cross_entropy
+    monkeypatch.setattr(gnns.train.F, "cross_entropy", lambda *a, **kw: cross_entropy(*a, **kw) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        gnns.main.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--data-dir", str(data),
+                        "--cache-dir", str(tmp_path / "runs" / "cache")])
+    assert "the loss became nan at step 4" in str(e.value.code) and "last good checkpoint" in str(e.value.code)
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def one_line_error(*args):
+    return cli_error_line("gnns", *args)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "gin"], "argument --model: invalid choice: 'gin' (choose from"),
+    (["--model", "gat", "--hidden", "30", "--heads", "4"], "--hidden 30 is not divisible by --heads 4"),
+    (["--speed-sides", "7,40"], "each side must be in [2, 28]"),
+])
+def test_bad_flags_get_one_line(args, says):
+    assert says in one_line_error(*args)
+
+
+def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(gnns.data, "download", lambda dataset, root: "URLError: no network")
+    with pytest.raises(SystemExit) as e:
+        gnns.main.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                        "--cache-dir", str(tmp_path / "cache")])
+    msg = str(e.value.code)
+    assert "MNIST/raw/{train-images-idx3-ubyte,train-labels-idx1-ubyte}" in msg
+    assert "--data-dir" in msg and "no network" in msg and "\n" not in msg
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path):
+    data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=20)
+    out = tmp_path / "runs" / "gcn"
+    gnns.main.main(run_args(data, out, "--epochs", "1"))
+    assert "holds a gcn run" in one_line_error("--resume", "--out-dir", str(out), "--model", "gat")
+    assert "holds another model" in one_line_error("--resume", "--out-dir", str(out), "--data-dir", str(data),
+                                                   "--cache-dir", str(tmp_path / "runs" / "cache"), "--hidden", "32")
+    assert "exists; pass --resume" in one_line_error(*run_args(data, out))
+    torch.save({"folder": "vit"}, out / "ckpt.pt")
+    assert "is a checkpoint of vit, not of gnns/" in one_line_error("--resume", "--out-dir", str(out))
