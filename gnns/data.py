@@ -16,6 +16,7 @@ torchvision is only asked to download them when they are missing.
 """
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def load_images(data_dir, dataset, split):
                 f"(here: --data-dir ../shared/data)")
     try:
         images, labels = (read_idx(p) for p in paths)
-    except (ValueError, IndexError, OSError, EOFError) as e:
+    except (ValueError, IndexError, OSError, EOFError, zlib.error) as e:
         raise SystemExit(f"gnns: {paths[0].parent} holds a damaged IDX file ({type(e).__name__}: {e})")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise SystemExit(f"gnns: {paths[0]} and {paths[1]} do not hold matching images (N, H, W) and labels (N,)")
@@ -105,6 +106,11 @@ class Batch:
 
 def exclusive_cumsum(counts):
     return torch.cumsum(counts, 0) - counts
+
+
+def pointers(counts):
+    """Offsets [0, c0, c0 + c1, ...] of consecutive blocks with these sizes."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
 
 
 def ranges(starts, counts):
@@ -144,8 +150,8 @@ def build_graphs(images, labels, background="drop"):
     G, H, W = images.shape
     if H != W:
         raise SystemExit(f"gnns: images are {H}x{W}; pixel graphs here are built from square images")
-    if H - 1 > 255:
-        raise SystemExit(f"gnns: images of side {H} do not fit the uint8 coordinates of the graph cache")
+    if not 2 <= H <= 181:  # coordinates are stored as uint8, local node numbers as int16 (H * W < 2^15)
+        raise SystemExit(f"gnns: images of side {H}: pixel graphs here take sides 2 to 181")
     keep = images > 0 if background == "drop" else torch.ones_like(images, dtype=torch.bool)
     flat = keep.reshape(G, -1)
     n_nodes = flat.sum(1)
@@ -168,8 +174,7 @@ def build_graphs(images, labels, background="drop"):
     order = torch.argsort(owner, stable=True)            # edges grouped by graph
     edges = torch.stack([src[order], dst[order]]).to(torch.int16)
     n_edges = torch.bincount(owner, minlength=G)
-    ptr = lambda n: torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(n, 0)])
-    return GraphSet(nodes, ptr(n_nodes), edges, ptr(n_edges), labels, H)
+    return GraphSet(nodes, pointers(n_nodes), edges, pointers(n_edges), labels, H)
 
 
 def load_graphs(args, split):
@@ -183,7 +188,7 @@ def load_graphs(args, split):
     images, labels = load_images(args.data_dir, args.dataset, split)
     graphs = build_graphs(images, labels, args.background)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # two runs building at once do not collide
     torch.save(vars(graphs), tmp)
     os.replace(tmp, cache)
     return graphs
@@ -193,9 +198,9 @@ def subset(graphs, idx):
     """The graphs `idx` as a GraphSet of their own (for the train / validation split)."""
     b = graphs.node_ptr
     n_nodes, n_edges = b[idx + 1] - b[idx], graphs.edge_ptr[idx + 1] - graphs.edge_ptr[idx]
-    ptr = lambda n: torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(n, 0)])
-    return GraphSet(graphs.nodes[ranges(b[idx], n_nodes)], ptr(n_nodes),
-                    graphs.edges[:, ranges(graphs.edge_ptr[idx], n_edges)], ptr(n_edges), graphs.y[idx], graphs.side)
+    return GraphSet(graphs.nodes[ranges(b[idx], n_nodes)], pointers(n_nodes),
+                    graphs.edges[:, ranges(graphs.edge_ptr[idx], n_edges)], pointers(n_edges), graphs.y[idx],
+                    graphs.side)
 
 
 def load_data(args):

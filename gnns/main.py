@@ -118,7 +118,7 @@ def parse_args(argv=None):
             if getattr(args, flag) != saved[flag]:
                 p.error(f"--{flag} {getattr(args, flag)}, but {out_dir} holds a {saved[flag]} run")
     args.out_dir = out_dir
-    if args.model == "gat" and args.hidden % args.heads:
+    if (args.model == "gat" or args.speed or args.quick) and args.hidden % args.heads:  # --speed times GAT too
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     args.figures_dir = args.figures_dir or args.out_dir
     return args

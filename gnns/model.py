@@ -7,8 +7,10 @@ written from scratch, each twice:
   seed computed every layer; kept as the reference the tests compare against and as
   the baseline of the speed benchmark.
 
-Both read the same parameters, so one model runs either way: `model(batch, dense=True)`.
-An edge (j, i) in `edge_index` carries a message from node j to node i.
+Both read the same parameters, so one model runs either way: `model(..., dense=True)`.
+An edge (j, i) in `edge_index` carries a message from node j to node i. Graphs are simple
+(no repeated edges, no self-loops: the layers add those) and `batch` is sorted, each graph's
+nodes contiguous, as `data.GraphSet.batch` builds them.
 """
 from dataclasses import dataclass
 
@@ -81,10 +83,10 @@ class GATLayer(nn.Module):
 
     def __init__(self, d_in, d_out, heads):
         super().__init__()
-        self.K, self.F = heads, d_out // heads
+        self.K, self.d_head = heads, d_out // heads
         self.W = nn.Linear(d_in, d_out, bias=False)
-        self.a_dst = nn.Parameter(torch.empty(heads, self.F))
-        self.a_src = nn.Parameter(torch.empty(heads, self.F))
+        self.a_dst = nn.Parameter(torch.empty(heads, self.d_head))
+        self.a_src = nn.Parameter(torch.empty(heads, self.d_head))
         self.b = nn.Parameter(torch.zeros(d_out))
         nn.init.xavier_uniform_(self.a_dst)
         nn.init.xavier_uniform_(self.a_src)

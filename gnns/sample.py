@@ -27,7 +27,7 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
-def plot_curves(runs, path):
+def plot_curves(runs, val_size, path):
     """Validation accuracy (and training loss) per epoch of each run: {name: log.csv path}."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, log_path in runs.items():
@@ -38,7 +38,7 @@ def plot_curves(runs, path):
         if rows and rows[0]["val_acc"]:
             b.plot(epochs, [100 * float(r["val_acc"]) for r in rows], "o-", ms=3, label=name)
     a.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
-    b.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy (5,000 held-out digits)")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title=f"validation accuracy ({val_size:,} held-out digits)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -123,7 +123,7 @@ def sample(args):
             runs[name.upper()] = log_path
     if runs:
         path = fig_dir / f"{tag}_curves.png"
-        plot_curves(runs, path)
+        plot_curves(runs, saved["val_size"], path)
         print(f"wrote {path} ({' and '.join(runs)})")
     return metrics
 

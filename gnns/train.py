@@ -98,11 +98,12 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
-def check_finite(loss, step, ckpt_path):
-    if not torch.isfinite(loss):
+def check_finite(loss, grad_norm, step, ckpt_path):
+    """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise SystemExit(f"gnns: the loss became {loss.item()} at step {step}; stopping ({kept}); "
-                         f"try a lower --lr")
+        raise SystemExit(f"gnns: the loss became {loss.item():g} (gradient norm {grad_norm.item():g}) at step "
+                         f"{step}; stopping before the update ({kept}); try a lower --lr")
 
 
 def train(args):
@@ -139,13 +140,15 @@ def train(args):
           f"(background {args.background}: {nodes:.0f} nodes, {edges:.0f} directed edges per graph on average); "
           f"{len(train_set):,} train / {len(data['val']):,} val graphs on {device}"
           + (f"; resuming after epoch {epoch}" if ckpt else ""))
-    log_file, log = open_log(out / "log.csv", epoch)
     if args.wandb:
         try:
             import wandb
+            wandb.init(project="papers-gnns", config=vars(args), dir=out)
         except ImportError:
             raise SystemExit("gnns: --wandb needs the wandb package (pip install wandb)")
-        wandb.init(project="papers-gnns", config=vars(args), dir=out)
+        except Exception as e:  # not logged in, no network: say so in one line
+            raise SystemExit(f"gnns: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    log_file, log = open_log(out / "log.csv", epoch)
 
     train_time = ckpt["train_time"] if ckpt else 0.0
     val_acc = ckpt["val_acc"] if ckpt else float("nan")
@@ -168,10 +171,10 @@ def train(args):
                 logits, y = forward(model, train_set.batch(order[s * args.batch_size:(s + 1) * args.batch_size]),
                                     device)
                 loss = F.cross_entropy(logits, y)
-                check_finite(loss, step, ckpt_path)
                 loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
+                check_finite(loss, grad_norm, step, ckpt_path)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())

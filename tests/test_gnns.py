@@ -212,17 +212,23 @@ def test_speed_times_sparse_and_dense_and_draws_the_figure(tmp_path):
     assert (tmp_path / "speed" / "gnns_speed.png").stat().st_size > 0
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, what):
     data = synthetic_mnist(tmp_path / "data", n_train=300)
     out = tmp_path / "runs" / "gcn"
     gnns.main.main(run_args(data, out, "--epochs", "1"))
     before = (out / "ckpt.pt").read_bytes()
-    cross_entropy = gnns.train.F.cross_entropy
-    monkeypatch.setattr(gnns.train.F, "cross_entropy", lambda *a, **kw: cross_entropy(*a, **kw) * float("nan"))
+    if what == "loss":
+        cross_entropy = gnns.train.F.cross_entropy
+        monkeypatch.setattr(gnns.train.F, "cross_entropy", lambda *a, **kw: cross_entropy(*a, **kw) * float("nan"))
+    else:  # a finite loss whose gradient overflows: clipping would turn it into NaN weights
+        monkeypatch.setattr(gnns.train.torch.nn.utils, "clip_grad_norm_", lambda *a, **kw: torch.tensor(float("inf")))
     with pytest.raises(SystemExit) as e:
         gnns.main.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--data-dir", str(data),
                         "--cache-dir", str(tmp_path / "runs" / "cache")])
-    assert "the loss became nan at step 4" in str(e.value.code) and "last good checkpoint" in str(e.value.code)
+    msg = str(e.value.code)
+    assert ("the loss became nan" if what == "loss" else "(gradient norm inf) at step 4") in msg, msg
+    assert "at step 4" in msg and "last good checkpoint" in msg
     assert (out / "ckpt.pt").read_bytes() == before
 
 
