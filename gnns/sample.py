@@ -83,7 +83,7 @@ def draw_digit_graph(model, graphs, preds, device, dataset, path):
     else:
         edge_index, d = gcn_norm(b.edge_index, len(b.x))
         weight, what = d[edge_index[0]] * d[edge_index[1]], "GCN weights d_i^-1/2 d_j^-1/2"
-    plot_graph(b, edge_index, weight, f"test digit {label} (predicted {pred}) as a pixel graph: {what}", path)
+    plot_graph(b, edge_index, weight, f"test digit {label} (predicted {pred}) as a pixel graph:\n{what}", path)
 
 
 def sample(args):
