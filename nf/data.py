@@ -1,0 +1,74 @@
+"""MNIST (or FashionMNIST) as uint8 images, from torchvision's folder layout:
+DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz],
+and the dequantisation that turns the 256 pixel levels into a continuous variable.
+
+The IDX files are read directly with numpy; torchvision is only asked to download them
+when they are missing, so an offline machine works once the files are in place.
+"""
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+
+
+def read_idx(path):
+    """An IDX file: a magic number whose last byte is the number of dimensions, the sizes, uint8 data."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = np.frombuffer(data, ">i4", count=ndim, offset=4)
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def download(dataset, root):
+    """torchvision's downloader, into root/<Dataset>/raw; returns why it failed, or None."""
+    try:
+        from torchvision import datasets
+        for train in (True, False):
+            getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
+    except Exception as e:  # no network, no torchvision, a mirror down
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def load_images(data_dir, dataset, split):
+    """uint8 images (N, 1, H, W) of split 'train' or 'test' (labels are not needed for density estimation)."""
+    raw = Path(data_dir) / DATASETS[dataset] / "raw"
+    name = f"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte"
+
+    def find():
+        return next((p for p in (raw / name, raw / f"{name}.gz") if p.is_file()), None)
+
+    path = find()
+    if path is None:
+        reason = download(dataset, data_dir)
+        path = find()
+        if path is None:
+            raise SystemExit(
+                f"nf: {dataset} not found: expected {raw}/{name}[.gz] and the download failed ({reason}); "
+                f"point --data-dir at a folder holding {DATASETS[dataset]}/raw/ (here: --data-dir ../shared/data)")
+    try:
+        images = read_idx(path)
+    except (ValueError, IndexError, OSError, EOFError, zlib.error) as e:
+        raise SystemExit(f"nf: {path} is a damaged IDX file ({type(e).__name__}: {e})")
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise SystemExit(f"nf: {path} does not hold square images (N, H, W), but shape {tuple(images.shape)}")
+    return images[:, None]
+
+
+def load_data(args):
+    """{'train', 'test'}: uint8 image tensors; --train-size / --test-size take the first N."""
+    train = load_images(args.data_dir, args.dataset, "train")
+    test = load_images(args.data_dir, args.dataset, "test")
+    return {"train": train[:args.train_size or None], "test": test[:args.test_size or None]}
+
+
+def dequantize(pixels, generator=None):
+    """x = (pixel + u) / 256, u ~ U[0, 1)^D (uniform dequantisation, Sec. 4.1): a density on x
+    then bounds the discrete log-likelihood of the pixels from below."""
+    u = torch.rand(pixels.shape, generator=generator).to(pixels.device)   # drawn on the CPU: same noise anywhere
+    return (pixels.float() + u) / 256

@@ -1,0 +1,205 @@
+"""Train Real NVP by maximum likelihood: data, model, optimiser, schedule, then the loop over
+epochs; the loss is the bits/dim of freshly dequantised training images, and after each epoch
+the test set's bits/dim and an atomic checkpoint."""
+import csv
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import dequantize, load_data
+from model import FlowConfig, RealNVP
+
+FOLDER = "nf"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/nf-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_FIELDS = ["epoch", "train_bpd", "test_bpd", "lr", "images_per_s", "elapsed_s"]
+TEST_NOISE_SEED = 1234  # the test set's dequantisation noise: the same every epoch, so epochs compare
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"nf: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("nf: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device):
+    if not path.is_file():
+        raise SystemExit(f"nf: no checkpoint at {path}; train first, or pass the --out-dir of an nf run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"nf: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"nf: {path} is a checkpoint of {folder or 'something else'}, not of nf/")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, total_steps, warmup_steps, args):
+    """Linear warmup to --lr, then cosine decay to zero at the end of training."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * args.lr
+
+
+def model_config(args, images):
+    return FlowConfig(channels=images.shape[1], side=images.shape[2], n_couplings=args.n_couplings,
+                      scales=args.scales, hidden=args.hidden, blocks=args.blocks, alpha=args.alpha)
+
+
+def build_model(cfg):
+    try:
+        return RealNVP(cfg)
+    except ValueError as e:  # couplings too few for the scales, a side the squeezes do not divide
+        raise SystemExit(f"nf: {e}")
+
+
+@torch.no_grad()
+def evaluate(model, images, device, batch_size=500):
+    """Mean bits/dim of uint8 images, dequantised with fixed noise, in eval mode."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(TEST_NOISE_SEED)
+    bpd = torch.cat([model.bits_per_dim(dequantize(images[i:i + batch_size], g).to(device)).cpu()
+                     for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    return bpd.mean().item()
+
+
+def open_log(path, resume_epoch):
+    """CSV of the run, one row per epoch; on resume, rows past the checkpoint are dropped first."""
+    rows = []
+    if resume_epoch and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def check_finite(loss, grad_norm, step, ckpt_path):
+    """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        raise SystemExit(f"nf: the loss became {loss.item():g} (gradient norm {grad_norm.item():g}) at step "
+                         f"{step}; stopping before the update ({kept}); try a lower --lr")
+
+
+def train(args):
+    device = resolve_device(args.device)
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
+        raise SystemExit(f"nf: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    data = load_data(args)
+    train_set = data["train"]
+
+    cfg = model_config(args, train_set)
+    if ckpt and asdict(cfg) != ckpt["config"]:
+        raise SystemExit(f"nf: {ckpt_path} holds another model ({ckpt['config']}); "
+                         f"resume without model flags, or train it in another --out-dir")
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    epoch = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch = ckpt["epoch"]
+    else:  # actnorm's data-dependent initialisation, on the first 512 training images
+        model.initialize(dequantize(train_set[:512], torch.Generator().manual_seed(args.seed)).to(device))
+
+    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
+    if steps_per_epoch == 0:
+        raise SystemExit(f"nf: --batch-size {args.batch_size} exceeds the {len(train_set)} training images")
+    total_steps = args.epochs * steps_per_epoch
+    out.mkdir(parents=True, exist_ok=True)
+    k, last = RealNVP.layout(cfg.n_couplings, cfg.scales)
+    print(f"Real NVP: {model.num_params():,} parameters, {cfg.n_couplings} couplings ({cfg.scales} scales of "
+          f"{k} checkerboard + {k} channel-wise, then {last} checkerboard), ResNets of {cfg.blocks} blocks x "
+          f"{cfg.hidden}; {args.dataset}: {len(train_set):,} train / {len(data['test']):,} test images on {device}"
+          + (f"; resuming after epoch {epoch}" if ckpt else ""))
+    if args.wandb:
+        try:
+            import wandb
+            wandb.init(project="papers-nf", config=vars(args), dir=out)
+        except ImportError:
+            raise SystemExit("nf: --wandb needs the wandb package (pip install wandb)")
+        except Exception as e:  # not logged in, no network: say so in one line
+            raise SystemExit(f"nf: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    log_file, log = open_log(out / "log.csv", epoch)
+
+    train_time = ckpt["train_time"] if ckpt else 0.0
+    if epoch >= args.epochs:
+        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    model.train()
+    try:
+        for epoch in range(epoch, args.epochs):
+            # The batch order and the dequantisation noise of an epoch are seeded by (seed, epoch):
+            # resuming replays them exactly.
+            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_set), generator=g)
+            t0, losses = time.perf_counter(), []
+            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        leave=False)
+            for s in pbar:
+                step = epoch * steps_per_epoch + s
+                lr = get_lr(step, total_steps, args.warmup_steps, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = dequantize(train_set[order[s * args.batch_size:(s + 1) * args.batch_size]], g).to(device)
+                loss = model.bits_per_dim(x).mean()             # maximum likelihood, in bits/dim
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
+                check_finite(loss, grad_norm, step, ckpt_path)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                if s % 20 == 0:
+                    pbar.set_postfix(bpd=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            dt = time.perf_counter() - t0
+            train_time += dt
+            done = epoch + 1
+            row = {"epoch": done, "train_bpd": torch.stack(losses).mean().item(),
+                   "test_bpd": evaluate(model, data["test"], device), "lr": lr,
+                   "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
+            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": done, "config": asdict(cfg), "args": vars(args), "test_bpd": row["test_bpd"],
+                         "train_time": train_time}, ckpt_path)
+            log.writerow(row)
+            log_file.flush()
+            tqdm.write(f"epoch {done:3d}  train {row['train_bpd']:.4f}  test {row['test_bpd']:.4f} bits/dim  "
+                       f"lr {lr:.1e}  {row['images_per_s']:,.0f} images/s  {train_time:.0f} s")
+            if args.wandb:
+                wandb.log(row, step=done)
+    except KeyboardInterrupt:
+        if ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
+                  f"continue with --resume")
+        else:
+            print("\ninterrupted before the first epoch ended; nothing was saved")
+        raise SystemExit(130)
+    finally:
+        log_file.close()
+        if args.wandb:
+            wandb.finish()
+    return model
