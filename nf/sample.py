@@ -98,7 +98,7 @@ def plot_curve(log_path, path):
     ax.plot(epochs, [float(r["train_bpd"]) for r in rows], "o-", ms=3, label="train (dequantised, during the epoch)")
     ax.plot(epochs, [float(r["test_bpd"]) for r in rows], "s-", ms=3, label="test")
     for k, (name, v) in enumerate(REFERENCES.items()):
-        ax.axhline(v, color=f"C{k + 2}", ls=":", lw=1, label=f"{name}: {v} (published)")
+        ax.axhline(v, color=f"C{k + 2}", ls=":", lw=1, label=f"{name}: {v} (as reported in FFJORD, Table 2)")
     ax.set(xlabel="epoch", ylabel="bits/dim", title="Real NVP negative log-likelihood")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
