@@ -4,7 +4,7 @@ latents at several temperatures, and latent interpolations between test digits.
 
     python nf/main.py --data-dir ../shared/data           # the default config (meant for one GPU)
     python nf/main.py --quick --data-dir ../shared/data   # the whole pipeline on CPU in < 60 s
-    python nf/main.py --sample-only --out-dir runs/nf --figures-dir images   # refresh the README figures
+    python nf/main.py --sample-only --out-dir RUN --figures-dir images     # refresh the README figures
 """
 import argparse
 import math
