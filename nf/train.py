@@ -133,10 +133,11 @@ def train(args):
     total_steps = args.epochs * steps_per_epoch
     out.mkdir(parents=True, exist_ok=True)
     k, last = RealNVP.layout(cfg.n_couplings, cfg.scales)
-    print(f"Real NVP: {model.num_params():,} parameters, {cfg.n_couplings} couplings ({cfg.scales} scales of "
-          f"{k} checkerboard + {k} channel-wise, then {last} checkerboard), ResNets of {cfg.blocks} blocks x "
-          f"{cfg.hidden}; {args.dataset}: {len(train_set):,} train / {len(data['test']):,} test images on {device}"
-          + (f"; resuming after epoch {epoch}" if ckpt else ""))
+    layout = (f"{cfg.scales} scales of {k} checkerboard + {k} channel-wise, then {last} checkerboard" if cfg.scales
+              else "one flat stack of checkerboard couplings")
+    print(f"Real NVP: {model.num_params():,} parameters, {cfg.n_couplings} couplings ({layout}), ResNets of "
+          f"{cfg.blocks} blocks x {cfg.hidden}; {args.dataset}: {len(train_set):,} train / {len(data['test']):,} "
+          f"test images on {device}" + (f"; resuming after epoch {epoch}" if ckpt else ""))
     if args.wandb:
         try:
             import wandb
