@@ -85,6 +85,11 @@ class Coupling(nn.Module):
         s, t = self.st(x_b)
         return self.s_scale * torch.tanh(s), t
 
+    def masked_s_t(self, x):    # checkerboard: s and t of b * x, zero where b = 1 (x * b = y * b)
+        b = checkerboard(x.shape[2], x.shape[3], self.parity, x.device)
+        s, t = self.s_t(torch.cat([x * b, b.expand(len(x), -1, -1, -1)], 1))
+        return (1 - b) * s, (1 - b) * t
+
     def split(self, x):         # channel mask: (x_1, x_2), x_1 conditions, x_2 is transformed
         x1, x2 = x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
         return (x2, x1) if self.parity else (x1, x2)
@@ -94,9 +99,7 @@ class Coupling(nn.Module):
 
     def forward(self, x):       # x (B, C, H, W) -> y (B, C, H, W), log|det| (B,)
         if self.mask == "checkerboard":
-            b = checkerboard(x.shape[2], x.shape[3], self.parity, x.device)
-            s, t = self.s_t(torch.cat([x * b, b.expand(len(x), -1, -1, -1)], 1))
-            s, t = (1 - b) * s, (1 - b) * t                     # b * x passes unchanged
+            s, t = self.masked_s_t(x)                           # b * x passes unchanged
             return x * torch.exp(s) + t, s.sum((1, 2, 3))
         x1, x2 = self.split(x)  # y_1 = x_1, y_2 = x_2 * exp(s(x_1)) + t(x_1)   (Sec. 3.2)
         s, t = self.s_t(x1)
@@ -104,9 +107,8 @@ class Coupling(nn.Module):
 
     def inverse(self, y):       # x = (y - t) * exp(-s): s and t only read the unchanged part (Sec. 3.3)
         if self.mask == "checkerboard":
-            b = checkerboard(y.shape[2], y.shape[3], self.parity, y.device)
-            s, t = self.s_t(torch.cat([y * b, b.expand(len(y), -1, -1, -1)], 1))
-            return (y - (1 - b) * t) * torch.exp(-(1 - b) * s)
+            s, t = self.masked_s_t(y)
+            return (y - t) * torch.exp(-s)
         y1, y2 = self.split(y)
         s, t = self.s_t(y1)
         return self.join(y1, (y2 - t) * torch.exp(-s))

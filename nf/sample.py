@@ -116,7 +116,9 @@ def sample(args):
     model.load_state_dict(ckpt["model"])
     model.eval()
     test = load_images(args.data_dir, saved["dataset"], "test")[:args.test_size or None]
-    metrics = {"dataset": saved["dataset"], "test_bpd": evaluate(model, test, device), "test_images": len(test),
+    # training ended by measuring these same test images with the same fixed noise: not twice
+    test_bpd = ckpt["test_bpd"] if args.test_size == saved["test_size"] else evaluate(model, test, device)
+    metrics = {"dataset": saved["dataset"], "test_bpd": test_bpd, "test_images": len(test),
                "parameters": model.num_params(), "epochs": ckpt["epoch"], "config": ckpt["config"],
                "train_time_s": round(ckpt["train_time"], 1)}
     write_json(metrics, out / "metrics.json")
