@@ -1,0 +1,192 @@
+"""The two datasets and their batches.
+
+IMDb (Maas et al. 2011): 25,000 train + 25,000 test movie reviews, half positive, read straight
+from the Stanford archive DATA_DIR/imdb/aclImdb_v1.tar.gz (downloaded there when missing).
+The last 10% of a fixed shuffle of the train reviews is held out for validation.
+
+Human numbers (fast.ai): 1 to 9,999 in English words, "one . two . three . ...", one token
+stream; the first 8,000 numbers train, the rest validate. Generated here, nothing to download.
+"""
+import os
+import re
+import tarfile
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_FILE = "imdb/aclImdb_v1.tar.gz"
+PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 of every vocabulary here
+VALID_SEED = 0               # the validation reviews do not move with --seed, so scores compare
+
+
+# ---- IMDb
+
+def tokenize(text):
+    """Lower-cased words (with their apostrophes) and single punctuation marks; <br /> is a space."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)*|[^\sa-z0-9]", text.lower().replace("<br />", " "))
+
+
+def download(url, path):
+    """url -> path, through a temp file so that an interrupted download leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_imdb(data_dir):
+    """{'train': [(text, label)], 'test': [...]} with label 1 = positive, in the archive's order."""
+    path = Path(data_dir) / IMDB_FILE
+    if not path.is_file():
+        try:
+            print(f"downloading IMDb (84 MB) to {path}")
+            download(IMDB_URL, path)
+        except OSError as e:
+            raise SystemExit(f"sequence_models: IMDb not found: expected {path} and could not download it "
+                             f"({type(e).__name__}); pass --data-dir DIR where DIR/{IMDB_FILE} exists")
+    splits = {"train": [], "test": []}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = member.name.split("/")  # aclImdb/<split>/<pos|neg>/<id>_<rating>.txt
+                if len(parts) == 4 and parts[1] in splits and parts[2] in ("pos", "neg") and member.isfile():
+                    text = tar.extractfile(member).read().decode("utf-8")
+                    splits[parts[1]].append((text, int(parts[2] == "pos")))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SystemExit(f"sequence_models: {path} is not a readable aclImdb tar.gz ({type(e).__name__}: {e})")
+    if not splits["train"] or not splits["test"]:
+        raise SystemExit(f"sequence_models: {path} holds no aclImdb/{{train,test}}/{{pos,neg}}/*.txt reviews")
+    return splits
+
+
+def split_valid(reviews, fraction=0.1):
+    """A fixed shuffle of the train reviews, its last `fraction` held out: (train, valid)."""
+    order = torch.randperm(len(reviews), generator=torch.Generator().manual_seed(VALID_SEED)).tolist()
+    n_valid = max(1, int(len(reviews) * fraction))
+    return [reviews[i] for i in order[n_valid:]], [reviews[i] for i in order[:n_valid]]
+
+
+class Vocab:
+    """Token <-> id; 0 is padding, 1 stands for every token outside the vocabulary."""
+
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, token_lists, max_size, min_freq=2):
+        counts = Counter(t for tokens in token_lists for t in tokens)
+        common = [t for t, c in counts.most_common(max_size - 2) if c >= min_freq]
+        return cls([PAD, UNK] + common)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, tokens):
+        return [self.stoi.get(t, 1) for t in tokens]
+
+    def decode(self, ids):
+        return [self.itos[i] for i in ids]
+
+
+def encode_reviews(reviews, vocab, max_len):
+    """[(text, label)] -> [(ids, label)], each review cut to its last max_len tokens (where the
+    verdict usually is); an empty review keeps one <unk> so that it still has a time step."""
+    out = []
+    for text, label in reviews:
+        ids = vocab.encode(tokenize(text))[-max_len:]
+        out.append((ids or [1], label))
+    return out
+
+
+class ReviewLoader:
+    """Batches of (x, mask, y): x (N, L) ids padded on the right with 0, mask (N, L) True at real
+    tokens, y (N,) labels. Reviews of similar length share a batch (sorted within pools of 50
+    batches), so little time goes into padding; the batch order is shuffled every epoch from
+    (seed, epoch), which makes a resumed run see the same batches as an uninterrupted one."""
+
+    def __init__(self, encoded, batch_size, shuffle=False, seed=0):
+        self.encoded, self.batch_size, self.shuffle, self.seed = encoded, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return -(-len(self.encoded) // self.batch_size)
+
+    def batches(self):
+        n, bs = len(self.encoded), self.batch_size
+        if not self.shuffle:
+            order = sorted(range(n), key=lambda i: len(self.encoded[i][0]))
+            return [order[i:i + bs] for i in range(0, n, bs)]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order, pool = torch.randperm(n, generator=g).tolist(), 50 * bs
+        order = [i for s in range(0, n, pool)
+                 for i in sorted(order[s:s + pool], key=lambda i: len(self.encoded[i][0]))]
+        batches = [order[i:i + bs] for i in range(0, n, bs)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        batches = self.batches()
+        self.epoch += 1
+        for idx in batches:
+            rows = [self.encoded[i] for i in idx]
+            x = torch.zeros(len(rows), max(len(ids) for ids, _ in rows), dtype=torch.long)
+            for r, (ids, _) in enumerate(rows):
+                x[r, :len(ids)] = torch.tensor(ids)
+            yield x, x != 0, torch.tensor([label for _, label in rows])
+
+
+# ---- Human numbers
+
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen").split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n):
+    """1 <= n <= 9999 in fast.ai's words: 8123 -> 'eight thousand one hundred twenty three'."""
+    assert 1 <= n <= 9999, n
+    words = []
+    if n >= 1000:
+        words += [ONES[n // 1000], "thousand"]
+    if n % 1000 >= 100:
+        words += [ONES[n % 1000 // 100], "hundred"]
+    r = n % 100
+    if r >= 20:
+        words += [TENS[r // 10]] + ([ONES[r % 10]] if r % 10 else [])
+    elif r:
+        words += [ONES[r]]
+    return words
+
+
+def human_numbers(first=1, last=9999, n_train=8000):
+    """Token streams: (train words, valid words), numbers separated by '.'."""
+    stream = lambda a, b: [w for n in range(a, b + 1) for w in number_words(n) + ["."]]
+    return stream(first, first + n_train - 1), stream(first + n_train, last)
+
+
+class StreamLoader:
+    """fastbook's layout for a stateful language model: the stream is cut into N equal rows that
+    run side by side, and batch i is the i-th window of bptt tokens of every row, so that row r of
+    batch i+1 continues row r of batch i and the hidden state can be carried over.
+    Yields (x, y), both (N, bptt), y = x shifted by one token."""
+
+    def __init__(self, ids, batch_size, bptt):
+        n_rows = min(batch_size, (len(ids) - 1) // bptt)
+        per_row = (len(ids) - 1) // n_rows
+        data = torch.tensor(ids[:n_rows * per_row + 1])
+        self.x = torch.stack([data[r * per_row:(r + 1) * per_row] for r in range(n_rows)])        # (N, T)
+        self.y = torch.stack([data[r * per_row + 1:(r + 1) * per_row + 1] for r in range(n_rows)])
+        self.bptt = bptt
+
+    def __len__(self):
+        return self.x.size(1) // self.bptt
+
+    def __iter__(self):
+        for i in range(0, len(self) * self.bptt, self.bptt):
+            yield self.x[:, i:i + self.bptt], self.y[:, i:i + self.bptt]

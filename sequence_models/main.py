@@ -1,0 +1,145 @@
+"""RNN, LSTM and GRU written from tensor ops, trained by a callback Learner on two tasks:
+IMDb sentiment (Maas et al. 2011) and fast.ai's human numbers (1 to 9,999 in words).
+
+    python sequence_models/main.py --task imdb --cell lstm --data-dir ../shared/data   # the README result
+    python sequence_models/main.py --task numbers --cell gru                            # no download needed
+    python sequence_models/main.py interact --task imdb                                 # type reviews, get sentiment
+    python sequence_models/main.py interact --task numbers --prompt "eight thousand one hundred"
+    python sequence_models/main.py --quick --data-dir ../shared/data                    # the whole pipeline, CPU, < 60 s
+
+Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the lowest validation
+loss: what is evaluated and served), log.csv, train.log, results.json, tensorboard/.
+"""
+import argparse
+import logging
+import re
+import sys
+
+from sample import interact, sample
+from train import FOLDER, load_checkpoint, run_dir, train
+
+# Per task; a flag typed on the command line always wins.
+DEFAULTS = {
+    "imdb": dict(epochs=6, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.4,
+                 weight_decay=0.01, patience=2),
+    "numbers": dict(epochs=30, batch_size=64, lr=3e-3, emb_size=64, hidden_size=128, layers=2, dropout=0.1,
+                    weight_decay=0.01, patience=0),
+}
+QUICK = {
+    "imdb": dict(epochs=2, limit=2000, max_len=100, vocab_size=5000, emb_size=32, hidden_size=32),
+    "numbers": dict(epochs=3, hidden_size=32, emb_size=16),
+}
+QUICK_OUT_DIR = "runs/sequence_models-quick"
+# What --resume does not take from the checkpoint's flags.
+NOT_RESUMED = {"command", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "tensorboard",
+               "text", "prompt", "words", "temperature"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=float("inf")):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not low <= v < high:
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in [{low}, {high})")
+        return v
+    return parse
+
+
+def per_task(flag):
+    return f"(default: imdb {DEFAULTS['imdb'][flag]}, numbers {DEFAULTS['numbers'][flag]})"
+
+
+def parse_args(argv=None):
+    p = Parser(prog="sequence_models/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["train", "interact"], default="train",
+                   help="train (default): train, evaluate, sample; interact: use a trained model")
+    p.add_argument("--task", choices=["imdb", "numbers"], default="imdb", help="IMDb sentiment or human-numbers LM")
+    p.add_argument("--cell", choices=["rnn", "lstm", "gru"], default="lstm", help="the recurrent layer")
+
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 31), default=0, help="seeds weights, dropout and batch order")
+    g.add_argument("--data-dir", default="data", help="dataset root; IMDb is DIR/imdb/aclImdb_v1.tar.gz (downloaded "
+                                                      "there if missing); human numbers are generated")
+    g.add_argument("--out-dir", default="runs/sequence_models", help="runs go to OUT_DIR/<task>-<cell>/")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--epochs", type=number(int, 1), help=f"passes over the training data {per_task('epochs')}")
+    g.add_argument("--batch-size", type=number(int, 1), help=f"reviews, or token rows, per batch {per_task('batch_size')}")
+    g.add_argument("--lr", type=number(float, 1e-8), help=f"peak of the one-cycle schedule (AdamW) {per_task('lr')}")
+    g.add_argument("--resume", action="store_true", help="continue OUT_DIR/<task>-<cell>/ckpt.pt with its flags")
+    g.add_argument("--sample-only", action="store_true", help="skip training: examples and figures from the checkpoint")
+    g.add_argument("--quick", action="store_true", help="tiny model, a slice of the data: the pipeline on CPU in < 60 s")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--tensorboard", action="store_true", help="log to OUT_DIR/<task>-<cell>/tensorboard")
+
+    g = p.add_argument_group("model (on --resume, the checkpoint's)")
+    g.add_argument("--emb-size", type=number(int, 1), help=f"embedding width {per_task('emb_size')}")
+    g.add_argument("--hidden-size", type=number(int, 1), help=f"hidden state width H {per_task('hidden_size')}")
+    g.add_argument("--layers", type=number(int, 1), help=f"stacked recurrent layers {per_task('layers')}")
+    g.add_argument("--dropout", type=number(float, 0, 1), help=f"dropout on embeddings, between layers and before "
+                                                               f"the head {per_task('dropout')}")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--weight-decay", type=number(float, 0), help=f"AdamW weight decay {per_task('weight_decay')}")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--patience", type=number(int, 0), help=f"early stop after this many epochs without a lower "
+                                                           f"validation loss (0: off) {per_task('patience')}")
+    g.add_argument("--max-len", type=number(int, 1), default=400, help="imdb: keep a review's last N tokens")
+    g.add_argument("--vocab-size", type=number(int, 3), default=30_000, help="imdb: most frequent words kept")
+    g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N train reviews (0: all)")
+    g.add_argument("--bptt", type=number(int, 1), default=32, help="numbers: tokens per window (truncated BPTT)")
+
+    g = p.add_argument_group("interact")
+    g.add_argument("--text", default=None, help="imdb: a review to classify (default: read lines from stdin)")
+    g.add_argument("--prompt", default="eight thousand one hundred .", help="numbers: words to continue")
+    g.add_argument("--words", type=number(int, 1, 10_000), default=24, help="numbers: words to generate")
+    g.add_argument("--temperature", type=number(float, 0), default=0.0, help="numbers: 0 is greedy")
+
+    # Defaults, then the task's, then --quick's, then a resumed run's; flags typed now always win.
+    args = p.parse_args(argv)
+    p.set_defaults(**{**DEFAULTS[args.task], **(QUICK[args.task] if args.quick else {})})
+    if args.quick:
+        p.set_defaults(out_dir=QUICK_OUT_DIR)
+    args = p.parse_args(argv)
+    if args.resume:
+        saved = load_checkpoint(run_dir(args) / "ckpt.pt")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        args = p.parse_args(argv)
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def setup_logging(args):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if args.command == "train" and not args.sample_only:
+        run_dir(args).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir(args) / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
+    logging.getLogger(FOLDER).setLevel(logging.INFO)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args)
+    if args.command == "interact":
+        return interact(args)
+    if not args.sample_only:
+        train(args)
+    sample(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Recurrent networks from tensor ops, then the two models built on them.
+
+RNN (Elman 1990), LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000)
+and GRU (Cho et al. 2014) behave like torch.nn.RNN / LSTM / GRU: the same constructor, call,
+return values, gate order and state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0,
+bias_hh_l0, ...), so weights load from the torch modules and back. Then, in the order the data
+meets them: masked_pool -> SentimentClassifier (IMDb) and LanguageModel (human numbers).
+
+Shapes: L time steps, N batch, H hidden size, G gates (RNN 1, LSTM 4, GRU 3), V vocabulary.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Recurrent(nn.Module):
+    """What the three cells share: per-layer weights, layout handling and the time loop.
+
+    Each layer first projects the whole input sequence at once, W_ih x_t + b_ih for every t in
+    one matrix product, so that only the recurrent half W_hh h_{t-1} + b_hh is left in the loop.
+    """
+    gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False):
+        super().__init__()
+        if bidirectional:
+            raise NotImplementedError("bidirectional layers are not implemented")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, dropout
+        G, H = self.gates, hidden_size
+        for k in range(num_layers):
+            setattr(self, f"weight_ih_l{k}", nn.Parameter(torch.empty(G * H, input_size if k == 0 else H)))
+            setattr(self, f"weight_hh_l{k}", nn.Parameter(torch.empty(G * H, H)))
+            if bias:
+                setattr(self, f"bias_ih_l{k}", nn.Parameter(torch.empty(G * H)))
+                setattr(self, f"bias_hh_l{k}", nn.Parameter(torch.empty(G * H)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # torch's initialisation: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))
+        bound = 1 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def layer(self, k):
+        b = (getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")) if self.bias else (None, None)
+        return getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"), *b
+
+    def cell(self, xw_t, hw_t, state):
+        """One step from the two projections (N, G*H) and the previous state to the new state."""
+        raise NotImplementedError
+
+    def forward(self, input, hx=None):
+        # input (L, N, in), or (N, L, in) with batch_first, or unbatched (L, in)
+        batched = input.dim() == 3
+        x = input if not batched else input.transpose(0, 1) if self.batch_first else input
+        x = x if batched else x.unsqueeze(1)                                   # (L, N, in)
+        N = x.size(1)
+        states = self.initial_states(hx, batched, N, x)                        # per layer: (h,) or (h, c)
+        finals = []
+        for k in range(self.num_layers):
+            W_ih, W_hh, b_ih, b_hh = self.layer(k)
+            if k > 0 and self.dropout and self.training:
+                x = F.dropout(x, self.dropout)                                # between layers, as torch
+            xw = F.linear(x, W_ih, b_ih)                                       # (L, N, G*H): all t at once
+            state, outputs = states[k], []
+            for xw_t in xw.unbind(0):  # unbind, not xw[t]: one backward for all t instead of L
+                state = self.cell(xw_t, F.linear(state[0], W_hh, b_hh), state)
+                outputs.append(state[0])
+            x = torch.stack(outputs)                                           # (L, N, H)
+            finals.append(state)
+        output = x.transpose(0, 1) if self.batch_first and batched else x if batched else x.squeeze(1)
+        final = [torch.stack(s) for s in zip(*finals)]                         # each (num_layers, N, H)
+        if not batched:
+            final = [s.squeeze(1) for s in final]
+        return output, final[0] if len(final) == 1 else tuple(final)
+
+    def initial_states(self, hx, batched, N, x):
+        """hx (num_layers, N, H) (a tuple of two for the LSTM), or zeros; -> one tuple per layer."""
+        n_state = 2 if isinstance(self, LSTM) else 1
+        if hx is None:
+            hx = (x.new_zeros(self.num_layers, N, self.hidden_size),) * n_state
+        else:
+            hx = [h if batched else h.unsqueeze(1) for h in (hx if n_state == 2 else (hx,))]
+        return [tuple(h[k] for h in hx) for k in range(self.num_layers)]
+
+
+class RNN(Recurrent):
+    gates = 1
+
+    def __init__(self, *args, nonlinearity="tanh", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nonlinearity = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
+
+    def cell(self, xw_t, hw_t, state):
+        # h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+        return (self.nonlinearity(xw_t + hw_t),)
+
+
+class LSTM(Recurrent):
+    gates = 4
+
+    def cell(self, xw_t, hw_t, state):
+        c = state[1]
+        # [i, f, g, o] = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh, in torch's gate order
+        i, f, g, o = (xw_t + hw_t).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g           # c_t = f_t * c_{t-1} + i_t * g_t
+        h = o * torch.tanh(c)       # h_t = o_t * tanh(c_t)
+        return h, c
+
+
+class GRU(Recurrent):
+    gates = 3
+
+    def cell(self, xw_t, hw_t, state):
+        h = state[0]
+        x_r, x_z, x_n = xw_t.chunk(3, dim=-1)
+        h_r, h_z, h_n = hw_t.chunk(3, dim=-1)
+        r = torch.sigmoid(x_r + h_r)         # r_t = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+        z = torch.sigmoid(x_z + h_z)         # z_t = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+        n = torch.tanh(x_n + r * h_n)        # n_t = tanh(W_in x_t + b_in + r_t * (W_hn h_{t-1} + b_hn))
+        return ((1 - z) * n + z * h,)        # h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+
+CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+
+
+def masked_pool(outputs, mask):
+    """Concat pooling over the real time steps only: [mean_t o_t ; max_t o_t].
+
+    outputs (N, L, H), mask (N, L) True at tokens, False at padding -> (N, 2H).
+    """
+    m = mask.unsqueeze(-1)
+    mean = (outputs * m).sum(1) / m.sum(1).clamp(min=1)
+    max_ = outputs.masked_fill(~m, float("-inf")).amax(1)
+    return torch.cat([mean, max_], dim=-1)
+
+
+class SentimentClassifier(nn.Module):
+    """The seed's design: embedding -> recurrent layers -> [mean; max] pooling -> linear.
+
+    Padding sits at the end of each row, so a one-directional network's outputs at real tokens
+    never see it, and masked_pool leaves it out of the pooling.
+    """
+
+    def __init__(self, vocab_size, cell="lstm", emb_size=128, hidden_size=256, num_layers=1, dropout=0.3,
+                 num_classes=2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=0)
+        self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden_size, num_classes)
+
+    def forward(self, x, mask):
+        # x (N, L) token ids, 0 = padding; mask (N, L)
+        outputs, _ = self.rnn(self.dropout(self.embedding(x)))        # (N, L, H)
+        return self.head(self.dropout(masked_pool(outputs, mask)))      # (N, classes) logits
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> recurrent layers -> linear over the vocabulary, stateful as in fastbook ch. 12.
+
+    The hidden state is carried from one batch to the next (detached: backpropagation through
+    time is truncated at the batch edge), so the network sees further back than one window;
+    reset() clears it at the start of every epoch and of every validation.
+    """
+
+    def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, emb_size)
+        self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, vocab_size)
+        if emb_size == hidden_size:  # weight tying (Press & Wolf 2017): a word's input and output vectors are one
+            self.head.weight = self.embedding.weight
+        self.state = None
+
+    def reset(self):
+        self.state = None
+
+    def forward(self, x, state=None):
+        # x (N, L) token ids -> logits (N, L, V); uses and updates self.state unless given one
+        outputs, state = self.rnn(self.dropout(self.embedding(x)), self.state if state is None else state)
+        self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        return self.head(self.dropout(outputs))
+
+    @torch.no_grad()
+    def generate(self, ids, n_words, temperature=0.0, generator=None):
+        """Continue the token ids (list) by n_words: greedy at temperature 0, else sampled."""
+        self.reset()
+        logits = self(torch.tensor([ids], device=self.head.weight.device))[0, -1]
+        out = []
+        for _ in range(n_words):
+            if temperature == 0:
+                nxt = int(logits.argmax())
+            else:
+                nxt = int(torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator))
+            out.append(nxt)
+            logits = self(torch.tensor([[nxt]], device=logits.device))[0, -1]
+        return out

@@ -1,0 +1,104 @@
+"""From a trained run to what a person looks at: a review's sentiment, numbers continued from a
+prompt, and the training curves of every cell trained on the task."""
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from data import Vocab, tokenize
+from train import FOLDER, build_model, load_checkpoint, resolve_device, run_dir
+
+log = logging.getLogger(FOLDER)
+EXAMPLES = [  # written for this README, not from IMDb
+    "One of the best films I have seen this year: funny, moving, and beautifully acted.",
+    "A dull, lifeless mess. The plot makes no sense and I nearly walked out.",
+    "I expected to hate it, but the second half won me over completely.",
+    "The trailer promised a thriller; what we got was two hours of nothing happening.",
+]
+
+
+def load_model(args):
+    path = run_dir(args) / "best.pt"
+    ckpt = load_checkpoint(path)
+    if ckpt["task"] != args.task:
+        raise SystemExit(f"sequence_models: {path} is a {ckpt['task']} model, not {args.task}")
+    device = resolve_device(args.device)
+    model = build_model(ckpt["task"], ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Vocab(ckpt["vocab"]), ckpt["args"]
+
+
+@torch.no_grad()
+def sentiment(model, vocab, text, max_len):
+    """P(positive) of one review."""
+    ids = vocab.encode(tokenize(text))[-max_len:] or [1]
+    x = torch.tensor([ids], device=model.head.weight.device)
+    return torch.softmax(model(x, x != 0), -1)[0, 1].item()
+
+
+def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
+    words = prompt.split()
+    unknown = sorted({w for w in words if w not in vocab.stoi or vocab.stoi[w] < 2})
+    if unknown:
+        raise SystemExit(f"sequence_models: {', '.join(unknown)} not in the vocabulary; use: "
+                         f"{' '.join(vocab.itos[2:])}")
+    g = torch.Generator(device=model.head.weight.device).manual_seed(seed)
+    return " ".join(vocab.decode(model.generate(vocab.encode(words), n_words, temperature, g)))
+
+
+def interact(args):
+    model, vocab, train_args = load_model(args)
+    if args.task == "numbers":
+        if not args.prompt.strip():
+            raise SystemExit("sequence_models: --prompt is empty; give some number words")
+        print(args.prompt, "->", continue_numbers(model, vocab, args.prompt, args.words, args.temperature, args.seed))
+        return
+    lines = [args.text] if args.text is not None else sys.stdin
+    if args.text is None and sys.stdin.isatty():
+        print("type a review, one per line (Ctrl-D to end)")
+    for line in lines:
+        if not line.strip():
+            print("(empty review: nothing to classify)")
+            continue
+        p = sentiment(model, vocab, line, train_args["max_len"])
+        print(f"{'positive' if p >= 0.5 else 'negative'} (P(positive) = {p:.3f})")
+
+
+def plot_curves(args):
+    """Validation accuracy and loss per epoch of every cell that has a log for this task."""
+    runs = {cell: list(csv.DictReader(open(path)))
+            for cell in ("rnn", "lstm", "gru") if (path := Path(args.out_dir) / f"{args.task}-{cell}" / "log.csv").is_file()}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for cell, rows in runs.items():
+        epochs = [int(r["epoch"]) for r in rows]
+        line, = ax_loss.plot(epochs, [float(r["valid_loss"]) for r in rows], marker="o", label=f"{cell} valid")
+        ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], ls="--", color=line.get_color(),
+                     label=f"{cell} train")
+        ax_acc.plot(epochs, [100 * float(r["valid_accuracy"]) for r in rows], marker="o", label=cell)
+    metric = "next-word accuracy" if args.task == "numbers" else "accuracy"
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy (nats)", title=f"{args.task}: loss")
+    ax_acc.set(xlabel="epoch", ylabel=f"validation {metric} (%)", title=f"{args.task}: validation {metric}")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(args.figures_dir) / f"sequence_models_{args.task}_curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log.info(f"curves of {', '.join(runs)}: {path}")
+
+
+def sample(args):
+    model, vocab, train_args = load_model(args)
+    if args.task == "imdb":
+        for text in EXAMPLES:
+            p = sentiment(model, vocab, text, train_args["max_len"])
+            log.info(f"{'positive' if p >= 0.5 else 'negative'} {p:.3f}  {text}")
+    else:
+        for prompt in (args.prompt, "nine thousand nine hundred ninety ."):
+            log.info(f"{prompt} -> {continue_numbers(model, vocab, prompt, args.words, args.temperature, args.seed)}")
+    plot_curves(args)

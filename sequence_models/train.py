@@ -1,0 +1,491 @@
+"""The Learner: a training loop opened up through callbacks (fast.ai's design), the callbacks,
+and train(args), which builds a task's data and model and fits them.
+
+The loop calls its callbacks at these events, in this order:
+
+    before_fit
+      for every epoch:
+        before_epoch
+          for every training batch:
+            before_batch, before_loss, after_loss, before_backward, after_backward,
+            before_step, after_step, after_batch
+          before_validate
+            for every validation batch: before_batch, before_loss, after_loss, after_batch
+          after_validate
+        after_epoch
+    after_fit
+
+Callbacks run in the order of their `order` attribute. A callback stops the loop by raising
+CancelBatch (skip the rest of this batch), CancelEpoch (go on with the next epoch) or CancelFit
+(finish now; after_fit still runs).
+"""
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (ReviewLoader, StreamLoader, Vocab, encode_reviews, human_numbers, read_imdb, split_valid,
+                  tokenize)
+from model import LanguageModel, SentimentClassifier
+
+FOLDER = "sequence_models"  # stamped into checkpoints, so that another folder's checkpoint is refused
+log = logging.getLogger(FOLDER)
+
+
+class CancelBatch(Exception):
+    pass
+
+
+class CancelEpoch(Exception):
+    pass
+
+
+class CancelFit(Exception):
+    pass
+
+
+class Callback:
+    order = 0
+
+
+class Learner:
+    """fit(epochs) trains `model` on data.train and validates on data.valid every epoch.
+
+    State the callbacks read and write: epoch (0-based), step (optimiser steps so far), training,
+    batch, xb (inputs), yb (targets), pred, loss, metrics (this epoch's), history (one row per
+    epoch), and epochs (the target of this fit).
+    """
+
+    def __init__(self, model, data, loss_fn, opt, callbacks=(), device="cpu"):
+        self.model, self.data, self.loss_fn, self.opt, self.device = model, data, loss_fn, opt, device
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        for cb in self.callbacks:
+            cb.learner = self
+        self.epoch, self.step, self.history, self.metrics, self.training = 0, 0, [], {}, False
+
+    def callback(self, event):
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if method is not None:
+                method()
+
+    def one_batch(self):
+        *self.xb, self.yb = [t.to(self.device) for t in self.batch]
+        self.callback("before_batch")
+        self.pred = self.model(*self.xb)
+        self.callback("before_loss")
+        self.loss = self.loss_fn(self.pred, self.yb)
+        self.callback("after_loss")
+        if self.training:
+            self.callback("before_backward")
+            self.loss.backward()
+            self.callback("after_backward")
+            self.callback("before_step")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.callback("after_step")
+        self.callback("after_batch")
+
+    def all_batches(self, loader):
+        for self.batch in loader:
+            try:
+                self.one_batch()
+            except CancelBatch:
+                pass
+
+    def validate(self, loader=None):
+        """One pass without gradients over `loader` (default data.valid); returns self.metrics."""
+        self.training, self.loader = False, loader or self.data.valid
+        self.model.eval()
+        self.callback("before_validate")
+        with torch.no_grad():
+            self.all_batches(self.loader)
+        self.callback("after_validate")
+        return self.metrics
+
+    def fit(self, epochs):
+        self.epochs = epochs
+        try:
+            self.callback("before_fit")  # a checkpoint callback may move self.epoch forward here
+            while self.epoch < self.epochs:
+                try:
+                    self.metrics = {"epoch": self.epoch + 1}
+                    self.training, self.loader = True, self.data.train
+                    self.model.train()
+                    self.callback("before_epoch")
+                    self.all_batches(self.loader)
+                    self.validate()
+                    self.callback("after_epoch")
+                except CancelEpoch:
+                    pass
+                self.epoch += 1
+        except CancelFit:
+            pass
+        self.callback("after_fit")
+
+
+# ---- callbacks
+
+def accuracy(pred, y):
+    """Share of argmax predictions equal to the target: a review's label, or the next word."""
+    return (pred.argmax(-1) == y).float().mean()
+
+
+def cross_entropy(pred, y):
+    """pred (..., classes) logits, y (...) targets: a review's logits or every position's."""
+    return F.cross_entropy(pred.flatten(0, -2), y.flatten())
+
+
+class Metrics(Callback):
+    """Mean loss and accuracy, weighted by targets, into metrics['train_loss', 'valid_accuracy', ...];
+    at the end of every epoch the row goes into history."""
+    order = -10
+
+    def before_epoch(self):
+        self.sums, self.t0 = {}, time.perf_counter()
+
+    def before_validate(self):
+        self.sums = {k: v for k, v in self.sums.items() if not k.startswith("valid")}
+
+    def after_loss(self):
+        L = self.learner
+        split, n = "train" if L.training else "valid", L.yb.numel()
+        for name, value in (("loss", L.loss), ("accuracy", accuracy(L.pred, L.yb))):
+            total, count = self.sums.get(f"{split}_{name}", (0.0, 0))
+            self.sums[f"{split}_{name}"] = (total + value.item() * n, count + n)
+
+    def after_validate(self):
+        self.learner.metrics.update({k: t / n for k, (t, n) in self.sums.items() if k.startswith("valid")})
+
+    def after_epoch(self):
+        L = self.learner
+        L.metrics.update({k: t / n for k, (t, n) in self.sums.items() if k.startswith("train")})
+        L.metrics.update(lr=L.opt.param_groups[0]["lr"], seconds=time.perf_counter() - self.t0)
+        L.history.append(dict(L.metrics))
+
+
+class Progress(Callback):
+    """tqdm bars over the batches, and a log line per epoch (python logging)."""
+    order = 90
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+
+    def bar(self, desc):
+        self.pbar = tqdm(total=len(self.learner.loader), desc=desc, leave=False, dynamic_ncols=True,
+                         disable=not self.enabled)
+
+    def before_epoch(self):
+        self.bar(f"epoch {self.learner.epoch + 1}/{self.learner.epochs}")
+
+    def after_batch(self):
+        self.pbar.update()
+        if self.learner.training:
+            self.pbar.set_postfix(loss=f"{self.learner.loss.item():.3f}")
+
+    def before_validate(self):
+        if hasattr(self, "pbar"):
+            self.pbar.close()  # the epoch's training bar
+        self.bar("validate")
+
+    def after_validate(self):
+        self.pbar.close()
+
+    def after_epoch(self):
+        m = self.learner.metrics
+        log.info(f"epoch {m['epoch']}/{self.learner.epochs}: train loss {m['train_loss']:.4f} "
+                 f"acc {m['train_accuracy']:.2%} | valid loss {m['valid_loss']:.4f} "
+                 f"acc {m['valid_accuracy']:.2%} | lr {m['lr']:.2e} | {m['seconds']:.0f} s")
+
+
+class OneCycle(Callback):
+    """Smith's one-cycle schedule (torch's OneCycleLR) over the whole fit, stepped every batch."""
+
+    def __init__(self, max_lr):
+        self.max_lr = max_lr
+
+    def before_fit(self):
+        L = self.learner
+        L.scheduler = torch.optim.lr_scheduler.OneCycleLR(L.opt, self.max_lr,
+                                                          total_steps=L.epochs * len(L.data.train))
+
+    def after_step(self):
+        if self.learner.scheduler.last_epoch < self.learner.scheduler.total_steps:
+            self.learner.scheduler.step()
+
+
+class GradientClipping(Callback):
+    """Rescale the gradient to a global norm of at most max_norm before every step."""
+
+    def __init__(self, max_norm):
+        self.max_norm = max_norm
+
+    def before_step(self):
+        torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), self.max_norm)
+
+
+class ResetState(Callback):
+    """A stateful language model starts every epoch and every validation from a zero state."""
+
+    def before_epoch(self):
+        self.learner.model.reset()
+
+    def before_validate(self):
+        self.learner.model.reset()
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file intact
+
+
+def load_checkpoint(path, device="cpu"):
+    if not path.is_file():
+        raise SystemExit(f"sequence_models: no checkpoint at {path}; train first (same --task, --cell and --out-dir)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"sequence_models: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"sequence_models: {path} is a checkpoint of {folder or 'something else'}, not of sequence_models/")
+    return ckpt
+
+
+class Checkpoint(Callback):
+    """Every epoch, atomically: ckpt.pt (everything --resume needs) and, when the validation loss
+    is the lowest so far, best.pt (the weights that get evaluated and served). On resume, before_fit
+    restores the model, optimiser, schedule, history and random state."""
+    order = 100
+
+    def __init__(self, out, meta, resume=None):
+        self.out, self.meta, self.resume = Path(out), meta, resume
+
+    def before_fit(self):
+        L, ckpt = self.learner, self.resume
+        if ckpt is None:
+            return
+        L.model.load_state_dict(ckpt["model"])
+        L.opt.load_state_dict(ckpt["optimizer"])
+        if hasattr(L, "scheduler"):
+            L.scheduler.load_state_dict(ckpt["scheduler"])
+        L.epoch, L.step, L.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])
+        for loader in vars(L.data).values():
+            loader.epoch = L.epoch
+        log.info(f"resumed {self.out / 'ckpt.pt'} after epoch {L.epoch} (step {L.step})")
+
+    def after_epoch(self):
+        L = self.learner
+        state = {**self.meta, "model": L.model.state_dict(), "epoch": L.epoch + 1, "step": L.step,
+                 "history": L.history, "metrics": L.metrics}
+        if min(h["valid_loss"] for h in L.history) == L.metrics["valid_loss"]:
+            save_atomic(state, self.out / "best.pt")
+        save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(),
+                     "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None},
+                    self.out / "ckpt.pt")
+
+
+class EarlyStopping(Callback):
+    """Stop once the validation loss has not improved for `patience` epochs. It reads only the
+    history, so a resumed run stops exactly where the uninterrupted one would."""
+    order = 110  # after Checkpoint: the last epoch is saved before the fit ends
+
+    def __init__(self, patience):
+        self.patience = patience
+
+    def after_epoch(self):
+        losses = [h["valid_loss"] for h in self.learner.history]
+        best = losses.index(min(losses))
+        if len(losses) - 1 - best >= self.patience:
+            log.info(f"early stop: no better validation loss than epoch {best + 1}'s {losses[best]:.4f} "
+                     f"for {self.patience} epochs")
+            raise CancelFit
+
+
+class CSVLog(Callback):
+    """log.csv: the history, one row per epoch, rewritten every epoch (so a resume keeps it whole)."""
+    order = 105
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def after_epoch(self):
+        rows = self.learner.history
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class TensorBoard(Callback):
+    """Train loss and learning rate every step, validation loss and accuracy every epoch."""
+    order = 95
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+
+    def before_fit(self):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(self.log_dir)
+
+    def after_batch(self):
+        L = self.learner
+        if L.training:
+            self.writer.add_scalar("loss/train", L.loss.item(), L.step)
+            self.writer.add_scalar("lr", L.opt.param_groups[0]["lr"], L.step)
+
+    def after_epoch(self):
+        m = self.learner.metrics
+        for split in ("train", "valid"):
+            self.writer.add_scalar(f"accuracy/{split}", m[f"{split}_accuracy"], self.learner.step)
+        self.writer.add_scalar("loss/valid", m["valid_loss"], self.learner.step)
+        self.writer.flush()
+
+    def after_fit(self):
+        self.writer.close()
+
+
+class Wandb(Callback):
+    """Weights & Biases, opt-in: the same scalars as TensorBoard."""
+    order = 95
+
+    def __init__(self, config, out):
+        self.config, self.out = config, out
+
+    def before_fit(self):
+        import wandb
+        self.wandb = wandb
+        wandb.init(project="papers-sequence_models", config=self.config, dir=self.out)
+
+    def after_batch(self):
+        L = self.learner
+        if L.training:
+            self.wandb.log({"train/loss": L.loss.item(), "lr": L.opt.param_groups[0]["lr"]}, step=L.step)
+
+    def after_epoch(self):
+        self.wandb.log({k: v for k, v in self.learner.metrics.items() if k != "epoch"}, step=self.learner.step)
+
+    def after_fit(self):
+        self.wandb.finish()
+
+
+# ---- the two tasks
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"sequence_models: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("sequence_models: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def run_dir(args):
+    return Path(args.out_dir) / f"{args.task}-{args.cell}"
+
+
+def imdb_data(args, vocab=None):
+    """Loaders for train / valid / test and the vocabulary (built on the train reviews)."""
+    reviews = read_imdb(args.data_dir)
+    train, valid = split_valid(reviews["train"])
+    test = reviews["test"]
+    if args.limit:  # --quick: a slice of each split, classes still balanced by the shuffle
+        g = torch.Generator().manual_seed(1)
+        test = [test[i] for i in torch.randperm(len(test), generator=g)[:args.limit // 2].tolist()]
+        train, valid = train[:args.limit], valid[:args.limit // 4]
+    vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    enc = lambda reviews: encode_reviews(reviews, vocab, args.max_len)
+    data = SimpleNamespace(train=ReviewLoader(enc(train), args.batch_size, shuffle=True, seed=args.seed),
+                           valid=ReviewLoader(enc(valid), 2 * args.batch_size),
+                           test=ReviewLoader(enc(test), 2 * args.batch_size))
+    return data, vocab
+
+
+def numbers_data(args, vocab=None):
+    train, valid = human_numbers()
+    vocab = vocab or Vocab([w for w in dict.fromkeys(["<pad>", "<unk>"] + train + valid)])
+    return SimpleNamespace(train=StreamLoader(vocab.encode(train), args.batch_size, args.bptt),
+                           valid=StreamLoader(vocab.encode(valid), args.batch_size, args.bptt)), vocab
+
+
+def build_model(task, config):
+    return (SentimentClassifier if task == "imdb" else LanguageModel)(**config)
+
+
+def train(args):
+    device = resolve_device(args.device)
+    out = run_dir(args)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt and (ckpt["task"], ckpt["config"]["cell"]) != (args.task, args.cell):
+        raise SystemExit(f"sequence_models: {ckpt_path} is a {ckpt['task']} {ckpt['config']['cell']} model, "
+                         f"not {args.task} {args.cell}")
+    if ckpt is None and ckpt_path.exists() and not args.quick:
+        raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+
+    torch.manual_seed(args.seed)
+    vocab = Vocab(ckpt["vocab"]) if ckpt else None
+    data, vocab = (imdb_data if args.task == "imdb" else numbers_data)(args, vocab)
+    config = ckpt["config"] if ckpt else dict(
+        vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
+        num_layers=args.layers, dropout=args.dropout)
+    model = build_model(args.task, config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    log.info(f"{args.task} with a from-scratch {args.cell.upper()}: {n_params / 1e6:.2f}M parameters, vocabulary "
+             f"{len(vocab):,}, {len(data.train)} batches per epoch, {device}")
+
+    meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
+    callbacks = [Metrics(), Progress(), OneCycle(args.lr), Checkpoint(out, meta, ckpt), CSVLog(out / "log.csv")]
+    if args.grad_clip:
+        callbacks.append(GradientClipping(args.grad_clip))
+    if args.patience:
+        callbacks.append(EarlyStopping(args.patience))
+    if args.task == "numbers":
+        callbacks.append(ResetState())
+    if args.tensorboard:
+        callbacks.append(TensorBoard(str(out / "tensorboard")))
+    if args.wandb:
+        callbacks.append(Wandb(vars(args), str(out)))
+    learner = Learner(model, data, cross_entropy, opt, callbacks, device)
+
+    try:
+        learner.fit(args.epochs)
+    except KeyboardInterrupt:
+        done = f"after epoch {learner.history[-1]['epoch']}" if learner.history else "before the first epoch"
+        raise SystemExit(f"\ninterrupted; last checkpoint {done} in {ckpt_path}"
+                         + (": continue with --resume" if learner.history else ""))
+    return evaluate(args, learner, sum(h["seconds"] for h in learner.history))
+
+
+def evaluate(args, learner, seconds):
+    """The best-validation weights on validation (and, for IMDb, the test reviews) -> results.json."""
+    out = run_dir(args)
+    best = load_checkpoint(out / "best.pt", learner.device)
+    learner.model.load_state_dict(best["model"])
+    learner.callbacks = [cb for cb in learner.callbacks if isinstance(cb, (Metrics, Progress, ResetState))]
+    results = {"task": args.task, "cell": args.cell, "best_epoch": best["epoch"],
+               "epochs_run": len(learner.history), "train_seconds": round(seconds, 1),
+               "params": sum(p.numel() for p in learner.model.parameters())}
+    m = learner.validate()
+    results.update(valid_loss=m["valid_loss"], valid_accuracy=m["valid_accuracy"])
+    if args.task == "imdb":
+        m = learner.validate(learner.data.test)
+        results.update(test_loss=m["valid_loss"], test_accuracy=m["valid_accuracy"])
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    scores = ", ".join(f"{k} {v:.2%}" if "accuracy" in k else f"{k} {v:.4f}"
+                       for k, v in results.items() if k.endswith(("_loss", "_accuracy")))
+    log.info(f"best epoch {best['epoch']}: {scores} ({seconds / 60:.1f} min training)")
+    return results

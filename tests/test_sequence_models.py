@@ -1,0 +1,257 @@
+"""sequence_models/: the from-scratch cells against torch.nn, the Learner's events and early
+stops, masked pooling, the data layouts, resume, and the CLI on synthetic IMDb archives."""
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import cli_error_line, import_folder
+
+sm = import_folder("sequence_models")
+TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def pair(cell, num_layers, batch_first):
+    ref = TORCH[cell](5, 7, num_layers, batch_first=batch_first)
+    ours = sm.model.CELLS[cell](5, 7, num_layers, batch_first=batch_first)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def as_tuple(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("num_layers,batch_first,batch,initial_state", [
+    (1, False, 1, False), (2, True, 3, True), (3, False, 4, True), (2, True, 2, False)])
+def test_cell_matches_torch_outputs_states_and_gradients(cell, num_layers, batch_first, batch, initial_state):
+    torch.manual_seed(0)
+    ref, ours = pair(cell, num_layers, batch_first)
+    x = torch.randn((batch, 6, 5) if batch_first else (6, batch, 5))
+    n_states = 2 if cell == "lstm" else 1
+    hx = [torch.randn(num_layers, batch, 7) for _ in range(n_states)] if initial_state else None
+    results = []
+    for module in (ref, ours):
+        xi = x.clone().requires_grad_()
+        hi = [h.clone().requires_grad_() for h in hx] if hx else None
+        out, state = module(xi, (tuple(hi) if n_states == 2 else hi[0]) if hi else None)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)  # a loss that weighs every output differently
+        ((out * weights).sum() + sum((s ** 2).sum() for s in as_tuple(state))).backward()
+        grads = [xi.grad] + ([h.grad for h in hi] if hi else []) + [p.grad for p in module.parameters()]
+        results.append((out, as_tuple(state), grads))
+    (out_r, st_r, g_r), (out_o, st_o, g_o) = results
+    torch.testing.assert_close(out_o, out_r, atol=1e-5, rtol=0)
+    for a, b in zip(st_o, st_r, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(g_o, g_r, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_weights_load_back_into_torch_and_unbatched_input(cell):
+    torch.manual_seed(1)
+    ours = sm.model.CELLS[cell](4, 6, 2)
+    ref = TORCH[cell](4, 6, 2)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())  # ours -> torch, the other direction
+    x = torch.randn(5, 4)                   # unbatched (L, in)
+    (out_o, st_o), (out_r, st_r) = ours(x), ref(x)
+    assert out_o.shape == (5, 6)
+    torch.testing.assert_close(out_o, out_r, atol=1e-5, rtol=0)
+    for a, b in zip(as_tuple(st_o), as_tuple(st_r), strict=True):
+        assert a.shape == (2, 6)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_masked_pool_ignores_padding():
+    torch.manual_seed(2)
+    outputs = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    garbage = outputs.clone()
+    garbage[0, 3:] = 1e6  # whatever sits at the padding must not matter
+    pooled = sm.model.masked_pool(garbage, mask)
+    torch.testing.assert_close(pooled[0], torch.cat([outputs[0, :3].mean(0), outputs[0, :3].amax(0)]))
+    torch.testing.assert_close(pooled[1], torch.cat([outputs[1].mean(0), outputs[1].amax(0)]))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_classifier_gives_the_same_answer_with_or_without_padding(cell):
+    torch.manual_seed(3)
+    model = sm.model.SentimentClassifier(20, cell, emb_size=8, hidden_size=8).eval()
+    short = torch.tensor([[4, 7, 9]])
+    padded = torch.tensor([[4, 7, 9, 0, 0, 0], [3, 3, 3, 3, 3, 3]])  # batched with a longer review
+    torch.testing.assert_close(model(padded, padded != 0)[0], model(short, short != 0)[0], atol=1e-6, rtol=0)
+
+
+EVENTS = ["before_fit", "before_epoch", "before_batch", "before_loss", "after_loss", "before_backward",
+          "after_backward", "before_step", "after_step", "after_batch", "before_validate", "after_validate",
+          "after_epoch", "after_fit"]
+
+
+class Recorder(sm.train.Callback):
+    def __init__(self):
+        self.events = []
+        for e in EVENTS:
+            setattr(self, e, lambda e=e: self.events.append(e))
+
+
+def tiny_learner(callbacks, n_train=2, lr=0.1):
+    torch.manual_seed(4)
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    data = sm.train.SimpleNamespace(train=[batch] * n_train, valid=[batch])
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return sm.train.Learner(model, data, sm.train.cross_entropy, opt, [sm.train.Metrics(), *callbacks])
+
+
+def test_learner_calls_callbacks_in_the_documented_order():
+    rec = Recorder()
+    tiny_learner([rec]).fit(1)
+    train_batch = ["before_batch", "before_loss", "after_loss", "before_backward", "after_backward",
+                   "before_step", "after_step", "after_batch"]
+    valid_batch = ["before_batch", "before_loss", "after_loss", "after_batch"]
+    assert rec.events == (["before_fit", "before_epoch"] + 2 * train_batch + ["before_validate"] + valid_batch
+                          + ["after_validate", "after_epoch", "after_fit"])
+
+
+def test_a_callback_can_stop_training():
+    class StopAfterThreeSteps(sm.train.Callback):
+        def after_step(self):
+            if self.learner.step == 3:
+                raise sm.train.CancelFit
+
+    rec = Recorder()
+    learner = tiny_learner([StopAfterThreeSteps(), rec], n_train=2)
+    learner.fit(10)
+    assert learner.step == 3 and rec.events[-1] == "after_fit"
+    assert rec.events.count("after_epoch") == 1  # epoch 2 was cut short
+
+
+def test_early_stopping_when_validation_does_not_improve():
+    learner = tiny_learner([sm.train.EarlyStopping(patience=2)], lr=0.0)  # lr 0: the loss never improves
+    learner.fit(10)
+    assert len(learner.history) == 3
+
+
+def test_number_words_and_split():
+    nw = lambda n: " ".join(sm.data.number_words(n))
+    assert nw(1) == "one" and nw(15) == "fifteen" and nw(40) == "forty" and nw(110) == "one hundred ten"
+    assert nw(8000) == "eight thousand" and nw(2019) == "two thousand nineteen"
+    assert nw(9999) == "nine thousand nine hundred ninety nine"
+    assert len({nw(n) for n in range(1, 10_000)}) == 9999
+    train, valid = sm.data.human_numbers()
+    assert train[:4] == ["one", ".", "two", "."] and train[-3:] == ["eight", "thousand", "."]
+    assert valid[:4] == ["eight", "thousand", "one", "."]
+
+
+def test_stream_loader_rows_continue_across_batches():
+    ids = list(range(1000))
+    batches = list(sm.data.StreamLoader(ids, batch_size=4, bptt=10))
+    (x0, y0), (x1, _) = batches[0], batches[1]
+    assert x0.shape == (4, 10)
+    assert torch.equal(y0[:, :-1], x0[:, 1:]) and torch.equal(y0[:, -1], x1[:, 0])  # shifted by one, continued
+
+
+def test_review_loader_pads_right_and_masks():
+    enc = [([5, 6, 7], 1), ([8], 0), ([9, 9], 1)]
+    x, mask, y = next(iter(sm.data.ReviewLoader(enc, batch_size=3)))  # unshuffled: sorted by length
+    assert x.tolist() == [[8, 0, 0], [9, 9, 0], [5, 6, 7]] and y.tolist() == [0, 1, 1]
+    assert mask.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_sentiment_loss_falls_on_a_tiny_problem():
+    torch.manual_seed(5)
+    rows = []
+    for i in range(128):  # label 1 <=> token 3 occurs somewhere; random lengths and filler
+        label = i % 2
+        ids = torch.randint(5, 30, (int(torch.randint(3, 12, ())),)).tolist()
+        ids[int(torch.randint(0, len(ids), ()))] = 3 if label else 4
+        rows.append((ids, label))
+    data = sm.train.SimpleNamespace(train=sm.data.ReviewLoader(rows[:96], 16, shuffle=True),
+                                    valid=sm.data.ReviewLoader(rows[96:], 32))
+    model = sm.model.SentimentClassifier(30, "lstm", emb_size=16, hidden_size=16, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    learner = sm.train.Learner(model, data, sm.train.cross_entropy, opt, [sm.train.Metrics()])
+    learner.fit(15)
+    assert learner.history[-1]["valid_loss"] < 0.5 * learner.history[0]["valid_loss"]
+    assert learner.history[-1]["valid_accuracy"] > 0.9
+
+
+NUMBERS = ["--task", "numbers", "--device", "cpu", "--epochs", "2", "--emb-size", "8", "--hidden-size", "8",
+           "--batch-size", "16", "--bptt", "8", "--dropout", "0.2"]
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    sm.main.main(NUMBERS + ["--out-dir", str(tmp_path / "straight")])
+    straight = torch.load(tmp_path / "straight" / "numbers-lstm" / "ckpt.pt", weights_only=True)
+
+    after_epoch = sm.train.CSVLog.after_epoch
+
+    def interrupt(self):  # Ctrl-C right after epoch 1 is checkpointed
+        after_epoch(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sm.train.CSVLog, "after_epoch", interrupt)
+    with pytest.raises(SystemExit, match="--resume"):
+        sm.main.main(NUMBERS + ["--out-dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(sm.train.CSVLog, "after_epoch", after_epoch)
+    sm.main.main(["--task", "numbers", "--resume", "--device", "cpu", "--tensorboard", "--out-dir",
+                  str(tmp_path / "resumed")])
+    resumed = torch.load(tmp_path / "resumed" / "numbers-lstm" / "ckpt.pt", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
+    assert (tmp_path / "resumed" / "sequence_models_numbers_curves.png").is_file()
+    assert list((tmp_path / "resumed" / "numbers-lstm" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def write_imdb(root, n=48):
+    """A synthetic aclImdb_v1.tar.gz: positive reviews say 'great', negative ones 'awful'."""
+    g = torch.Generator().manual_seed(6)
+    filler = "the a movie film plot actor scene story was is and it of".split()
+    path = root / "imdb" / "aclImdb_v1.tar.gz"
+    path.parent.mkdir(parents=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for label, word in (("pos", "great"), ("neg", "awful")):
+                for i in range(n):
+                    words = [filler[j] for j in torch.randint(0, len(filler), (12,), generator=g)]
+                    words.insert(int(torch.randint(0, 12, (), generator=g)), word)
+                    data = (" ".join(words) + ".<br /><br />").encode()
+                    info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_{8 if label == 'pos' else 2}.txt")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_imdb_pipeline_and_interact(tmp_path, capsys):
+    write_imdb(tmp_path)
+    common = ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--cell", "gru"]
+    sm.main.main(common + ["--epochs", "6", "--emb-size", "16", "--hidden-size", "16", "--batch-size", "8",
+                           "--lr", "1e-2", "--dropout", "0.0", "--patience", "0"])
+    results = json.loads((tmp_path / "runs" / "imdb-gru" / "results.json").read_text())
+    assert results["test_accuracy"] > 0.9
+    capsys.readouterr()
+    sm.main.main(["interact", "--text", "the film was great"] + common)
+    sm.main.main(["interact", "--text", "an awful movie"] + common)
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["positive", "negative"]
+
+
+def test_missing_imdb_offline_names_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(sm.data, "IMDB_URL", (tmp_path / "no-such-file").as_uri())
+    with pytest.raises(SystemExit, match=r"imdb/aclImdb_v1\.tar\.gz.*--data-dir"):
+        sm.data.read_imdb(tmp_path / "data")
+    assert not (tmp_path / "data" / "imdb").exists() or not any((tmp_path / "data" / "imdb").iterdir())
+
+
+def test_bad_checkpoint_and_prompt_are_one_line_errors(tmp_path):
+    run = tmp_path / "numbers-lstm"
+    run.mkdir()
+    torch.save({"folder": "gpt"}, run / "ckpt.pt")
+    line = cli_error_line("sequence_models", "--task", "numbers", "--resume", "--out-dir", str(tmp_path))
+    assert "not of sequence_models" in line
+    torch.save({"folder": "gpt"}, run / "best.pt")
+    line = cli_error_line("sequence_models", "interact", "--task", "numbers", "--out-dir", str(tmp_path))
+    assert "not of sequence_models" in line
