@@ -7,8 +7,8 @@ IMDb sentiment (Maas et al. 2011) and fast.ai's human numbers (1 to 9,999 in wor
     python sequence_models/main.py interact --task numbers --prompt "eight thousand one hundred"
     python sequence_models/main.py --quick --data-dir ../shared/data                    # the whole pipeline, CPU, < 60 s
 
-Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the lowest validation
-loss: what is evaluated and served), log.csv, train.log, results.json, tensorboard/.
+Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the highest validation
+accuracy: what is evaluated and served), log.csv, train.log, results.json, tensorboard/.
 """
 import argparse
 import logging
@@ -22,12 +22,12 @@ from train import FOLDER, load_checkpoint, run_dir, train
 DEFAULTS = {
     "imdb": dict(epochs=6, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.4,
                  weight_decay=0.01, patience=2),
-    "numbers": dict(epochs=30, batch_size=64, lr=3e-3, emb_size=64, hidden_size=128, layers=2, dropout=0.1,
-                    weight_decay=0.01, patience=0),
+    "numbers": dict(epochs=30, batch_size=64, lr=3e-3, emb_size=64, hidden_size=64, layers=2, dropout=0.5,
+                    weight_decay=0.1, patience=0),
 }
 QUICK = {
     "imdb": dict(epochs=2, limit=2000, max_len=100, vocab_size=5000, emb_size=32, hidden_size=32),
-    "numbers": dict(epochs=3, hidden_size=32, emb_size=16),
+    "numbers": dict(epochs=5, hidden_size=32, emb_size=32),
 }
 QUICK_OUT_DIR = "runs/sequence_models-quick"
 # What --resume does not take from the checkpoint's flags.
@@ -89,18 +89,21 @@ def parse_args(argv=None):
     g.add_argument("--emb-size", type=number(int, 1), help=f"embedding width {per_task('emb_size')}")
     g.add_argument("--hidden-size", type=number(int, 1), help=f"hidden state width H {per_task('hidden_size')}")
     g.add_argument("--layers", type=number(int, 1), help=f"stacked recurrent layers {per_task('layers')}")
-    g.add_argument("--dropout", type=number(float, 0, 1), help=f"dropout on embeddings, between layers and before "
-                                                               f"the head {per_task('dropout')}")
+    g.add_argument("--dropout", type=number(float, 0, 1), help=f"dropout; imdb: on embeddings, between layers, "
+                                                               f"before the head; numbers: on the last layer's outputs "
+                                                               f"{per_task('dropout')}")
 
     g = p.add_argument_group("training")
     g.add_argument("--weight-decay", type=number(float, 0), help=f"AdamW weight decay {per_task('weight_decay')}")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the gradient norm (0: off)")
-    g.add_argument("--patience", type=number(int, 0), help=f"early stop after this many epochs without a lower "
-                                                           f"validation loss (0: off) {per_task('patience')}")
+    g.add_argument("--patience", type=number(int, 0), help=f"early stop after this many epochs without a higher "
+                                                           f"validation accuracy (0: off) {per_task('patience')}")
     g.add_argument("--max-len", type=number(int, 1), default=400, help="imdb: keep a review's last N tokens")
     g.add_argument("--vocab-size", type=number(int, 3), default=30_000, help="imdb: most frequent words kept")
     g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N train reviews (0: all)")
-    g.add_argument("--bptt", type=number(int, 1), default=32, help="numbers: tokens per window (truncated BPTT)")
+    g.add_argument("--bptt", type=number(int, 1), default=16, help="numbers: tokens per window (truncated BPTT)")
+    g.add_argument("--ar", type=number(float, 0), default=2.0, help="numbers: activation regularisation alpha")
+    g.add_argument("--tar", type=number(float, 0), default=1.0, help="numbers: temporal activation regularisation beta")
 
     g = p.add_argument_group("interact")
     g.add_argument("--text", default=None, help="imdb: a review to classify (default: read lines from stdin)")

@@ -166,13 +166,15 @@ class LanguageModel(nn.Module):
 
     The hidden state is carried from one batch to the next (detached: backpropagation through
     time is truncated at the batch edge), so the network sees further back than one window;
-    reset() clears it at the start of every epoch and of every validation.
+    reset() clears it at the start of every epoch and of every validation. As in fastbook's
+    LMModel7, dropout acts on the last layer's outputs only; they are kept (`outputs`, `dropped`)
+    for the AR and TAR penalties of train.ARTAR.
     """
 
     def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_size)
-        self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
+        self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, vocab_size)
         if emb_size == hidden_size:  # weight tying (Press & Wolf 2017): a word's input and output vectors are one
@@ -184,9 +186,10 @@ class LanguageModel(nn.Module):
 
     def forward(self, x, state=None):
         # x (N, L) token ids -> logits (N, L, V); uses and updates self.state unless given one
-        outputs, state = self.rnn(self.dropout(self.embedding(x)), self.state if state is None else state)
+        self.outputs, state = self.rnn(self.embedding(x), self.state if state is None else state)  # (N, L, H)
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-        return self.head(self.dropout(outputs))
+        self.dropped = self.dropout(self.outputs)
+        return self.head(self.dropped)
 
     @torch.no_grad()
     def generate(self, ids, n_words, temperature=0.0, generator=None):

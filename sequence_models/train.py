@@ -176,12 +176,8 @@ class Progress(Callback):
     """tqdm bars over the batches, and a log line per epoch (python logging)."""
     order = 90
 
-    def __init__(self, enabled=True):
-        self.enabled = enabled
-
     def bar(self, desc):
-        self.pbar = tqdm(total=len(self.learner.loader), desc=desc, leave=False, dynamic_ncols=True,
-                         disable=not self.enabled)
+        self.pbar = tqdm(total=len(self.learner.loader), desc=desc, leave=False, dynamic_ncols=True)
 
     def before_epoch(self):
         self.bar(f"epoch {self.learner.epoch + 1}/{self.learner.epochs}")
@@ -232,6 +228,23 @@ class GradientClipping(Callback):
         torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), self.max_norm)
 
 
+class ARTAR(Callback):
+    """Merity et al. 2017's activation regularisation on the LM's last layer, added to the training
+    loss after Metrics has recorded the plain cross-entropy:
+    AR = alpha * mean(dropout(h_t)^2) keeps activations small, TAR = beta * mean((h_t - h_{t-1})^2)
+    keeps them from jumping between time steps."""
+
+    def __init__(self, alpha, beta):
+        self.alpha, self.beta = alpha, beta
+
+    def after_loss(self):
+        L = self.learner
+        if L.training:
+            h = L.model.outputs
+            L.loss = (L.loss + self.alpha * L.model.dropped.pow(2).mean()
+                      + self.beta * (h[:, 1:] - h[:, :-1]).pow(2).mean())
+
+
 class ResetState(Callback):
     """A stateful language model starts every epoch and every validation from a zero state."""
 
@@ -261,9 +274,17 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def best_epoch(history):
+    """Index of the epoch with the highest validation accuracy so far (the first, on ties): what
+    best.pt holds and what early stopping waits to see beaten. Accuracy is the metric reported;
+    the validation loss can rise from over-confidence while the accuracy still climbs."""
+    accuracies = [h["valid_accuracy"] for h in history]
+    return accuracies.index(max(accuracies))
+
+
 class Checkpoint(Callback):
-    """Every epoch, atomically: ckpt.pt (everything --resume needs) and, when the validation loss
-    is the lowest so far, best.pt (the weights that get evaluated and served). On resume, before_fit
+    """Every epoch, atomically: ckpt.pt (everything --resume needs) and, at the best validation
+    accuracy so far, best.pt (the weights that get evaluated and served). On resume, before_fit
     restores the model, optimiser, schedule, history and random state."""
     order = 100
 
@@ -288,7 +309,7 @@ class Checkpoint(Callback):
         L = self.learner
         state = {**self.meta, "model": L.model.state_dict(), "epoch": L.epoch + 1, "step": L.step,
                  "history": L.history, "metrics": L.metrics}
-        if min(h["valid_loss"] for h in L.history) == L.metrics["valid_loss"]:
+        if best_epoch(L.history) == len(L.history) - 1:
             save_atomic(state, self.out / "best.pt")
         save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(),
                      "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None},
@@ -296,7 +317,7 @@ class Checkpoint(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop once the validation loss has not improved for `patience` epochs. It reads only the
+    """Stop once the validation accuracy has not improved for `patience` epochs. It reads only the
     history, so a resumed run stops exactly where the uninterrupted one would."""
     order = 110  # after Checkpoint: the last epoch is saved before the fit ends
 
@@ -304,11 +325,11 @@ class EarlyStopping(Callback):
         self.patience = patience
 
     def after_epoch(self):
-        losses = [h["valid_loss"] for h in self.learner.history]
-        best = losses.index(min(losses))
-        if len(losses) - 1 - best >= self.patience:
-            log.info(f"early stop: no better validation loss than epoch {best + 1}'s {losses[best]:.4f} "
-                     f"for {self.patience} epochs")
+        history = self.learner.history
+        best = best_epoch(history)
+        if len(history) - 1 - best >= self.patience:
+            log.info(f"early stop: no better validation accuracy than epoch {best + 1}'s "
+                     f"{history[best]['valid_accuracy']:.2%} for {self.patience} epochs")
             raise CancelFit
 
 
@@ -454,7 +475,7 @@ def train(args):
     if args.patience:
         callbacks.append(EarlyStopping(args.patience))
     if args.task == "numbers":
-        callbacks.append(ResetState())
+        callbacks += [ResetState(), ARTAR(args.ar, args.tar)]
     if args.tensorboard:
         callbacks.append(TensorBoard(str(out / "tensorboard")))
     if args.wandb:
