@@ -2,7 +2,7 @@
 
 IMDb (Maas et al. 2011): 25,000 train + 25,000 test movie reviews, half positive, read straight
 from the Stanford archive DATA_DIR/imdb/aclImdb_v1.tar.gz (downloaded there when missing).
-The last 10% of a fixed shuffle of the train reviews is held out for validation.
+10% of the train reviews, picked by a fixed shuffle, are held out for validation.
 
 Human numbers (fast.ai): 1 to 9,999 in English words, "one . two . three . ...", one token
 stream; the first 8,000 numbers train, the rest validate. Generated here, nothing to download.
@@ -11,6 +11,7 @@ import os
 import re
 import tarfile
 import urllib.request
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -58,15 +59,15 @@ def read_imdb(data_dir):
                 if len(parts) == 4 and parts[1] in splits and parts[2] in ("pos", "neg") and member.isfile():
                     text = tar.extractfile(member).read().decode("utf-8")
                     splits[parts[1]].append((text, int(parts[2] == "pos")))
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise SystemExit(f"sequence_models: {path} is not a readable aclImdb tar.gz ({type(e).__name__}: {e})")
-    if not splits["train"] or not splits["test"]:
+    if not all({label for _, label in reviews} == {0, 1} for reviews in splits.values()):
         raise SystemExit(f"sequence_models: {path} holds no aclImdb/{{train,test}}/{{pos,neg}}/*.txt reviews")
     return splits
 
 
 def split_valid(reviews, fraction=0.1):
-    """A fixed shuffle of the train reviews, its last `fraction` held out: (train, valid)."""
+    """A fixed shuffle of the train reviews, its first `fraction` held out: (train, valid)."""
     order = torch.randperm(len(reviews), generator=torch.Generator().manual_seed(VALID_SEED)).tolist()
     n_valid = max(1, int(len(reviews) * fraction))
     return [reviews[i] for i in order[n_valid:]], [reviews[i] for i in order[:n_valid]]

@@ -4,7 +4,7 @@ IMDb sentiment (Maas et al. 2011) and fast.ai's human numbers (1 to 9,999 in wor
     python sequence_models/main.py --task imdb --cell lstm --data-dir ../shared/data   # the README result
     python sequence_models/main.py --task numbers --cell gru                            # no download needed
     python sequence_models/main.py interact --task imdb                                 # type reviews, get sentiment
-    python sequence_models/main.py interact --task numbers --prompt "eight thousand one hundred"
+    python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py --quick --data-dir ../shared/data                    # the whole pipeline, CPU, < 60 s
 
 Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the highest validation
@@ -26,7 +26,7 @@ DEFAULTS = {
                     weight_decay=0.1, patience=0),
 }
 QUICK = {
-    "imdb": dict(epochs=2, limit=2000, max_len=100, vocab_size=5000, emb_size=32, hidden_size=32),
+    "imdb": dict(epochs=5, lr=5e-3, limit=4000, max_len=150, vocab_size=8000, emb_size=32, hidden_size=48),
     "numbers": dict(epochs=5, hidden_size=32, emb_size=32),
 }
 QUICK_OUT_DIR = "runs/sequence_models-quick"
@@ -100,16 +100,17 @@ def parse_args(argv=None):
                                                            f"validation accuracy (0: off) {per_task('patience')}")
     g.add_argument("--max-len", type=number(int, 1), default=400, help="imdb: keep a review's last N tokens")
     g.add_argument("--vocab-size", type=number(int, 3), default=30_000, help="imdb: most frequent words kept")
-    g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N train reviews (0: all)")
-    g.add_argument("--bptt", type=number(int, 1), default=16, help="numbers: tokens per window (truncated BPTT)")
+    g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N >= 8 train reviews (0: all)")
+    g.add_argument("--bptt", type=number(int, 1, 1025), default=16, help="numbers: tokens per window (truncated BPTT)")
     g.add_argument("--ar", type=number(float, 0), default=2.0, help="numbers: activation regularisation alpha")
     g.add_argument("--tar", type=number(float, 0), default=1.0, help="numbers: temporal activation regularisation beta")
 
     g = p.add_argument_group("interact")
     g.add_argument("--text", default=None, help="imdb: a review to classify (default: read lines from stdin)")
-    g.add_argument("--prompt", default="eight thousand one hundred .", help="numbers: words to continue")
+    g.add_argument("--prompt", default="eight thousand one hundred eleven . eight thousand one hundred twelve .",
+                   help="numbers: words to continue (two whole numbers give the model its bearings)")
     g.add_argument("--words", type=number(int, 1, 10_000), default=24, help="numbers: words to generate")
-    g.add_argument("--temperature", type=number(float, 0), default=0.0, help="numbers: 0 is greedy")
+    g.add_argument("--temperature", type=number(float, 0, 100), default=0.0, help="numbers: 0 is greedy, else >= 0.01")
 
     # Defaults, then the task's, then --quick's, then a resumed run's; flags typed now always win.
     args = p.parse_args(argv)
@@ -121,6 +122,10 @@ def parse_args(argv=None):
         saved = load_checkpoint(run_dir(args) / "ckpt.pt")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
+    if 0 < args.limit < 8:
+        p.error(f"--limit {args.limit}: give 0 (all reviews) or at least 8, so that validation is not empty")
+    if 0 < args.temperature < 0.01:
+        p.error(f"--temperature {args.temperature}: give 0 (greedy) or at least 0.01")
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 

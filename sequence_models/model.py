@@ -89,10 +89,9 @@ class Recurrent(nn.Module):
 
 
 class RNN(Recurrent):
-    gates = 1
-
-    def __init__(self, *args, nonlinearity="tanh", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False):  # torch.nn.RNN's order: nonlinearity comes fourth
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.nonlinearity = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
 
     def cell(self, xw_t, hw_t, state):
@@ -141,7 +140,7 @@ def masked_pool(outputs, mask):
 
 
 class SentimentClassifier(nn.Module):
-    """The seed's design: embedding -> recurrent layers -> [mean; max] pooling -> linear.
+    """Embedding -> recurrent layers -> [mean; max] pooling -> linear (fast.ai's concat pooling).
 
     Padding sits at the end of each row, so a one-directional network's outputs at real tokens
     never see it, and masked_pool leaves it out of the pooling.
@@ -185,7 +184,8 @@ class LanguageModel(nn.Module):
         self.state = None
 
     def forward(self, x, state=None):
-        # x (N, L) token ids -> logits (N, L, V); uses and updates self.state unless given one
+        # x (N, L) token ids -> logits (N, L, V); starts from `state` if given, else from self.state,
+        # and keeps the final state in self.state for the next call
         self.outputs, state = self.rnn(self.embedding(x), self.state if state is None else state)  # (N, L, H)
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         self.dropped = self.dropout(self.outputs)

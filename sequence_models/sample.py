@@ -41,6 +41,8 @@ def sentiment(model, vocab, text, max_len):
 
 def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
     words = prompt.split()
+    if not words:
+        raise SystemExit("sequence_models: --prompt is empty; give some number words")
     unknown = sorted({w for w in words if w not in vocab.stoi or vocab.stoi[w] < 2})
     if unknown:
         raise SystemExit(f"sequence_models: {', '.join(unknown)} not in the vocabulary; use: "
@@ -52,19 +54,23 @@ def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
 def interact(args):
     model, vocab, train_args = load_model(args)
     if args.task == "numbers":
-        if not args.prompt.strip():
-            raise SystemExit("sequence_models: --prompt is empty; give some number words")
         print(args.prompt, "->", continue_numbers(model, vocab, args.prompt, args.words, args.temperature, args.seed))
         return
     lines = [args.text] if args.text is not None else sys.stdin
     if args.text is None and sys.stdin.isatty():
         print("type a review, one per line (Ctrl-D to end)")
-    for line in lines:
-        if not line.strip():
-            print("(empty review: nothing to classify)")
-            continue
-        p = sentiment(model, vocab, line, train_args["max_len"])
-        print(f"{'positive' if p >= 0.5 else 'negative'} (P(positive) = {p:.3f})")
+    n = 0
+    try:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                print("(empty review: nothing to classify)")
+                continue
+            p = sentiment(model, vocab, line, train_args["max_len"])
+            print(f"{'positive' if p >= 0.5 else 'negative'} (P(positive) = {p:.3f})")
+    except KeyboardInterrupt:
+        return
+    if n == 0:
+        print("no review given: pass --text, or lines on stdin")
 
 
 def plot_curves(args):
@@ -99,6 +105,6 @@ def sample(args):
             p = sentiment(model, vocab, text, train_args["max_len"])
             log.info(f"{'positive' if p >= 0.5 else 'negative'} {p:.3f}  {text}")
     else:
-        for prompt in (args.prompt, "nine thousand nine hundred ninety ."):
+        for prompt in (args.prompt, "nine thousand four hundred ninety eight . nine thousand four hundred ninety nine ."):
             log.info(f"{prompt} -> {continue_numbers(model, vocab, prompt, args.words, args.temperature, args.seed)}")
     plot_curves(args)

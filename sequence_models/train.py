@@ -103,7 +103,7 @@ class Learner:
 
     def validate(self, loader=None):
         """One pass without gradients over `loader` (default data.valid); returns self.metrics."""
-        self.training, self.loader = False, loader or self.data.valid
+        self.training, self.loader = False, self.data.valid if loader is None else loader
         self.model.eval()
         self.callback("before_validate")
         with torch.no_grad():
@@ -148,6 +148,9 @@ class Metrics(Callback):
     """Mean loss and accuracy, weighted by targets, into metrics['train_loss', 'valid_accuracy', ...];
     at the end of every epoch the row goes into history."""
     order = -10
+
+    def before_fit(self):
+        self.sums = {}
 
     def before_epoch(self):
         self.sums, self.t0 = {}, time.perf_counter()
@@ -301,8 +304,11 @@ class Checkpoint(Callback):
             L.scheduler.load_state_dict(ckpt["scheduler"])
         L.epoch, L.step, L.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         for loader in vars(L.data).values():
-            loader.epoch = L.epoch
+            if isinstance(loader, ReviewLoader):  # its shuffle is a function of (seed, epoch)
+                loader.epoch = L.epoch
         log.info(f"resumed {self.out / 'ckpt.pt'} after epoch {L.epoch} (step {L.step})")
 
     def after_epoch(self):
@@ -311,7 +317,8 @@ class Checkpoint(Callback):
                  "history": L.history, "metrics": L.metrics}
         if best_epoch(L.history) == len(L.history) - 1:
             save_atomic(state, self.out / "best.pt")
-        save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(),
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
                      "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None},
                     self.out / "ckpt.pt")
 
@@ -323,6 +330,10 @@ class EarlyStopping(Callback):
 
     def __init__(self, patience):
         self.patience = patience
+
+    def before_fit(self):  # a resumed run that had already stopped stays stopped
+        if self.learner.history:
+            self.after_epoch()
 
     def after_epoch(self):
         history = self.learner.history
@@ -449,9 +460,9 @@ def train(args):
     out = run_dir(args)
     ckpt_path = out / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt and (ckpt["task"], ckpt["config"]["cell"]) != (args.task, args.cell):
-        raise SystemExit(f"sequence_models: {ckpt_path} is a {ckpt['task']} {ckpt['config']['cell']} model, "
-                         f"not {args.task} {args.cell}")
+    if ckpt and args.epochs != ckpt["args"]["epochs"]:
+        raise SystemExit(f"sequence_models: {ckpt_path} was planned for {ckpt['args']['epochs']} epochs (its one-cycle "
+                         f"schedule too); resume without --epochs, or start a new run in another --out-dir")
     if ckpt is None and ckpt_path.exists() and not args.quick:
         raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
 

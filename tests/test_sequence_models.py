@@ -136,6 +136,32 @@ def test_early_stopping_when_validation_does_not_improve():
     assert len(learner.history) == 3
 
 
+def test_artar_adds_to_the_training_loss_but_not_to_the_recorded_metric():
+    torch.manual_seed(7)
+    model = sm.model.LanguageModel(10, "gru", emb_size=8, hidden_size=8, num_layers=1, dropout=0.0)
+    x, y = torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 5))
+    seen = []
+
+    class Spy(sm.train.Callback):
+        order = 200
+
+        def after_loss(self):
+            if self.learner.training:
+                seen.append(self.learner.loss.item())
+
+    t = sm.train
+    learner = t.Learner(model, t.SimpleNamespace(train=[(x, y)], valid=[(x, y)]), t.cross_entropy,
+                        torch.optim.SGD(model.parameters(), lr=0.0), [t.Metrics(), t.ARTAR(2.0, 1.0), Spy()])
+    learner.fit(1)
+    model.reset()
+    with torch.no_grad():
+        ce = t.cross_entropy(model(x), y).item()
+        h = model.outputs
+        penalty = 2.0 * h.pow(2).mean() + 1.0 * (h[:, 1:] - h[:, :-1]).pow(2).mean()
+    assert learner.history[0]["train_loss"] == pytest.approx(ce, abs=1e-5)
+    assert seen == [pytest.approx(ce + penalty.item(), abs=1e-5)]
+
+
 def test_number_words_and_split():
     nw = lambda n: " ".join(sm.data.number_words(n))
     assert nw(1) == "one" and nw(15) == "fifteen" and nw(40) == "forty" and nw(110) == "one hundred ten"
