@@ -1,4 +1,4 @@
-"""The two datasets and their batches.
+"""The datasets and their batches.
 
 IMDb (Maas et al. 2011): 25,000 train + 25,000 test movie reviews, half positive, read straight
 from the Stanford archive DATA_DIR/imdb/aclImdb_v1.tar.gz (downloaded there when missing).
@@ -6,6 +6,9 @@ from the Stanford archive DATA_DIR/imdb/aclImdb_v1.tar.gz (downloaded there when
 
 Human numbers (fast.ai): 1 to 9,999 in English words, "one . two . three . ...", one token
 stream; the first 8,000 numbers train, the rest validate. Generated here, nothing to download.
+
+Characters: makemore's 32,032 names (DATA_DIR/names/names.txt, downloaded there when missing),
+80/10/10 by a fixed shuffle, each name framed by '.'; or any text file, its first 90% for training.
 """
 import os
 import re
@@ -19,6 +22,9 @@ import torch
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_FILE = "imdb/aclImdb_v1.tar.gz"
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_FILE = "names/names.txt"
+IGNORE = -100  # the target at padding: cross-entropy and accuracy skip it
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1 of every vocabulary here
 VALID_SEED = 0               # the validation reviews do not move with --seed, so scores compare
 
@@ -191,3 +197,96 @@ class StreamLoader:
     def __iter__(self):
         for i in range(0, len(self) * self.bptt, self.bptt):
             yield self.x[:, i:i + self.bptt], self.y[:, i:i + self.bptt]
+
+
+# ---- Characters
+
+def read_names(data_dir):
+    path = Path(data_dir) / NAMES_FILE
+    if not path.is_file():
+        try:
+            print(f"downloading makemore's names to {path}")
+            download(NAMES_URL, path)
+        except OSError as e:
+            raise SystemExit(f"sequence_models: names not found: expected {path} and could not download it "
+                             f"({type(e).__name__}); pass --data-dir DIR where DIR/{NAMES_FILE} exists")
+    names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if len(names) < 10:
+        raise SystemExit(f"sequence_models: {path} holds {len(names)} names; it needs one name per line, at least 10")
+    return names
+
+
+def split_names(names, seed=42):
+    """80/10/10 by a fixed shuffle: (train, valid, test)."""
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    n1, n2 = int(0.8 * len(names)), int(0.9 * len(names))
+    return [[names[i] for i in order[a:b]] for a, b in ((0, n1), (n1, n2), (n2, len(names)))]
+
+
+def char_vocab(text):
+    """The text's characters, sorted, with '.' among them (it frames names: makemore's start/end token)."""
+    return Vocab([PAD, UNK] + sorted(set(text) | {"."}))
+
+
+def name_contexts(names, vocab, context):
+    """makemore's dataset for the MLP: every character of '.'-framed names with the `context`
+    characters before it. -> X (M, context), Y (M,)"""
+    dot, X, Y = vocab.stoi["."], [], []
+    for name in names:
+        window = [dot] * context
+        for t in vocab.encode(list(name)) + [dot]:
+            X.append(window)
+            Y.append(t)
+            window = window[1:] + [t]
+    return torch.tensor(X), torch.tensor(Y)
+
+
+def stream_contexts(ids, context):
+    """Every position of a token stream with the `context` tokens before it: X (M, context), Y (M,)."""
+    ids = torch.tensor(ids)
+    return ids[:-1].unfold(0, context, 1), ids[context:]
+
+
+class TensorLoader:
+    """Minibatches (X[b], Y[b]) of example tensors, reshuffled every epoch from (seed, epoch)."""
+
+    def __init__(self, X, Y, batch_size, shuffle=False, seed=0):
+        self.X, self.Y, self.batch_size, self.shuffle, self.seed = X, Y, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return -(-len(self.X) // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.X), generator=g) if self.shuffle else torch.arange(len(self.X))
+        self.epoch += 1
+        for b in order.split(self.batch_size):
+            yield self.X[b], self.Y[b]
+
+
+class NameLoader:
+    """Whole names for a recurrent LM: x = '.' + name, y = name + '.', padded on the right
+    (x with '.', y with IGNORE); shuffled every epoch from (seed, epoch)."""
+
+    def __init__(self, names, vocab, batch_size, shuffle=False, seed=0):
+        self.ids = [vocab.encode(list(name)) for name in names]
+        self.dot, self.batch_size, self.shuffle, self.seed = vocab.stoi["."], batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return -(-len(self.ids) // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.ids), generator=g) if self.shuffle else torch.arange(len(self.ids))
+        self.epoch += 1
+        for b in order.split(self.batch_size):
+            rows = [self.ids[i] for i in b.tolist()]
+            T = max(len(r) for r in rows) + 1
+            x = torch.full((len(rows), T), self.dot)
+            y = torch.full((len(rows), T), IGNORE)
+            for r, ids in enumerate(rows):
+                x[r, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+                y[r, :len(ids) + 1] = torch.tensor(ids + [self.dot])
+            yield x, y

@@ -1,10 +1,14 @@
-"""RNN, LSTM and GRU written from tensor ops, trained by a callback Learner on two tasks:
-IMDb sentiment (Maas et al. 2011) and fast.ai's human numbers (1 to 9,999 in words).
+"""RNN, LSTM and GRU written from tensor ops, and Bengio et al. (2003)'s MLP language model, trained by
+a callback Learner: IMDb sentiment (Maas et al. 2011), fast.ai's human numbers (1 to 9,999 in
+words), makemore's names and any text, character by character.
 
     python sequence_models/main.py --task imdb --cell lstm --data-dir ../shared/data   # the README result
     python sequence_models/main.py --task numbers --cell gru                            # no download needed
+    python sequence_models/main.py --task names --model mlp --data-dir ../shared/data   # Bengio 2003 on names
+    python sequence_models/main.py --task text --text ../shared/data/text/1984.txt --model lstm
     python sequence_models/main.py interact --task imdb                                 # type reviews, get sentiment
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
+    python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
     python sequence_models/main.py --quick --data-dir ../shared/data                    # the whole pipeline, CPU, < 60 s
 
 Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the highest validation
@@ -16,6 +20,7 @@ import re
 import sys
 
 from sample import interact, sample
+from sweep import parse_grid, sweep
 from train import FOLDER, load_checkpoint, run_dir, train
 
 # Per task; a flag typed on the command line always wins.
@@ -24,15 +29,22 @@ DEFAULTS = {
                  weight_decay=0.01, patience=2),
     "numbers": dict(epochs=30, batch_size=64, lr=3e-3, emb_size=64, hidden_size=64, layers=2, dropout=0.5,
                     weight_decay=0.1, patience=0),
+    "names": dict(epochs=20, batch_size=128, lr=3e-3, emb_size=24, hidden_size=256, layers=1, dropout=0.1,
+                  weight_decay=0.01, patience=0),
+    "text": dict(epochs=10, batch_size=64, lr=3e-3, emb_size=32, hidden_size=256, layers=2, dropout=0.1,
+                 weight_decay=0.01, patience=0),
 }
 QUICK = {
     "imdb": dict(epochs=5, lr=5e-3, limit=4000, max_len=150, vocab_size=8000, emb_size=32, hidden_size=48),
     "numbers": dict(epochs=5, hidden_size=32, emb_size=32),
+    "names": dict(epochs=2, hidden_size=32, emb_size=8),
+    "text": dict(epochs=2, hidden_size=32, emb_size=8),
 }
 QUICK_OUT_DIR = "runs/sequence_models-quick"
+NUMBERS_PROMPT = "eight thousand one hundred eleven . eight thousand one hundred twelve ."
 # What --resume does not take from the checkpoint's flags.
 NOT_RESUMED = {"command", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "tensorboard",
-               "text", "prompt", "words", "temperature"}
+               "review", "prompt", "words", "temperature"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,10 +76,13 @@ def per_task(flag):
 
 def parse_args(argv=None):
     p = Parser(prog="sequence_models/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["train", "interact"], default="train",
-                   help="train (default): train, evaluate, sample; interact: use a trained model")
-    p.add_argument("--task", choices=["imdb", "numbers"], default="imdb", help="IMDb sentiment or human-numbers LM")
-    p.add_argument("--cell", choices=["rnn", "lstm", "gru"], default="lstm", help="the recurrent layer")
+    p.add_argument("command", nargs="?", choices=["train", "interact", "sweep"], default="train",
+                   help="train (default): train, evaluate, sample; interact: use a trained model; "
+                        "sweep: one training run per --grid config")
+    p.add_argument("--task", choices=["imdb", "numbers", "names", "text"], default="imdb",
+                   help="IMDb sentiment, human-numbers LM, or a character LM of makemore's names or of --text FILE")
+    p.add_argument("--cell", "--model", dest="cell", choices=["rnn", "lstm", "gru", "mlp"], default="lstm",
+                   help="the recurrent layer, or (names, text) mlp: Bengio et al. 2003")
 
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -102,14 +117,23 @@ def parse_args(argv=None):
     g.add_argument("--vocab-size", type=number(int, 3), default=30_000, help="imdb: most frequent words kept")
     g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N >= 8 train reviews (0: all)")
     g.add_argument("--bptt", type=number(int, 1, 1025), default=16, help="numbers: tokens per window (truncated BPTT)")
-    g.add_argument("--ar", type=number(float, 0), default=2.0, help="numbers: activation regularisation alpha")
-    g.add_argument("--tar", type=number(float, 0), default=1.0, help="numbers: temporal activation regularisation beta")
+    g.add_argument("--ar", type=number(float, 0), default=2.0, help="recurrent LMs: activation regularisation alpha")
+    g.add_argument("--tar", type=number(float, 0), default=1.0, help="recurrent LMs: temporal activation regularisation beta")
+    g.add_argument("--text", default=None, help="text: the training text file (character level, last 10%% validates)")
+    g.add_argument("--context", type=number(int, 1, 1025), default=3, help="mlp: previous characters seen (Bengio's n - 1)")
+    g.add_argument("--direct", action="store_true", help="mlp: add Bengio's direct connections W x")
+
+    g = p.add_argument_group("sweep")
+    g.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", default=["hidden_size=128,256", "lr=1e-3,3e-3"],
+                   help="values to try for emb_size, hidden_size, context, layers, lr, dropout, batch_size "
+                        "(default: hidden_size=128,256 lr=1e-3,3e-3)")
+    g.add_argument("--trials", type=number(int, 0), default=0, help="run this many random configs of the grid (0: all)")
 
     g = p.add_argument_group("interact")
-    g.add_argument("--text", default=None, help="imdb: a review to classify (default: read lines from stdin)")
-    g.add_argument("--prompt", default="eight thousand one hundred eleven . eight thousand one hundred twelve .",
-                   help="numbers: words to continue (two whole numbers give the model its bearings)")
-    g.add_argument("--words", type=number(int, 1, 10_000), default=24, help="numbers: words to generate")
+    g.add_argument("--review", default=None, help="imdb: a review to classify (default: read lines from stdin)")
+    g.add_argument("--prompt", default=None, help=f"numbers: words to continue (default: '{NUMBERS_PROMPT}'); "
+                                                  f"text: characters to continue")
+    g.add_argument("--words", type=number(int, 1, 10_000), default=24, help="numbers: words to generate; names: names to sample; text: 10x characters")
     g.add_argument("--temperature", type=number(float, 0, 100), default=0.0, help="numbers: 0 is greedy, else >= 0.01")
 
     # Defaults, then the task's, then --quick's, then a resumed run's; flags typed now always win.
@@ -122,10 +146,21 @@ def parse_args(argv=None):
         saved = load_checkpoint(run_dir(args) / "ckpt.pt")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
+    if args.cell == "mlp" and args.task not in ("names", "text"):
+        p.error("--model mlp is for --task names or text")
+    if args.task == "text" and not args.text:
+        p.error("--task text needs --text FILE")
     if 0 < args.limit < 8:
         p.error(f"--limit {args.limit}: give 0 (all reviews) or at least 8, so that validation is not empty")
     if 0 < args.temperature < 0.01:
         p.error(f"--temperature {args.temperature}: give 0 (greedy) or at least 0.01")
+    if args.command == "sweep":
+        try:
+            args.grid = parse_grid(args.grid)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
+    if args.prompt is None and args.task == "numbers":
+        args.prompt = NUMBERS_PROMPT
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
@@ -144,6 +179,8 @@ def main(argv=None):
     setup_logging(args)
     if args.command == "interact":
         return interact(args)
+    if args.command == "sweep":
+        return sweep(args)
     if not args.sample_only:
         train(args)
     sample(args)

@@ -4,7 +4,8 @@ RNN (Elman 1990), LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of G
 and GRU (Cho et al. 2014) behave like torch.nn.RNN / LSTM / GRU: the same constructor, call,
 return values, gate order and state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0,
 bias_hh_l0, ...), so weights load from the torch modules and back. Then, in the order the data
-meets them: masked_pool -> SentimentClassifier (IMDb) and LanguageModel (human numbers).
+meets them: masked_pool -> SentimentClassifier (IMDb), LanguageModel (human numbers, characters),
+and Bengio et al. (2003)'s MLPLanguageModel (characters).
 
 Shapes: L time steps, N batch, H hidden size, G gates (RNN 1, LSTM 4, GRU 3), V vocabulary.
 """
@@ -13,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 class Recurrent(nn.Module):
@@ -170,8 +172,10 @@ class LanguageModel(nn.Module):
     for the AR and TAR penalties of train.ARTAR.
     """
 
-    def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1):
+    def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1,
+                 stateful=True):
         super().__init__()
+        self.stateful = stateful  # False: every batch starts from zeros (whole names, not a stream)
         self.embedding = nn.Embedding(vocab_size, emb_size)
         self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
@@ -184,24 +188,34 @@ class LanguageModel(nn.Module):
         self.state = None
 
     def forward(self, x, state=None):
-        # x (N, L) token ids -> logits (N, L, V); starts from `state` if given, else from self.state,
-        # and keeps the final state in self.state for the next call
-        self.outputs, state = self.rnn(self.embedding(x), self.state if state is None else state)  # (N, L, H)
+        # x (N, L) token ids -> logits (N, L, V); starts from `state` if given, else from self.state
+        # (stateful) or zeros, and keeps the final state in self.state for the next call
+        state = state if state is not None else self.state if self.stateful else None
+        self.outputs, state = self.rnn(self.embedding(x), state)                                   # (N, L, H)
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         self.dropped = self.dropout(self.outputs)
         return self.head(self.dropped)
 
-    @torch.no_grad()
-    def generate(self, ids, n_words, temperature=0.0, generator=None):
-        """Continue the token ids (list) by n_words: greedy at temperature 0, else sampled."""
-        self.reset()
-        logits = self(torch.tensor([ids], device=self.head.weight.device))[0, -1]
-        out = []
-        for _ in range(n_words):
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                nxt = int(torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator))
-            out.append(nxt)
-            logits = self(torch.tensor([[nxt]], device=logits.device))[0, -1]
-        return out
+
+class MLPLanguageModel(nn.Module):
+    """Bengio, Ducharme, Vincent & Jauvin (2003), section 2: the previous n tokens' feature
+    vectors, concatenated, through one tanh layer (makemore part 2 is this model on names).
+
+        x = (C(w_{t-1}), ..., C(w_{t-n}))           (n m)
+        y = b + W x + U tanh(d + H x)               (V)    with W, the direct connections, optional
+        P(w_t | context) = softmax(y)
+    """
+
+    def __init__(self, vocab_size, context=3, emb_size=10, hidden_size=200, direct=False):
+        super().__init__()
+        self.context = context
+        self.C = nn.Embedding(vocab_size, emb_size)                          # C: one m-vector per token
+        self.H = nn.Linear(context * emb_size, hidden_size)                  # H and d
+        self.U = nn.Linear(hidden_size, vocab_size)                          # U and b
+        self.W = nn.Linear(context * emb_size, vocab_size, bias=False) if direct else None
+
+    def forward(self, x):
+        # x (N, n): the n previous tokens, oldest first -> logits (N, V)
+        x = rearrange(self.C(x), "N n m -> N (n m)")                         # x = (C(w_{t-n}), ..., C(w_{t-1}))
+        y = self.U(torch.tanh(self.H(x)))                                    # y = b + U tanh(d + H x)
+        return y if self.W is None else y + self.W(x)                        # ... + W x

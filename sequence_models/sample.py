@@ -1,5 +1,5 @@
-"""From a trained run to what a person looks at: a review's sentiment, numbers continued from a
-prompt, and the training curves of every cell trained on the task."""
+"""From a trained run to what a person looks at: a review's sentiment, numbers or text continued
+from a prompt, new names, and the training curves of every model trained on the task."""
 import csv
 import logging
 import sys
@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from data import Vocab, tokenize
+from model import MLPLanguageModel
 from train import FOLDER, build_model, load_checkpoint, resolve_device, run_dir
 
 log = logging.getLogger(FOLDER)
@@ -35,8 +36,38 @@ def load_model(args):
 def sentiment(model, vocab, text, max_len):
     """P(positive) of one review."""
     ids = vocab.encode(tokenize(text))[-max_len:] or [1]
-    x = torch.tensor([ids], device=model.head.weight.device)
+    x = torch.tensor([ids], device=next(model.parameters()).device)
     return torch.softmax(model(x, x != 0), -1)[0, 1].item()
+
+
+@torch.no_grad()
+def generate(model, ids, n, temperature=0.0, stop=None, pad=0, generator=None):
+    """Continue the token ids by up to n tokens (ending before `stop`): greedy at temperature 0,
+    else sampled. The MLP slides its window of the last `context` tokens (padded with `pad`);
+    a recurrent LM carries its state from one token to the next."""
+    device = next(model.parameters()).device
+    mlp = isinstance(model, MLPLanguageModel)
+    if mlp:
+        window = ([pad] * model.context + ids)[-model.context:]
+    else:
+        model.reset()
+        logits = model(torch.tensor([ids], device=device), model.state)[0, -1]
+    out = []
+    for _ in range(n):
+        if mlp:
+            logits = model(torch.tensor([window], device=device))[0]
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
+        if nxt == stop:
+            break
+        out.append(nxt)
+        if mlp:
+            window = window[1:] + [nxt]
+        else:
+            logits = model(torch.tensor([[nxt]], device=device), model.state)[0, -1]
+    return out
 
 
 def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
@@ -47,8 +78,22 @@ def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
     if unknown:
         raise SystemExit(f"sequence_models: {', '.join(unknown)} not in the vocabulary; use: "
                          f"{' '.join(vocab.itos[2:])}")
-    g = torch.Generator(device=model.head.weight.device).manual_seed(seed)
-    return " ".join(vocab.decode(model.generate(vocab.encode(words), n_words, temperature, g)))
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return " ".join(vocab.decode(generate(model, vocab.encode(words), n_words, temperature, generator=g)))
+
+
+def new_names(model, vocab, n, seed, temperature=1.0):
+    """n names sampled from '.' to '.' (makemore's sampling)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    dot = vocab.stoi["."]
+    return ["".join(vocab.decode(generate(model, [dot], 40, temperature, stop=dot, pad=dot, generator=g)))
+            for _ in range(n)]
+
+
+def continue_text(model, vocab, prompt, n, seed, temperature=0.8):
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    ids = vocab.encode(list(prompt)) or [vocab.stoi["."]]
+    return prompt + "".join(vocab.decode(generate(model, ids, n, temperature, pad=vocab.stoi["."], generator=g)))
 
 
 def interact(args):
@@ -56,8 +101,14 @@ def interact(args):
     if args.task == "numbers":
         print(args.prompt, "->", continue_numbers(model, vocab, args.prompt, args.words, args.temperature, args.seed))
         return
-    lines = [args.text] if args.text is not None else sys.stdin
-    if args.text is None and sys.stdin.isatty():
+    if args.task == "names":
+        print("\n".join(new_names(model, vocab, args.words, args.seed, args.temperature or 1.0)))
+        return
+    if args.task == "text":
+        print(continue_text(model, vocab, args.prompt or "\n", 10 * args.words, args.seed, args.temperature or 0.8))
+        return
+    lines = [args.review] if args.review is not None else sys.stdin
+    if args.review is None and sys.stdin.isatty():
         print("type a review, one per line (Ctrl-D to end)")
     n = 0
     try:
@@ -70,13 +121,13 @@ def interact(args):
     except KeyboardInterrupt:
         return
     if n == 0:
-        print("no review given: pass --text, or lines on stdin")
+        print("no review given: pass --review, or lines on stdin")
 
 
 def plot_curves(args):
     """Validation accuracy and loss per epoch of every cell that has a log for this task."""
     runs = {cell: list(csv.DictReader(open(path)))
-            for cell in ("rnn", "lstm", "gru") if (path := Path(args.out_dir) / f"{args.task}-{cell}" / "log.csv").is_file()}
+            for cell in ("rnn", "lstm", "gru", "mlp") if (path := Path(args.out_dir) / f"{args.task}-{cell}" / "log.csv").is_file()}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for cell, rows in runs.items():
         epochs = [int(r["epoch"]) for r in rows]
@@ -104,7 +155,11 @@ def sample(args):
         for text in EXAMPLES:
             p = sentiment(model, vocab, text, train_args["max_len"])
             log.info(f"{'positive' if p >= 0.5 else 'negative'} {p:.3f}  {text}")
-    else:
+    elif args.task == "numbers":
         for prompt in (args.prompt, "nine thousand four hundred ninety eight . nine thousand four hundred ninety nine ."):
             log.info(f"{prompt} -> {continue_numbers(model, vocab, prompt, args.words, args.temperature, args.seed)}")
+    elif args.task == "names":
+        log.info("new names: " + ", ".join(new_names(model, vocab, 12, args.seed)))
+    else:
+        log.info(continue_text(model, vocab, args.prompt or "\n", 300, args.seed))
     plot_curves(args)

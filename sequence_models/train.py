@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (ReviewLoader, StreamLoader, Vocab, encode_reviews, human_numbers, read_imdb, split_valid,
+from data import (IGNORE, NameLoader, ReviewLoader, StreamLoader, TensorLoader, Vocab, char_vocab, encode_reviews,
+                  human_numbers, name_contexts, read_imdb, read_names, split_names, split_valid, stream_contexts,
                   tokenize)
-from model import LanguageModel, SentimentClassifier
+from model import LanguageModel, MLPLanguageModel, SentimentClassifier
 
 FOLDER = "sequence_models"  # stamped into checkpoints, so that another folder's checkpoint is refused
 log = logging.getLogger(FOLDER)
@@ -135,12 +136,15 @@ class Learner:
 # ---- callbacks
 
 def accuracy(pred, y):
-    """Share of argmax predictions equal to the target: a review's label, or the next word."""
-    return (pred.argmax(-1) == y).float().mean()
+    """Share of argmax predictions equal to the target (a review's label, or the next token),
+    padding (IGNORE) left out."""
+    keep = y != IGNORE
+    return (pred.argmax(-1) == y)[keep].float().mean()
 
 
 def cross_entropy(pred, y):
-    """pred (..., classes) logits, y (...) targets: a review's logits or every position's."""
+    """pred (..., classes) logits, y (...) targets: a review's logits or every position's;
+    targets equal to IGNORE (padding) are skipped, F.cross_entropy's default."""
     return F.cross_entropy(pred.flatten(0, -2), y.flatten())
 
 
@@ -160,7 +164,7 @@ class Metrics(Callback):
 
     def after_loss(self):
         L = self.learner
-        split, n = "train" if L.training else "valid", L.yb.numel()
+        split, n = "train" if L.training else "valid", (L.yb != IGNORE).sum().item()
         for name, value in (("loss", L.loss), ("accuracy", accuracy(L.pred, L.yb))):
             total, count = self.sums.get(f"{split}_{name}", (0.0, 0))
             self.sums[f"{split}_{name}"] = (total + value.item() * n, count + n)
@@ -277,12 +281,16 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def best_epoch(history):
-    """Index of the epoch with the highest validation accuracy so far (the first, on ties): what
-    best.pt holds and what early stopping waits to see beaten. Accuracy is the metric reported;
-    the validation loss can rise from over-confidence while the accuracy still climbs."""
-    accuracies = [h["valid_accuracy"] for h in history]
-    return accuracies.index(max(accuracies))
+def best_epoch(history, monitor):
+    """Index of the best epoch so far (the first, on ties): what best.pt holds and what early
+    stopping waits to see beaten. `monitor` is the metric each task reports: the validation
+    accuracy for IMDb and numbers (the loss can rise from over-confidence while the accuracy still
+    climbs), the validation loss in nats per character for the character models."""
+    values = [h[monitor] for h in history]
+    return values.index(min(values) if monitor.endswith("loss") else max(values))
+
+
+MONITOR = {"imdb": "valid_accuracy", "numbers": "valid_accuracy", "names": "valid_loss", "text": "valid_loss"}
 
 
 class Checkpoint(Callback):
@@ -291,8 +299,8 @@ class Checkpoint(Callback):
     restores the model, optimiser, schedule, history and random state."""
     order = 100
 
-    def __init__(self, out, meta, resume=None):
-        self.out, self.meta, self.resume = Path(out), meta, resume
+    def __init__(self, out, meta, monitor, resume=None):
+        self.out, self.meta, self.monitor, self.resume = Path(out), meta, monitor, resume
 
     def before_fit(self):
         L, ckpt = self.learner, self.resume
@@ -307,7 +315,7 @@ class Checkpoint(Callback):
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         for loader in vars(L.data).values():
-            if isinstance(loader, ReviewLoader):  # its shuffle is a function of (seed, epoch)
+            if hasattr(loader, "shuffle"):  # its shuffle is a function of (seed, epoch)
                 loader.epoch = L.epoch
         log.info(f"resumed {self.out / 'ckpt.pt'} after epoch {L.epoch} (step {L.step})")
 
@@ -315,7 +323,7 @@ class Checkpoint(Callback):
         L = self.learner
         state = {**self.meta, "model": L.model.state_dict(), "epoch": L.epoch + 1, "step": L.step,
                  "history": L.history, "metrics": L.metrics}
-        if best_epoch(L.history) == len(L.history) - 1:
+        if best_epoch(L.history, self.monitor) == len(L.history) - 1:
             save_atomic(state, self.out / "best.pt")
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
@@ -324,12 +332,12 @@ class Checkpoint(Callback):
 
 
 class EarlyStopping(Callback):
-    """Stop once the validation accuracy has not improved for `patience` epochs. It reads only the
+    """Stop once the monitored metric has not improved for `patience` epochs. It reads only the
     history, so a resumed run stops exactly where the uninterrupted one would."""
     order = 110  # after Checkpoint: the last epoch is saved before the fit ends
 
-    def __init__(self, patience):
-        self.patience = patience
+    def __init__(self, patience, monitor):
+        self.patience, self.monitor = patience, monitor
 
     def before_fit(self):  # a resumed run that had already stopped stays stopped
         if self.learner.history:
@@ -337,10 +345,10 @@ class EarlyStopping(Callback):
 
     def after_epoch(self):
         history = self.learner.history
-        best = best_epoch(history)
+        best = best_epoch(history, self.monitor)
         if len(history) - 1 - best >= self.patience:
-            log.info(f"early stop: no better validation accuracy than epoch {best + 1}'s "
-                     f"{history[best]['valid_accuracy']:.2%} for {self.patience} epochs")
+            log.info(f"early stop: no better {self.monitor} than epoch {best + 1}'s "
+                     f"{history[best][self.monitor]:.4f} for {self.patience} epochs")
             raise CancelFit
 
 
@@ -411,7 +419,7 @@ class Wandb(Callback):
         self.wandb.finish()
 
 
-# ---- the two tasks
+# ---- the tasks
 
 def resolve_device(name):
     if name == "auto":
@@ -451,8 +459,56 @@ def numbers_data(args, vocab=None):
                            valid=StreamLoader(vocab.encode(valid), args.batch_size, args.bptt)), vocab
 
 
+def names_data(args, vocab=None):
+    """makemore's names: the MLP sees (context, next character) examples, a recurrent LM whole names."""
+    train, valid, test = split_names(read_names(args.data_dir))
+    vocab = vocab or char_vocab("".join(train))
+    if args.cell == "mlp":
+        loader = lambda names, shuffle: TensorLoader(*name_contexts(names, vocab, args.context), args.batch_size,
+                                                     shuffle, args.seed)
+    else:
+        loader = lambda names, shuffle: NameLoader(names, vocab, args.batch_size, shuffle, args.seed)
+    return SimpleNamespace(train=loader(train, True), valid=loader(valid, False), test=loader(test, False)), vocab
+
+
+def text_data(args, vocab=None):
+    """Any text file, character level: its first 90% trains, the rest validates."""
+    path = Path(args.text)
+    if not path.is_file():
+        raise SystemExit(f"sequence_models: --text {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    cut = int(0.9 * len(text))
+    if cut < 2 * max(args.context, args.bptt) + 2:
+        raise SystemExit(f"sequence_models: --text {path} is too short ({len(text)} characters) to train on")
+    vocab = vocab or char_vocab(text[:cut])
+    train, valid = vocab.encode(list(text[:cut])), vocab.encode(list(text[cut:]))
+    if args.cell == "mlp":
+        return SimpleNamespace(train=TensorLoader(*stream_contexts(train, args.context), args.batch_size, True, args.seed),
+                               valid=TensorLoader(*stream_contexts(valid, args.context), args.batch_size)), vocab
+    return SimpleNamespace(train=StreamLoader(train, args.batch_size, args.bptt),
+                           valid=StreamLoader(valid, args.batch_size, args.bptt)), vocab
+
+
+DATA = {"imdb": imdb_data, "numbers": numbers_data, "names": names_data, "text": text_data}
+
+
+def model_config(args, vocab):
+    if args.task == "imdb":
+        return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
+                    num_layers=args.layers, dropout=args.dropout)
+    if args.cell == "mlp":
+        return dict(vocab_size=len(vocab), cell="mlp", context=args.context, emb_size=args.emb_size,
+                    hidden_size=args.hidden_size, direct=args.direct)
+    return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
+                num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names")
+
+
 def build_model(task, config):
-    return (SentimentClassifier if task == "imdb" else LanguageModel)(**config)
+    if task == "imdb":
+        return SentimentClassifier(**config)
+    if config["cell"] == "mlp":
+        return MLPLanguageModel(**{k: v for k, v in config.items() if k != "cell"})
+    return LanguageModel(**config)
 
 
 def train(args):
@@ -468,10 +524,8 @@ def train(args):
 
     torch.manual_seed(args.seed)
     vocab = Vocab(ckpt["vocab"]) if ckpt else None
-    data, vocab = (imdb_data if args.task == "imdb" else numbers_data)(args, vocab)
-    config = ckpt["config"] if ckpt else dict(
-        vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
-        num_layers=args.layers, dropout=args.dropout)
+    data, vocab = DATA[args.task](args, vocab)
+    config = ckpt["config"] if ckpt else model_config(args, vocab)
     model = build_model(args.task, config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
@@ -480,13 +534,16 @@ def train(args):
              f"{len(vocab):,}, {len(data.train)} batches per epoch, {device}")
 
     meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
-    callbacks = [Metrics(), Progress(), OneCycle(args.lr), Checkpoint(out, meta, ckpt), CSVLog(out / "log.csv")]
+    monitor = MONITOR[args.task]
+    callbacks = [Metrics(), Progress(), OneCycle(args.lr), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
     if args.patience:
-        callbacks.append(EarlyStopping(args.patience))
-    if args.task == "numbers":
-        callbacks += [ResetState(), ARTAR(args.ar, args.tar)]
+        callbacks.append(EarlyStopping(args.patience, monitor))
+    if isinstance(model, LanguageModel):
+        callbacks.append(ARTAR(args.ar, args.tar))
+        if model.stateful:
+            callbacks.append(ResetState())
     if args.tensorboard:
         callbacks.append(TensorBoard(str(out / "tensorboard")))
     if args.wandb:
@@ -510,10 +567,12 @@ def evaluate(args, learner, seconds):
     learner.callbacks = [cb for cb in learner.callbacks if isinstance(cb, (Metrics, Progress, ResetState))]
     results = {"task": args.task, "cell": args.cell, "best_epoch": best["epoch"],
                "epochs_run": len(learner.history), "train_seconds": round(seconds, 1),
-               "params": sum(p.numel() for p in learner.model.parameters())}
+               "params": sum(p.numel() for p in learner.model.parameters()),
+               "history": [{k: h[k] for k in ("epoch", "train_loss", "valid_loss", "valid_accuracy")}
+                           for h in learner.history]}
     m = learner.validate()
     results.update(valid_loss=m["valid_loss"], valid_accuracy=m["valid_accuracy"])
-    if args.task == "imdb":
+    if hasattr(learner.data, "test"):
         m = learner.validate(learner.data.test)
         results.update(test_loss=m["valid_loss"], test_accuracy=m["valid_accuracy"])
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -131,7 +131,7 @@ def test_a_callback_can_stop_training():
 
 
 def test_early_stopping_when_validation_does_not_improve():
-    learner = tiny_learner([sm.train.EarlyStopping(patience=2)], lr=0.0)  # lr 0: the loss never improves
+    learner = tiny_learner([sm.train.EarlyStopping(patience=2, monitor="valid_loss")], lr=0.0)  # lr 0: the loss never improves
     learner.fit(10)
     assert len(learner.history) == 3
 
@@ -260,8 +260,8 @@ def test_imdb_pipeline_and_interact(tmp_path, capsys):
     results = json.loads((tmp_path / "runs" / "imdb-gru" / "results.json").read_text())
     assert results["test_accuracy"] > 0.9
     capsys.readouterr()
-    sm.main.main(["interact", "--text", "the film was great"] + common)
-    sm.main.main(["interact", "--text", "an awful movie"] + common)
+    sm.main.main(["interact", "--review", "the film was great"] + common)
+    sm.main.main(["interact", "--review", "an awful movie"] + common)
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["positive", "negative"]
 
 
@@ -281,3 +281,70 @@ def test_bad_checkpoint_and_prompt_are_one_line_errors(tmp_path):
     torch.save({"folder": "gpt"}, run / "best.pt")
     line = cli_error_line("sequence_models", "interact", "--task", "numbers", "--out-dir", str(tmp_path))
     assert "not of sequence_models" in line
+
+
+def test_mlp_lm_shape_and_context_window():
+    torch.manual_seed(8)
+    model = sm.model.MLPLanguageModel(vocab_size=12, context=3, emb_size=4, hidden_size=16, direct=True)
+    stream = torch.randint(0, 12, (20,)).tolist()
+    X, Y = sm.data.stream_contexts(stream, 3)
+    assert X.shape == (17, 3) and torch.equal(X[0], torch.tensor(stream[:3])) and Y[0] == stream[3]
+    assert model(X).shape == (17, 12)
+    t = 10  # the prediction of stream[t] sees stream[t-3:t] and nothing before
+    outside, inside = list(stream), list(stream)
+    outside[t - 4] = (stream[t - 4] + 1) % 12
+    inside[t - 1] = (stream[t - 1] + 1) % 12
+    predict = lambda s: model(sm.data.stream_contexts(s, 3)[0][t - 3:t - 2])
+    torch.testing.assert_close(predict(outside), predict(stream))
+    assert not torch.allclose(predict(inside), predict(stream))
+
+
+def test_names_examples_and_padding_are_ignored():
+    vocab = sm.data.char_vocab("abc")
+    dot = vocab.stoi["."]
+    X, Y = sm.data.name_contexts(["ab"], vocab, context=2)  # makemore: ..->a, .a->b, ab->.
+    assert X.tolist() == [[dot, dot], [dot, vocab.stoi["a"]], vocab.encode(["a", "b"])]
+    assert Y.tolist() == vocab.encode(["a", "b", "."])
+    x, y = next(iter(sm.data.NameLoader(["ab", "c"], vocab, batch_size=2)))
+    assert x.tolist() == [[dot] + vocab.encode(["a", "b"]), [dot, vocab.stoi["c"], dot]]
+    assert y.tolist() == [vocab.encode(["a", "b", "."]), vocab.encode(["c", "."]) + [sm.data.IGNORE]]
+    logits = torch.randn(2, 3, len(vocab))
+    logits[1, 2] = 0  # whatever the model says at padding does not count
+    logits[1, 2, 5] = 100
+    full = sm.train.cross_entropy(logits[:1], y[:1]) * 3 + sm.train.cross_entropy(logits[1:, :2], y[1:, :2]) * 2
+    torch.testing.assert_close(sm.train.cross_entropy(logits, y), full / 5)
+    acc = sm.train.accuracy(logits, y)
+    assert acc == (logits[:1].argmax(-1) == y[:1]).sum().add((logits[1, :2].argmax(-1) == y[1, :2]).sum()) / 5
+
+
+def test_sweep_records_every_config_and_picks_the_lowest_validation_loss(tmp_path):
+    names = tmp_path / "data" / "names" / "names.txt"
+    names.parent.mkdir(parents=True)
+    g = torch.Generator().manual_seed(9)
+    names.write_text("\n".join("".join("abcde"[i] for i in torch.randint(0, 5, (int(n),), generator=g))
+                               for n in torch.randint(2, 7, (200,), generator=g)) + "\n")
+    argv = ["sweep", "--task", "names", "--model", "mlp", "--data-dir", str(tmp_path / "data"), "--out-dir",
+            str(tmp_path / "runs"), "--device", "cpu", "--epochs", "2", "--emb-size", "4", "--batch-size", "64",
+            "--grid", "hidden_size=2,16", "context=1,3"]
+    records, best = sm.main.main(argv)
+    lines = (tmp_path / "runs" / "sweep" / "names-mlp" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run"] for line in lines] == [0, 1, 2, 3]
+    assert {(r["hidden_size"], r["context"]) for r in records} == {(2, 1), (2, 3), (16, 1), (16, 3)}
+    assert best["valid_loss"] == min(r["valid_loss"] for r in records) and len(best["curve"]) == 2
+    assert (tmp_path / "runs" / "sequence_models_sweep_names_mlp.png").is_file()
+    again, _ = sm.main.main(argv)  # a second sweep reuses the finished runs
+    assert [r["valid_loss"] for r in again] == [r["valid_loss"] for r in records]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gru"])
+def test_text_task_trains_and_continues_a_prompt(tmp_path, model, capsys):
+    text = tmp_path / "abc.txt"
+    text.write_text("abcd " * 600)
+    common = ["--task", "text", "--text", str(text), "--model", model, "--out-dir", str(tmp_path), "--device", "cpu"]
+    sm.main.main(common + ["--epochs", "5", "--emb-size", "8", "--hidden-size", "32", "--batch-size", "16",
+                           "--context", "4", "--lr", "1e-2"])
+    results = json.loads((tmp_path / f"text-{model}" / "results.json").read_text())
+    assert results["valid_loss"] < 0.5  # the text is deterministic; a uniform guess costs ln 6 = 1.8
+    capsys.readouterr()
+    sm.main.main(["interact", "--prompt", "ab", "--words", "1", "--temperature", "0.01"] + common)
+    assert capsys.readouterr().out.startswith("abcd abcd")
