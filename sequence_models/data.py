@@ -183,12 +183,14 @@ class StreamLoader:
     batch i+1 continues row r of batch i and the hidden state can be carried over.
     Yields (x, y), both (N, bptt), y = x shifted by one token."""
 
-    def __init__(self, ids, batch_size, bptt):
+    def __init__(self, ids, batch_size, bptt, n_out=None):
         n_rows = min(batch_size, (len(ids) - 1) // bptt)
         per_row = (len(ids) - 1) // n_rows
         data = torch.tensor(ids[:n_rows * per_row + 1])
         self.x = torch.stack([data[r * per_row:(r + 1) * per_row] for r in range(n_rows)])        # (N, T)
         self.y = torch.stack([data[r * per_row + 1:(r + 1) * per_row + 1] for r in range(n_rows)])
+        if n_out:  # a head over the n_out most frequent ids only: the rarer targets become <unk>
+            self.y = torch.where(self.y < n_out, self.y, 1)
         self.bptt = bptt
 
     def __len__(self):

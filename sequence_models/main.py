@@ -31,6 +31,8 @@ DEFAULTS = {
                     weight_decay=0.1, patience=0),
     "names": dict(epochs=20, batch_size=128, lr=3e-3, emb_size=24, hidden_size=256, layers=1, dropout=0.1,
                   weight_decay=0.01, patience=0),
+    "imdb-lm": dict(epochs=1, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.1,
+                    weight_decay=0.01, patience=0),
     "text": dict(epochs=10, batch_size=64, lr=3e-3, emb_size=32, hidden_size=256, layers=2, dropout=0.1,
                  weight_decay=0.01, patience=0),
 }
@@ -39,6 +41,7 @@ QUICK = {
     "numbers": dict(epochs=5, hidden_size=32, emb_size=32),
     "names": dict(epochs=2, hidden_size=32, emb_size=8),
     "text": dict(epochs=2, hidden_size=32, emb_size=8),
+    "imdb-lm": dict(limit=1000, vocab_size=5000, lm_vocab=2000, emb_size=32, hidden_size=48),
 }
 QUICK_OUT_DIR = "runs/sequence_models-quick"
 NUMBERS_PROMPT = "eight thousand one hundred eleven . eight thousand one hundred twelve ."
@@ -79,8 +82,9 @@ def parse_args(argv=None):
     p.add_argument("command", nargs="?", choices=["train", "interact", "sweep"], default="train",
                    help="train (default): train, evaluate, sample; interact: use a trained model; "
                         "sweep: one training run per --grid config")
-    p.add_argument("--task", choices=["imdb", "numbers", "names", "text"], default="imdb",
-                   help="IMDb sentiment, human-numbers LM, or a character LM of makemore's names or of --text FILE")
+    p.add_argument("--task", choices=["imdb", "imdb-lm", "numbers", "names", "text"], default="imdb",
+                   help="IMDb sentiment, an LM of IMDb's text (pretraining), the human-numbers LM, or a character LM "
+                        "of makemore's names or of --text FILE")
     p.add_argument("--cell", "--model", dest="cell", choices=["rnn", "lstm", "gru", "mlp"], default="lstm",
                    help="the recurrent layer, or (names, text) mlp: Bengio et al. 2003")
 
@@ -116,6 +120,11 @@ def parse_args(argv=None):
     g.add_argument("--max-len", type=number(int, 1), default=400, help="imdb: keep a review's last N tokens")
     g.add_argument("--vocab-size", type=number(int, 3), default=30_000, help="imdb: most frequent words kept")
     g.add_argument("--limit", type=number(int, 0), default=0, help="imdb: use only N >= 8 train reviews (0: all)")
+    g.add_argument("--labels", type=number(int, 0), default=0, help="imdb: train on N labelled reviews, half per "
+                                                                    "class (0: all)")
+    g.add_argument("--pretrained", default=None, help="imdb: start the encoder from this --task imdb-lm best.pt")
+    g.add_argument("--lm-vocab", type=number(int, 3), default=10_000, help="imdb-lm: predict the N most frequent "
+                                                                          "words, the rest as <unk>")
     g.add_argument("--bptt", type=number(int, 1, 1025), default=16, help="numbers: tokens per window (truncated BPTT)")
     g.add_argument("--ar", type=number(float, 0), default=2.0, help="recurrent LMs: activation regularisation alpha")
     g.add_argument("--tar", type=number(float, 0), default=1.0, help="recurrent LMs: temporal activation regularisation beta")

@@ -173,14 +173,14 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1,
-                 stateful=True):
+                 stateful=True, out_size=None):
         super().__init__()
         self.stateful = stateful  # False: every batch starts from zeros (whole names, not a stream)
         self.embedding = nn.Embedding(vocab_size, emb_size)
         self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, vocab_size)
-        if emb_size == hidden_size:  # weight tying (Press & Wolf 2017): a word's input and output vectors are one
+        self.head = nn.Linear(hidden_size, out_size or vocab_size)  # out_size: predict only the commonest ids
+        if emb_size == hidden_size and out_size in (None, vocab_size):  # weight tying (Press & Wolf 2017): a word's input and output vectors are one
             self.head.weight = self.embedding.weight
         self.state = None
 

@@ -160,6 +160,11 @@ def sample(args):
             log.info(f"{prompt} -> {continue_numbers(model, vocab, prompt, args.words, args.temperature, args.seed)}")
     elif args.task == "names":
         log.info("new names: " + ", ".join(new_names(model, vocab, 12, args.seed)))
+    elif args.task == "imdb-lm":
+        g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        prompt = args.prompt or "this movie is"
+        ids = generate(model, vocab.encode(tokenize(prompt)), 40, 0.8, generator=g)
+        log.info(prompt + " " + " ".join(vocab.decode(ids)))
     else:
         log.info(continue_text(model, vocab, args.prompt or "\n", 300, args.seed))
     plot_curves(args)

@@ -290,7 +290,8 @@ def best_epoch(history, monitor):
     return values.index(min(values) if monitor.endswith("loss") else max(values))
 
 
-MONITOR = {"imdb": "valid_accuracy", "numbers": "valid_accuracy", "names": "valid_loss", "text": "valid_loss"}
+MONITOR = {"imdb": "valid_accuracy", "numbers": "valid_accuracy", "names": "valid_loss", "text": "valid_loss",
+           "imdb-lm": "valid_loss"}
 
 
 class Checkpoint(Callback):
@@ -445,11 +446,46 @@ def imdb_data(args, vocab=None):
         test = [test[i] for i in torch.randperm(len(test), generator=g)[:args.limit // 2].tolist()]
         train, valid = train[:args.limit], valid[:args.limit // 4]
     vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    if args.labels:  # only N labelled reviews, half of each class; the vocabulary still comes from all the text
+        train = ([r for r in train if r[1] == 1][:args.labels // 2]
+                 + [r for r in train if r[1] == 0][:args.labels - args.labels // 2])
     enc = lambda reviews: encode_reviews(reviews, vocab, args.max_len)
     data = SimpleNamespace(train=ReviewLoader(enc(train), args.batch_size, shuffle=True, seed=args.seed),
                            valid=ReviewLoader(enc(valid), 2 * args.batch_size),
                            test=ReviewLoader(enc(test), 2 * args.batch_size))
     return data, vocab
+
+
+def imdb_lm_data(args, vocab=None):
+    """IMDb as unlabelled text, for pretraining the classifier's encoder: the train split's reviews
+    as one token stream (labels unused), the validation reviews' text to validate. The vocabulary
+    is the classifier's; the head predicts only the --lm-vocab most frequent words."""
+    reviews = read_imdb(args.data_dir)
+    train, valid = split_valid(reviews["train"])
+    if args.limit:
+        train, valid = train[:args.limit], valid[:args.limit // 4]
+    vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    stream = lambda reviews: [i for text, _ in reviews for i in vocab.encode(tokenize(text))]
+    return SimpleNamespace(train=StreamLoader(stream(train), args.batch_size, args.bptt, args.lm_vocab),
+                           valid=StreamLoader(stream(valid), args.batch_size, args.bptt, args.lm_vocab)), vocab
+
+
+def load_encoder(model, path, vocab):
+    """Copy a pretrained language model's embedding and recurrent layers into the classifier:
+    the transfer of ULMFiT (Howard & Ruder 2018), without its gradual unfreezing."""
+    ckpt = load_checkpoint(Path(path))
+    if ckpt["task"] != "imdb-lm":
+        raise SystemExit(f"sequence_models: --pretrained {path} is a {ckpt['task']} model; pretrain with --task imdb-lm")
+    if ckpt["vocab"] != vocab.itos:
+        raise SystemExit(f"sequence_models: --pretrained {path} has another vocabulary; use its --vocab-size and data")
+    encoder = {k: v for k, v in ckpt["model"].items() if k.startswith(("embedding.", "rnn."))}
+    try:
+        model.load_state_dict(encoder, strict=False)
+    except RuntimeError:
+        c = ckpt["config"]
+        raise SystemExit(f"sequence_models: --pretrained {path} is a {c['cell']} with embedding {c['emb_size']}, hidden "
+                         f"{c['hidden_size']}, {c['num_layers']} layer(s); give the classifier the same")
+    log.info(f"encoder ({', '.join(sorted({k.split('.')[0] for k in encoder}))}) loaded from {path}")
 
 
 def numbers_data(args, vocab=None):
@@ -489,7 +525,8 @@ def text_data(args, vocab=None):
                            valid=StreamLoader(valid, args.batch_size, args.bptt)), vocab
 
 
-DATA = {"imdb": imdb_data, "numbers": numbers_data, "names": names_data, "text": text_data}
+DATA = {"imdb": imdb_data, "imdb-lm": imdb_lm_data, "numbers": numbers_data, "names": names_data,
+        "text": text_data}
 
 
 def model_config(args, vocab):
@@ -500,7 +537,8 @@ def model_config(args, vocab):
         return dict(vocab_size=len(vocab), cell="mlp", context=args.context, emb_size=args.emb_size,
                     hidden_size=args.hidden_size, direct=args.direct)
     return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
-                num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names")
+                num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names",
+                out_size=args.lm_vocab if args.task == "imdb-lm" else None)
 
 
 def build_model(task, config):
@@ -523,10 +561,14 @@ def train(args):
         raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
 
     torch.manual_seed(args.seed)
-    vocab = Vocab(ckpt["vocab"]) if ckpt else None
+    pretrained = args.task == "imdb" and args.pretrained and not ckpt
+    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(load_checkpoint(Path(args.pretrained))["vocab"]) if pretrained else None
     data, vocab = DATA[args.task](args, vocab)
     config = ckpt["config"] if ckpt else model_config(args, vocab)
-    model = build_model(args.task, config).to(device)
+    model = build_model(args.task, config)
+    if pretrained:
+        load_encoder(model, args.pretrained, vocab)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     out.mkdir(parents=True, exist_ok=True)

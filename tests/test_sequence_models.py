@@ -348,3 +348,22 @@ def test_text_task_trains_and_continues_a_prompt(tmp_path, model, capsys):
     capsys.readouterr()
     sm.main.main(["interact", "--prompt", "ab", "--words", "1", "--temperature", "0.01"] + common)
     assert capsys.readouterr().out.startswith("abcd abcd")
+
+
+def test_a_pretrained_encoder_is_really_loaded_into_the_classifier(tmp_path):
+    torch.manual_seed(10)
+    vocab = sm.data.Vocab(["<pad>", "<unk>"] + [f"w{i}" for i in range(18)])
+    lm = sm.model.LanguageModel(20, "lstm", emb_size=8, hidden_size=12, num_layers=1, out_size=10)
+    torch.save({"folder": "sequence_models", "task": "imdb-lm", "vocab": vocab.itos, "model": lm.state_dict(),
+                "config": {"cell": "lstm", "emb_size": 8, "hidden_size": 12, "num_layers": 1}}, tmp_path / "best.pt")
+    clf = sm.model.SentimentClassifier(20, "lstm", emb_size=8, hidden_size=12)
+    head = clf.head.weight.clone()
+    sm.train.load_encoder(clf, tmp_path / "best.pt", vocab)
+    for name, p in lm.state_dict().items():
+        if name.startswith(("embedding.", "rnn.")):
+            assert torch.equal(clf.state_dict()[name], p), name
+    assert torch.equal(clf.head.weight, head)  # the classifier's own head stays as it was
+    with pytest.raises(SystemExit, match="another vocabulary"):
+        sm.train.load_encoder(clf, tmp_path / "best.pt", sm.data.Vocab(vocab.itos[:-1]))
+    with pytest.raises(SystemExit, match="give the classifier the same"):
+        sm.train.load_encoder(sm.model.SentimentClassifier(20, "gru", 8, 12), tmp_path / "best.pt", vocab)
