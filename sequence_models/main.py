@@ -21,6 +21,7 @@ import sys
 
 from sample import interact, sample
 from sweep import parse_grid, sweep
+from transfer import transfer
 from train import FOLDER, load_checkpoint, run_dir, train
 
 # Per task; a flag typed on the command line always wins.
@@ -73,15 +74,33 @@ def number(kind, low, high=float("inf")):
     return parse
 
 
+def counts(s):
+    try:
+        values = [int(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give label counts like 100,500,2500")
+    if any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError(f"{s!r}: every label count must be at least 2")
+    return values
+
+
+def kinds(s):
+    values = s.split(",")
+    if not values or not set(values) <= {"scratch", "pretrained"}:
+        raise argparse.ArgumentTypeError(f"{s!r}: give scratch, pretrained, or scratch,pretrained")
+    return values
+
+
 def per_task(flag):
     return f"(default: imdb {DEFAULTS['imdb'][flag]}, numbers {DEFAULTS['numbers'][flag]})"
 
 
 def parse_args(argv=None):
     p = Parser(prog="sequence_models/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["train", "interact", "sweep"], default="train",
+    p.add_argument("command", nargs="?", choices=["train", "interact", "sweep", "transfer"], default="train",
                    help="train (default): train, evaluate, sample; interact: use a trained model; "
-                        "sweep: one training run per --grid config")
+                        "sweep: one training run per --grid config; transfer: pretrained vs scratch IMDb "
+                        "classifiers at --label-counts")
     p.add_argument("--task", choices=["imdb", "imdb-lm", "numbers", "names", "text"], default="imdb",
                    help="IMDb sentiment, an LM of IMDb's text (pretraining), the human-numbers LM, or a character LM "
                         "of makemore's names or of --text FILE")
@@ -138,6 +157,14 @@ def parse_args(argv=None):
                         "(default: hidden_size=128,256 lr=1e-3,3e-3)")
     g.add_argument("--trials", type=number(int, 0), default=0, help="run this many random configs of the grid (0: all)")
 
+    g = p.add_argument_group("transfer")
+    g.add_argument("--label-counts", type=counts, default=[100, 500, 2500], help="labelled reviews per run, "
+                                                                                  "comma-separated")
+    g.add_argument("--kinds", type=kinds, default=["scratch", "pretrained"],
+                   help="scratch,pretrained (default: both)")
+    g.add_argument("--valid-size", type=number(int, 0), default=0, help="imdb: validate on the first N held-out "
+                                                                        "reviews (0: all 2,500)")
+
     g = p.add_argument_group("interact")
     g.add_argument("--review", default=None, help="imdb: a review to classify (default: read lines from stdin)")
     g.add_argument("--prompt", default=None, help=f"numbers: words to continue (default: '{NUMBERS_PROMPT}'); "
@@ -190,6 +217,8 @@ def main(argv=None):
         return interact(args)
     if args.command == "sweep":
         return sweep(args)
+    if args.command == "transfer":
+        return transfer(args)
     if not args.sample_only:
         train(args)
     sample(args)

@@ -446,6 +446,8 @@ def imdb_data(args, vocab=None):
         test = [test[i] for i in torch.randperm(len(test), generator=g)[:args.limit // 2].tolist()]
         train, valid = train[:args.limit], valid[:args.limit // 4]
     vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    if args.valid_size:
+        valid = valid[:args.valid_size]
     if args.labels:  # only N labelled reviews, half of each class; the vocabulary still comes from all the text
         train = ([r for r in train if r[1] == 1][:args.labels // 2]
                  + [r for r in train if r[1] == 0][:args.labels - args.labels // 2])
@@ -538,7 +540,7 @@ def model_config(args, vocab):
                     hidden_size=args.hidden_size, direct=args.direct)
     return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
                 num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names",
-                out_size=args.lm_vocab if args.task == "imdb-lm" else None)
+                out_size=min(args.lm_vocab, len(vocab)) if args.task == "imdb-lm" else None)
 
 
 def build_model(task, config):

@@ -367,3 +367,13 @@ def test_a_pretrained_encoder_is_really_loaded_into_the_classifier(tmp_path):
         sm.train.load_encoder(clf, tmp_path / "best.pt", sm.data.Vocab(vocab.itos[:-1]))
     with pytest.raises(SystemExit, match="give the classifier the same"):
         sm.train.load_encoder(sm.model.SentimentClassifier(20, "gru", 8, 12), tmp_path / "best.pt", vocab)
+
+
+def test_transfer_compares_pretrained_and_scratch_classifiers(tmp_path):
+    write_imdb(tmp_path)
+    common = ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--emb-size", "16",
+              "--hidden-size", "16", "--batch-size", "8", "--epochs", "2"]
+    sm.main.main(["--task", "imdb-lm", "--lm-vocab", "20", "--bptt", "8"] + common)
+    rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
+    assert set(rows) == {"scratch", "pretrained"} and all(set(r) == {8, 32} for r in rows.values())
+    assert (tmp_path / "runs" / "sequence_models_transfer.png").is_file()

@@ -1,0 +1,58 @@
+"""Transfer learning when labels are scarce: the IMDb classifier trained on N labelled reviews,
+from scratch and from an encoder pretrained as a language model on the unlabelled text
+(--task imdb-lm), for several N; a table and a plot of test accuracy against N. Finished runs are
+reused, so the command can be stopped, started again, or split over processes with --kinds."""
+import copy
+import json
+import logging
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from train import FOLDER, train
+
+log = logging.getLogger(FOLDER)
+EPOCHS = {100: 40, 500: 15, 2500: 6}  # about 100-300 optimiser steps for the small sets; all labels: --epochs
+
+
+def transfer(args):
+    pretrained = Path(args.pretrained or Path(args.out_dir) / "imdb-lm-lstm" / "best.pt")
+    if "pretrained" in args.kinds and not pretrained.is_file():
+        raise SystemExit(f"sequence_models: no pretrained encoder at {pretrained}; pretrain first: python "
+                         f"sequence_models/main.py --task imdb-lm --data-dir {args.data_dir}")
+    out = Path(args.out_dir) / "transfer"
+    for n in args.label_counts:
+        for kind in args.kinds:
+            run = copy.copy(args)
+            vars(run).update(task="imdb", cell="lstm", labels=n, out_dir=str(out / f"{kind}-{n}"), resume=False,
+                             pretrained=str(pretrained) if kind == "pretrained" else None,
+                             epochs=EPOCHS.get(n, args.epochs), valid_size=500, tensorboard=False)
+            if not (Path(run.out_dir) / "imdb-lstm" / "results.json").is_file():
+                log.info(f"transfer: {kind}, {n} labels, {run.epochs} epochs")
+                train(run)
+    rows = {}
+    for path in sorted(out.glob("*/imdb-lstm/results.json")):
+        kind, n = path.parts[-3].split("-")
+        rows.setdefault(kind, {})[int(n)] = json.loads(path.read_text())["test_accuracy"]
+    (out / "transfer.json").write_text(json.dumps(rows, indent=2))
+    for n in sorted({n for r in rows.values() for n in r}):
+        log.info(f"{n:>6} labels: " + ", ".join(f"{kind} {r[n]:.2%}" for kind, r in rows.items() if n in r))
+    plot(rows, Path(args.figures_dir) / "sequence_models_transfer.png")
+    return rows
+
+
+def plot(rows, path):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for kind, r in sorted(rows.items()):
+        ns = sorted(r)
+        ax.plot(ns, [100 * r[n] for n in ns], marker="o", label=f"{kind} encoder" if kind == "pretrained" else kind)
+    ax.set_xscale("log")
+    ax.set(xlabel="labelled training reviews", ylabel="IMDb test accuracy (%)",
+           title="LSTM classifier: pretrained vs from scratch")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log.info(f"transfer figure: {path}")
