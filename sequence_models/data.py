@@ -47,16 +47,22 @@ def download(url, path):
         tmp.unlink(missing_ok=True)
 
 
-def read_imdb(data_dir):
-    """{'train': [(text, label)], 'test': [...]} with label 1 = positive, in the archive's order."""
-    path = Path(data_dir) / IMDB_FILE
+def fetch(data_dir, file, url, what):
+    """DATA_DIR/file, downloaded from url first if missing; offline, one line naming --data-dir."""
+    path = Path(data_dir) / file
     if not path.is_file():
         try:
-            print(f"downloading IMDb (84 MB) to {path}")
-            download(IMDB_URL, path)
+            print(f"downloading {what} to {path}")
+            download(url, path)
         except OSError as e:
-            raise SystemExit(f"sequence_models: IMDb not found: expected {path} and could not download it "
-                             f"({type(e).__name__}); pass --data-dir DIR where DIR/{IMDB_FILE} exists")
+            raise SystemExit(f"sequence_models: {what} not found: expected {path} and could not download it "
+                             f"({type(e).__name__}); pass --data-dir DIR where DIR/{file} exists")
+    return path
+
+
+def read_imdb(data_dir):
+    """{'train': [(text, label)], 'test': [...]} with label 1 = positive, in the archive's order."""
+    path = fetch(data_dir, IMDB_FILE, IMDB_URL, "IMDb (84 MB)")
     splits = {"train": [], "test": []}
     try:
         with tarfile.open(path) as tar:
@@ -204,14 +210,7 @@ class StreamLoader:
 # ---- Characters
 
 def read_names(data_dir):
-    path = Path(data_dir) / NAMES_FILE
-    if not path.is_file():
-        try:
-            print(f"downloading makemore's names to {path}")
-            download(NAMES_URL, path)
-        except OSError as e:
-            raise SystemExit(f"sequence_models: names not found: expected {path} and could not download it "
-                             f"({type(e).__name__}); pass --data-dir DIR where DIR/{NAMES_FILE} exists")
+    path = fetch(data_dir, NAMES_FILE, NAMES_URL, "makemore's names")
     names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     if len(names) < 10:
         raise SystemExit(f"sequence_models: {path} holds {len(names)} names; it needs one name per line, at least 10")
@@ -249,6 +248,12 @@ def stream_contexts(ids, context):
     return ids[:-1].unfold(0, context, 1), ids[context:]
 
 
+def epoch_order(n, shuffle, seed, epoch):
+    """0..n-1, shuffled as a function of (seed, epoch) if asked: a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)) if shuffle \
+        else torch.arange(n)
+
+
 class TensorLoader:
     """Minibatches (X[b], Y[b]) of example tensors, reshuffled every epoch from (seed, epoch)."""
 
@@ -260,8 +265,7 @@ class TensorLoader:
         return -(-len(self.X) // self.batch_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.X), generator=g) if self.shuffle else torch.arange(len(self.X))
+        order = epoch_order(len(self.X), self.shuffle, self.seed, self.epoch)
         self.epoch += 1
         for b in order.split(self.batch_size):
             yield self.X[b], self.Y[b]
@@ -280,8 +284,7 @@ class NameLoader:
         return -(-len(self.ids) // self.batch_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.ids), generator=g) if self.shuffle else torch.arange(len(self.ids))
+        order = epoch_order(len(self.ids), self.shuffle, self.seed, self.epoch)
         self.epoch += 1
         for b in order.split(self.batch_size):
             rows = [self.ids[i] for i in b.tolist()]
