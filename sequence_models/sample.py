@@ -40,6 +40,11 @@ def sentiment(model, vocab, text, max_len):
     return torch.softmax(model(x, x != 0), -1)[0, 1].item()
 
 
+def rng(model, seed):
+    """A random generator on the model's device, for reproducible sampling."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
 @torch.no_grad()
 def generate(model, ids, n, temperature=0.0, stop=None, pad=0, generator=None):
     """Continue the token ids by up to n tokens (ending before `stop`): greedy at temperature 0,
@@ -78,20 +83,20 @@ def continue_numbers(model, vocab, prompt, n_words, temperature, seed):
     if unknown:
         raise SystemExit(f"sequence_models: {', '.join(unknown)} not in the vocabulary; use: "
                          f"{' '.join(vocab.itos[2:])}")
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    g = rng(model, seed)
     return " ".join(vocab.decode(generate(model, vocab.encode(words), n_words, temperature, generator=g)))
 
 
 def new_names(model, vocab, n, seed, temperature=1.0):
     """n names sampled from '.' to '.' (makemore's sampling)."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    g = rng(model, seed)
     dot = vocab.stoi["."]
     return ["".join(vocab.decode(generate(model, [dot], 40, temperature, stop=dot, pad=dot, generator=g)))
             for _ in range(n)]
 
 
 def continue_text(model, vocab, prompt, n, seed, temperature=0.8):
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    g = rng(model, seed)
     ids = vocab.encode(list(prompt)) or [vocab.stoi["."]]
     return prompt + "".join(vocab.decode(generate(model, ids, n, temperature, pad=vocab.stoi["."], generator=g)))
 
@@ -161,7 +166,7 @@ def sample(args):
     elif args.task == "names":
         log.info("new names: " + ", ".join(new_names(model, vocab, 12, args.seed)))
     elif args.task == "imdb-lm":
-        g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        g = rng(model, args.seed)
         prompt = args.prompt or "this movie is"
         ids = generate(model, vocab.encode(tokenize(prompt)), 40, 0.8, generator=g)
         log.info(prompt + " " + " ".join(vocab.decode(ids)))

@@ -436,8 +436,9 @@ def run_dir(args):
     return Path(args.out_dir) / f"{args.task}-{args.cell}"
 
 
-def imdb_data(args, vocab=None):
-    """Loaders for train / valid / test and the vocabulary (built on the train reviews)."""
+def imdb_splits(args, vocab=None):
+    """The train / valid / test reviews and the vocabulary of the train text: one construction for
+    the classifier and its pretrained language model, so that their word ids agree."""
     reviews = read_imdb(args.data_dir)
     train, valid = split_valid(reviews["train"])
     test = reviews["test"]
@@ -446,6 +447,12 @@ def imdb_data(args, vocab=None):
         test = [test[i] for i in torch.randperm(len(test), generator=g)[:args.limit // 2].tolist()]
         train, valid = train[:args.limit], valid[:args.limit // 4]
     vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    return train, valid, test, vocab
+
+
+def imdb_data(args, vocab=None):
+    """Loaders for train / valid / test and the vocabulary (built on the train reviews)."""
+    train, valid, test, vocab = imdb_splits(args, vocab)
     if args.valid_size:
         valid = valid[:args.valid_size]
     if args.labels:  # only N labelled reviews, half of each class; the vocabulary still comes from all the text
@@ -462,22 +469,23 @@ def imdb_lm_data(args, vocab=None):
     """IMDb as unlabelled text, for pretraining the classifier's encoder: the train split's reviews
     as one token stream (labels unused), the validation reviews' text to validate. The vocabulary
     is the classifier's; the head predicts only the --lm-vocab most frequent words."""
-    reviews = read_imdb(args.data_dir)
-    train, valid = split_valid(reviews["train"])
-    if args.limit:
-        train, valid = train[:args.limit], valid[:args.limit // 4]
-    vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    train, valid, _, vocab = imdb_splits(args, vocab)
     stream = lambda reviews: [i for text, _ in reviews for i in vocab.encode(tokenize(text))]
     return SimpleNamespace(train=StreamLoader(stream(train), args.batch_size, args.bptt, args.lm_vocab),
                            valid=StreamLoader(stream(valid), args.batch_size, args.bptt, args.lm_vocab)), vocab
 
 
-def load_encoder(model, path, vocab):
-    """Copy a pretrained language model's embedding and recurrent layers into the classifier:
-    the transfer of ULMFiT (Howard & Ruder 2018), without its gradual unfreezing."""
+def load_pretrained(path):
+    """The --task imdb-lm checkpoint at path, read once: its vocabulary and then its encoder are used."""
     ckpt = load_checkpoint(Path(path))
     if ckpt["task"] != "imdb-lm":
         raise SystemExit(f"sequence_models: --pretrained {path} is a {ckpt['task']} model; pretrain with --task imdb-lm")
+    return ckpt
+
+
+def load_encoder(model, ckpt, vocab, path):
+    """Copy a pretrained language model's embedding and recurrent layers (ckpt, from path) into the
+    classifier: the transfer of ULMFiT (Howard & Ruder 2018), without its gradual unfreezing."""
     if ckpt["vocab"] != vocab.itos:
         raise SystemExit(f"sequence_models: --pretrained {path} has another vocabulary; use its --vocab-size and data")
     encoder = {k: v for k, v in ckpt["model"].items() if k.startswith(("embedding.", "rnn."))}
@@ -563,13 +571,13 @@ def train(args):
         raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
 
     torch.manual_seed(args.seed)
-    pretrained = args.task == "imdb" and args.pretrained and not ckpt
-    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(load_checkpoint(Path(args.pretrained))["vocab"]) if pretrained else None
+    pretrained = load_pretrained(args.pretrained) if args.task == "imdb" and args.pretrained and not ckpt else None
+    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(pretrained["vocab"]) if pretrained else None
     data, vocab = DATA[args.task](args, vocab)
     config = ckpt["config"] if ckpt else model_config(args, vocab)
     model = build_model(args.task, config)
     if pretrained:
-        load_encoder(model, args.pretrained, vocab)
+        load_encoder(model, pretrained, vocab, args.pretrained)
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())

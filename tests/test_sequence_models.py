@@ -358,15 +358,16 @@ def test_a_pretrained_encoder_is_really_loaded_into_the_classifier(tmp_path):
                 "config": {"cell": "lstm", "emb_size": 8, "hidden_size": 12, "num_layers": 1}}, tmp_path / "best.pt")
     clf = sm.model.SentimentClassifier(20, "lstm", emb_size=8, hidden_size=12)
     head = clf.head.weight.clone()
-    sm.train.load_encoder(clf, tmp_path / "best.pt", vocab)
+    pretrained = sm.train.load_pretrained(tmp_path / "best.pt")
+    sm.train.load_encoder(clf, pretrained, vocab, tmp_path / "best.pt")
     for name, p in lm.state_dict().items():
         if name.startswith(("embedding.", "rnn.")):
             assert torch.equal(clf.state_dict()[name], p), name
     assert torch.equal(clf.head.weight, head)  # the classifier's own head stays as it was
     with pytest.raises(SystemExit, match="another vocabulary"):
-        sm.train.load_encoder(clf, tmp_path / "best.pt", sm.data.Vocab(vocab.itos[:-1]))
+        sm.train.load_encoder(clf, pretrained, sm.data.Vocab(vocab.itos[:-1]), tmp_path / "best.pt")
     with pytest.raises(SystemExit, match="give the classifier the same"):
-        sm.train.load_encoder(sm.model.SentimentClassifier(20, "gru", 8, 12), tmp_path / "best.pt", vocab)
+        sm.train.load_encoder(sm.model.SentimentClassifier(20, "gru", 8, 12), pretrained, vocab, tmp_path / "best.pt")
 
 
 def test_transfer_compares_pretrained_and_scratch_classifiers(tmp_path):
