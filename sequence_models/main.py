@@ -21,7 +21,7 @@ import sys
 
 from sample import interact, sample
 from sweep import parse_grid, sweep
-from transfer import transfer
+from transfer import KINDS, transfer
 from train import FOLDER, load_checkpoint, run_dir, train
 
 # Per task; a flag typed on the command line always wins.
@@ -86,8 +86,8 @@ def counts(s):
 
 def kinds(s):
     values = s.split(",")
-    if not values or not set(values) <= {"scratch", "pretrained"}:
-        raise argparse.ArgumentTypeError(f"{s!r}: give scratch, pretrained, or scratch,pretrained")
+    if not values or not set(values) <= set(KINDS):
+        raise argparse.ArgumentTypeError(f"{s!r}: give some of {','.join(KINDS)}")
     return values
 
 
@@ -142,6 +142,10 @@ def parse_args(argv=None):
     g.add_argument("--labels", type=number(int, 0), default=0, help="imdb: train on N labelled reviews, half per "
                                                                     "class (0: all)")
     g.add_argument("--pretrained", default=None, help="imdb: start the encoder from this --task imdb-lm best.pt")
+    g.add_argument("--freeze-epochs", type=number(int, 0), default=0, help="imdb: train only the head for the first "
+                                                                           "N epochs (ULMFiT's gradual unfreezing)")
+    g.add_argument("--lr-decay", type=number(float, 1), default=1.0, help="imdb: the LSTM learns at lr / D, the "
+                                                                          "embedding at lr / D^2 (ULMFiT: 2.6)")
     g.add_argument("--lm-vocab", type=number(int, 3), default=10_000, help="imdb-lm: predict the N most frequent "
                                                                           "words, the rest as <unk>")
     g.add_argument("--bptt", type=number(int, 1, 1025), default=16, help="numbers: tokens per window (truncated BPTT)")
@@ -160,8 +164,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("transfer")
     g.add_argument("--label-counts", type=counts, default=[100, 500, 2500], help="labelled reviews per run, "
                                                                                   "comma-separated")
-    g.add_argument("--kinds", type=kinds, default=["scratch", "pretrained"],
-                   help="scratch,pretrained (default: both)")
+    g.add_argument("--kinds", type=kinds, default=list(KINDS),
+                   help=f"{','.join(KINDS)} (default: all): from scratch, plain fine-tuning of the pretrained "
+                        f"encoder, or ULMFiT's (--freeze-epochs, --lr-decay)")
     g.add_argument("--valid-size", type=number(int, 0), default=0, help="imdb: validate on the first N held-out "
                                                                         "reviews (0: all 2,500)")
 

@@ -210,19 +210,29 @@ class Progress(Callback):
 
 
 class OneCycle(Callback):
-    """Smith's one-cycle schedule (torch's OneCycleLR) over the whole fit, stepped every batch."""
-
-    def __init__(self, max_lr):
-        self.max_lr = max_lr
+    """Smith's one-cycle schedule (torch's OneCycleLR) over the whole fit, stepped every batch;
+    each parameter group peaks at the lr it was created with."""
 
     def before_fit(self):
         L = self.learner
-        L.scheduler = torch.optim.lr_scheduler.OneCycleLR(L.opt, self.max_lr,
+        L.scheduler = torch.optim.lr_scheduler.OneCycleLR(L.opt, [g["lr"] for g in L.opt.param_groups],
                                                           total_steps=L.epochs * len(L.data.train))
 
     def after_step(self):
         if self.learner.scheduler.last_epoch < self.learner.scheduler.total_steps:
             self.learner.scheduler.step()
+
+
+class GradualUnfreezing(Callback):
+    """ULMFiT's gradual unfreezing for a one-layer encoder: only the head trains for the first
+    `epochs` epochs (the pretrained encoder frozen), then everything."""
+
+    def __init__(self, encoder, epochs):
+        self.encoder, self.epochs = encoder, epochs
+
+    def before_epoch(self):
+        for p in self.encoder:
+            p.requires_grad_(self.learner.epoch >= self.epochs)
 
 
 class GradientClipping(Callback):
@@ -485,7 +495,8 @@ def load_pretrained(path):
 
 def load_encoder(model, ckpt, vocab, path):
     """Copy a pretrained language model's embedding and recurrent layers (ckpt, from path) into the
-    classifier: the transfer of ULMFiT (Howard & Ruder 2018), without its gradual unfreezing."""
+    classifier: the transfer of ULMFiT (Howard & Ruder 2018); --freeze-epochs and --lr-decay add its
+    gradual unfreezing and discriminative rates."""
     if ckpt["vocab"] != vocab.itos:
         raise SystemExit(f"sequence_models: --pretrained {path} has another vocabulary; use its --vocab-size and data")
     encoder = {k: v for k, v in ckpt["model"].items() if k.startswith(("embedding.", "rnn."))}
@@ -559,6 +570,20 @@ def build_model(task, config):
     return LanguageModel(**config)
 
 
+def encoder_params(model):
+    return [p for name, p in model.named_parameters() if not name.startswith("head.")]
+
+
+def param_groups(model, args):
+    """ULMFiT's discriminative fine-tuning: the classifier's head at lr, its recurrent layers at
+    lr / decay, the embedding at lr / decay^2 (decay 1: one rate for all)."""
+    if args.task != "imdb" or args.lr_decay == 1:
+        return [{"params": list(model.parameters()), "lr": args.lr}]
+    depth = lambda name: 0 if name.startswith("head.") else 1 if name.startswith("rnn.") else 2
+    groups = [[p for name, p in model.named_parameters() if depth(name) == d] for d in range(3)]
+    return [{"params": g, "lr": args.lr / args.lr_decay ** d} for d, g in enumerate(groups)]
+
+
 def train(args):
     device = resolve_device(args.device)
     out = run_dir(args)
@@ -579,7 +604,7 @@ def train(args):
     if pretrained:
         load_encoder(model, pretrained, vocab, args.pretrained)
     model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"{args.task} with a from-scratch {args.cell.upper()}: {n_params / 1e6:.2f}M parameters, vocabulary "
@@ -587,9 +612,11 @@ def train(args):
 
     meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
     monitor = MONITOR[args.task]
-    callbacks = [Metrics(), Progress(), OneCycle(args.lr), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
+    callbacks = [Metrics(), Progress(), OneCycle(), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
+    if args.freeze_epochs and args.task == "imdb":
+        callbacks.append(GradualUnfreezing(encoder_params(model), args.freeze_epochs))
     if args.patience:
         callbacks.append(EarlyStopping(args.patience, monitor))
     if isinstance(model, LanguageModel):

@@ -206,6 +206,28 @@ def test_sentiment_loss_falls_on_a_tiny_problem():
     assert learner.history[-1]["valid_accuracy"] > 0.9
 
 
+def test_ulmfit_fine_tuning_freezes_then_unfreezes_with_discriminative_rates():
+    """The encoder stays exactly as loaded while frozen and trains afterwards; each depth has its rate."""
+    torch.manual_seed(6)
+    model = sm.model.SentimentClassifier(30, "lstm", emb_size=8, hidden_size=8, dropout=0.0)
+    args = sm.train.SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.0)
+    groups = sm.train.param_groups(model, args)
+    assert [g["lr"] for g in groups] == [1e-2, 5e-3, 2.5e-3]
+    assert [len(g["params"]) for g in groups] == [2, 4, 1]  # head; LSTM weights and biases; embedding
+    rows = [(torch.randint(1, 30, (6,)).tolist(), i % 2) for i in range(16)]
+    data = sm.train.SimpleNamespace(train=sm.data.ReviewLoader(rows, 8), valid=sm.data.ReviewLoader(rows, 8))
+    opt = torch.optim.AdamW(groups, weight_decay=0.1)
+    learner = sm.train.Learner(model, data, sm.train.cross_entropy, opt,
+                               [sm.train.Metrics(), sm.train.GradualUnfreezing(sm.train.encoder_params(model), 2)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner.fit(2)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"head.weight", "head.bias"}
+    learner.fit(3)
+    assert {"embedding.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= {
+        k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
 NUMBERS = ["--task", "numbers", "--device", "cpu", "--epochs", "2", "--emb-size", "8", "--hidden-size", "8",
            "--batch-size", "16", "--bptt", "8", "--dropout", "0.2"]
 
@@ -376,5 +398,5 @@ def test_transfer_compares_pretrained_and_scratch_classifiers(tmp_path):
               "--hidden-size", "16", "--batch-size", "8", "--epochs", "2"]
     sm.main.main(["--task", "imdb-lm", "--lm-vocab", "20", "--bptt", "8"] + common)
     rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
-    assert set(rows) == {"scratch", "pretrained"} and all(set(r) == {8, 32} for r in rows.values())
+    assert set(rows) == {"scratch", "pretrained", "ulmfit"} and all(set(r) == {8, 32} for r in rows.values())
     assert (tmp_path / "runs" / "sequence_models_transfer.png").is_file()
