@@ -1,0 +1,179 @@
+"""TinyStories, from tokens to a Transformer that tells stories.
+
+    python tiny_stories_lm/main.py tokenize "Once upon a time, Lily went to the park."   # step 1: tokens
+    python tiny_stories_lm/main.py --model bag --data-dir ../shared/data                 # step 2: averaged embeddings
+    python tiny_stories_lm/main.py --data-dir ../shared/data                             # step 3: a Transformer
+    python tiny_stories_lm/main.py sample --prompt "Once upon a time"                    # stories from a checkpoint
+    python tiny_stories_lm/main.py attention --layer 1 --attention-prompt "..."          # attention heatmaps
+    python tiny_stories_lm/main.py --quick --data-dir ../shared/data                     # everything on CPU in < 60 s
+    torchrun --nproc_per_node=4 tiny_stories_lm/main.py ...                              # DistributedDataParallel
+
+Training runs go to runs/tiny_stories_lm/<model>/: ckpt.pt (with the tokenizer), log.csv,
+results.json (bits per character on the whole validation text), stories.txt, attention.html.
+"""
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+from sample import attention, sample, show_tokens
+from train import QUICK_OUT_DIR, load_checkpoint, train
+
+# Per model: the defaults of the README's runs (CPU); flags given explicitly win.
+DEFAULTS = {
+    "transformer": dict(optimizer="adamw", lr=2e-3, min_lr=2e-4, steps=1500, batch_size=16, block_size=256,
+                        dropout=0.2, weight_decay=0.1, warmup_steps=100),
+    "bag": dict(optimizer="sgd", lr=3.0, min_lr=0.0, steps=1500, batch_size=16, block_size=256, dropout=0.1,
+                weight_decay=0.0, warmup_steps=100),
+}
+# --quick: a slice of the text, a tiny model, a short run: the whole pipeline on CPU in under a minute.
+QUICK = dict(max_train_chars=300_000, max_valid_chars=30_000, vocab_size=512, n_layer=2, n_head=2, n_embd=64,
+             hidden=128, block_size=64, batch_size=16, steps=150, warmup_steps=10, eval_interval=50,
+             log_interval=10, num_samples=1, max_new_tokens=60)
+# Flags that --resume does not take from the checkpoint: where things go and how to sample.
+NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",
+               "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "layer", "attention_prompt"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        return v
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
+
+
+def per_model(flag):
+    return f"(default: transformer {DEFAULTS['transformer'][flag]}, bag {DEFAULTS['bag'][flag]})"
+
+
+def parse_args(argv=None):
+    p = Parser(prog="tiny_stories_lm/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["train", "tokenize", "sample", "attention"], default="train",
+                   help="train (default): train, then tell stories and draw figures; tokenize TEXT: show its tokens; "
+                        "sample: stories from a checkpoint; attention: heatmaps of a checkpoint's attention")
+    p.add_argument("text", nargs="?", default=None, help="tokenize: the text to cut into tokens")
+
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and sampling (>= 0)")
+    g.add_argument("--data-dir", default="data", help="dataset root: DIR/tinystories/ holds TinyStoriesV2-GPT4-{train,"
+                                                      "valid}.txt (downloaded there if missing) or {train,valid}_excerpt.txt")
+    g.add_argument("--out-dir", default=None, help="the run's folder (default: runs/tiny_stories_lm/<model>)")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--steps", type=positive(int), help=f"optimiser steps {per_model('steps')}")
+    g.add_argument("--batch-size", type=positive(int), help=f"sequences per micro-step and process {per_model('batch_size')}")
+    g.add_argument("--lr", type=positive(float), help=f"peak learning rate {per_model('lr')}")
+    g.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its flags (same schedule and batches)")
+    g.add_argument("--sample-only", action="store_true", help="skip training: stories and figures from the checkpoint")
+    g.add_argument("--quick", action="store_true", help="a slice of the text, a tiny model: the pipeline on CPU in < 60 s")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("data and tokenizer (on --resume, the checkpoint's tokenizer)")
+    g.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
+                   help="byte-level BPE (default) or words and punctuation, trained on the training stories")
+    g.add_argument("--vocab-size", type=number(int, 260, 65_537), default=2048, help="tokens in the vocabulary")
+    g.add_argument("--max-train-chars", type=number(int, 0), default=0, help="read only this much training text (0: all)")
+    g.add_argument("--max-valid-chars", type=number(int, 0), default=0, help="read only this much validation text (0: all)")
+
+    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
+    g.add_argument("--model", choices=["transformer", "bag"], default="transformer",
+                   help="decoder-only Transformer, or the bag of averaged embeddings (no attention, no positions)")
+    g.add_argument("--block-size", type=positive(int), help=f"sequence length in tokens {per_model('block_size')}")
+    g.add_argument("--n-layer", type=positive(int), default=4, help="transformer: blocks")
+    g.add_argument("--n-head", type=positive(int), default=4, help="transformer: attention heads")
+    g.add_argument("--n-embd", type=positive(int), default=192, help="embedding width C (transformer: divisible by --n-head)")
+    g.add_argument("--pos", choices=["rope", "learned"], default="rope", help="transformer: rotary or learned positions")
+    g.add_argument("--norm", choices=["rmsnorm", "layernorm"], default="rmsnorm", help="transformer: the blocks' norm")
+    g.add_argument("--context", type=positive(int), default=16, help="bag: tokens averaged (the window k)")
+    g.add_argument("--hidden", type=positive(int), default=1024, help="bag: the MLP's hidden width")
+    g.add_argument("--dropout", type=number(float, 0, 1), help=f"dropout probability {per_model('dropout')}")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"{per_model('optimizer')}; sgd has momentum 0.9")
+    g.add_argument("--min-lr", type=number(float, 0), help=f"learning rate at the end of the cosine {per_model('min_lr')}")
+    g.add_argument("--warmup-steps", type=number(int, 0), help=f"linear warmup steps {per_model('warmup_steps')}")
+    g.add_argument("--weight-decay", type=number(float, 0), help=f"on matrices only {per_model('weight_decay')}")
+    g.add_argument("--beta2", type=number(float, 0, 1), default=0.99, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--grad-accum", type=positive(int), default=1, help="micro-steps per optimiser step")
+    g.add_argument("--eval-interval", type=positive(int), default=100, help="steps between validation + checkpoint")
+    g.add_argument("--log-interval", type=positive(int), default=10, help="steps between log lines")
+    g.add_argument("--eval-tokens", type=number(int, 0), default=65_536, help="validation tokens scored at each "
+                                                                               "eval (0: all; the final score uses all)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("sampling and attention")
+    g.add_argument("--prompt", default="Once upon a time", help="how the stories start")
+    g.add_argument("--num-samples", type=positive(int), default=3, help="stories to tell")
+    g.add_argument("--max-new-tokens", type=positive(int), default=400, help="tokens per story at most")
+    g.add_argument("--temperature", type=number(float, 0), default=0.8, help="softmax temperature (0: greedy)")
+    g.add_argument("--top-k", type=number(int, 0), default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=0.95,
+                   help="nucleus: the smallest set of tokens with this much probability (1: all)")
+    g.add_argument("--layer", type=number(int, 0), default=0, help="attention: the layer whose heads are drawn")
+    g.add_argument("--attention-prompt", default="Lily went to the park with her dog. She",
+                   help="attention: the text whose attention is drawn")
+
+    # Defaults, then the model's, then --quick's, then the resumed run's flags; flags typed now always win.
+    args = p.parse_args(argv)
+    p.set_defaults(**{**DEFAULTS[args.model], **(QUICK if args.quick else {})})
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = f"{QUICK_OUT_DIR if args.quick else 'runs/tiny_stories_lm'}/{args.model}"
+    if args.resume:
+        saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        out_dir, args = args.out_dir, p.parse_args(argv)
+        args.out_dir = out_dir
+    if args.command == "tokenize" and not args.text:
+        p.error('tokenize needs a text: tiny_stories_lm/main.py tokenize "Once upon a time"')
+    if args.command != "tokenize" and args.text is not None:
+        p.error(f"unexpected text {args.text!r}; only the tokenize command takes one")
+    if args.model == "transformer" and args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.model == "transformer" and args.pos == "rope" and (args.n_embd // args.n_head) % 2:
+        p.error(f"--pos rope needs an even head size; --n-embd {args.n_embd} / --n-head {args.n_head} is odd")
+    if args.eval_interval % args.log_interval:
+        p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
+    if args.prompt == "":
+        p.error("--prompt is empty; give at least one character")
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "tokenize":
+        return show_tokens(args)
+    if args.command == "attention":
+        return attention(args)
+    if args.command == "train" and not args.sample_only:
+        train(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone tells stories
+        sample(args)
+
+
+if __name__ == "__main__":
+    main()

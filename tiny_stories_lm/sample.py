@@ -1,0 +1,168 @@
+"""From a checkpoint to what a person reads: stories, tokens, loss curves and attention maps."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from data import BPETokenizer, WordTokenizer, load_tokenizer, piece_strings, read_stories, train_tokenizer
+from model import Transformer, generate
+from train import TOKENIZER_CHARS, load_checkpoint, load_model, resolve_device
+
+
+def write_atomic(path, text):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def tell_stories(args):
+    """--num-samples stories continuing --prompt, each ending at the end-of-text token (or after
+    --max-new-tokens)."""
+    device = resolve_device(args.device)
+    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", device)
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise SystemExit("tiny_stories_lm: --prompt is empty; give at least one character")
+    torch.manual_seed(args.seed)
+    stories = []
+    for _ in range(args.num_samples):
+        idx = torch.tensor([prompt], device=device)
+        out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop=tok.eot)
+        ids = out[0].tolist()
+        stories.append(tok.decode(ids[:-1] if ids[-1] == tok.eot else ids) + ("" if ids[-1] == tok.eot else " [...]"))
+    return stories
+
+
+def sample(args):
+    out = Path(args.out_dir)
+    stories = tell_stories(args)
+    text = "".join(f"#### STORY {i} ####\n{s}\n\n" for i, s in enumerate(stories, 1))
+    write_atomic(out / "stories.txt", text)
+    print(text, end="")
+    print(f"wrote {out / 'stories.txt'}")
+    fig_dir = Path(args.figures_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    if (out / "log.csv").is_file():
+        path = fig_dir / f"tiny_stories_lm_{ckpt['config']['model']}_loss.png"
+        plot_loss(out / "log.csv", path, ckpt["config"]["model"])
+        print(f"wrote {path}")
+    if ckpt["config"]["model"] == "transformer":
+        attention(args)
+
+
+def plot_loss(log_path, fig_path, name):
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    val = [r for r in rows if r["val_loss"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train (batches)")
+    ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation (first --eval-tokens)")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title=f"TinyStories: {name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(fig_path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def attention_weights(model, tok, prompt, device):
+    """The prompt's tokens (as strings) and every layer's attention weights, each (nh, T, T)."""
+    ids = tok.encode(prompt)[:model.cfg.block_size]
+    weights = []
+    model(torch.tensor([ids], device=device), attention=weights)
+    return [tok.decode([i]) for i in ids], [w[0].float().cpu() for w in weights]
+
+
+def attention(args):
+    """A heatmap of every head of --layer over --attention-prompt (PNG), and the same weights as an
+    HTML page: hover a token to see where each head looks from it."""
+    device = resolve_device(args.device)
+    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", device)
+    if not isinstance(model, Transformer):
+        raise SystemExit("tiny_stories_lm: the bag model has no attention; pass the --out-dir of a transformer run")
+    if not 0 <= args.layer < model.cfg.n_layer:
+        raise SystemExit(f"tiny_stories_lm: --layer {args.layer}: this model has layers 0 to {model.cfg.n_layer - 1}")
+    tokens, weights = attention_weights(model, tok, args.attention_prompt, device)
+    fig_dir = Path(args.figures_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    png = fig_dir / f"tiny_stories_lm_attention_layer{args.layer}.png"
+    plot_heads(tokens, weights[args.layer], png, args.layer)
+    page = Path(args.out_dir) / "attention.html"
+    write_atomic(page, attention_html(tokens, weights))
+    print(f"wrote {png} and {page} (open it in a browser)")
+
+
+def plot_heads(tokens, w, path, layer):
+    nh, T, _ = w.shape
+    cols = min(nh, 4)
+    rows = (nh + cols - 1) // cols
+    size = max(3.0, 0.28 * T)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    labels = [t.replace("\n", "\\n") for t in tokens]
+    for h, ax in enumerate(axes.flat):
+        if h >= nh:
+            ax.axis("off")
+            continue
+        ax.imshow(w[h], cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer}, head {h}")
+        ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(T), labels, fontsize=7)
+    fig.supxlabel("key (attended to)")
+    fig.supylabel("query (attending)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>attention</title>
+<style>body{font:16px sans-serif;margin:2em;max-width:60em}span.t{white-space:pre;padding:2px 0;cursor:pointer}
+select{font-size:15px}</style>
+<p>Hover a token: the tokens it attends to are shaded by the attention weight of the chosen layer and head.</p>
+<p>layer <select id="layer"></select> head <select id="head"></select></p><div id="text"></div>
+<script>
+const tokens = TOKENS, weights = WEIGHTS;  // weights[layer][head][query][key]
+const text = document.getElementById("text"), layer = document.getElementById("layer"), head = document.getElementById("head");
+weights.forEach((_, i) => layer.add(new Option(i, i)));
+weights[0].forEach((_, i) => head.add(new Option(i, i)));
+const spans = tokens.map((t, i) => { const s = document.createElement("span"); s.className = "t";
+  s.textContent = t; s.onmouseover = () => show(i); text.appendChild(s); return s; });
+function show(q) { const w = weights[layer.value][head.value][q];
+  spans.forEach((s, k) => { s.style.background = k == q ? "#fc6" : `rgba(30,100,220,${k <= q ? w[k] : 0})`; }); }
+</script>"""
+
+
+def attention_html(tokens, weights):
+    rounded = [[[[round(x, 3) for x in row] for row in head] for head in w.tolist()] for w in weights]
+    return PAGE.replace("TOKENS", json.dumps(tokens)).replace("WEIGHTS", json.dumps(rounded))
+
+
+def show_tokens(args):
+    """The tokens of args.text under both tokenizers: a checkpoint's own when --out-dir has one,
+    otherwise each trained here on the training stories."""
+    saved = {}
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+    if ckpt_path.is_file():
+        tok = load_tokenizer(load_checkpoint(ckpt_path)["tokenizer"])
+        saved[type(tok)] = tok
+    stories = None
+    for cls, kind in ((WordTokenizer, "word"), (BPETokenizer, "bpe")):
+        tok = saved.get(cls)
+        source = f"from {ckpt_path}"
+        if tok is None:
+            stories = stories or read_stories(args.data_dir, "train", TOKENIZER_CHARS)
+            tok = train_tokenizer(kind, stories, args.vocab_size)
+            source = f"trained on {sum(map(len, stories)):,} characters of training stories"
+        pieces = piece_strings(tok, args.text)
+        ids = tok.encode(args.text)
+        name = "word-level" if kind == "word" else "byte-level BPE"
+        print(f"{name} tokenizer, vocabulary {len(tok):,} ({source}): {len(ids)} tokens, "
+              f"{len(args.text) / max(1, len(ids)):.2f} characters per token")
+        print("  " + "|".join(p.replace("\n", "\\n") for p in pieces))
+        print("  ids: " + " ".join(map(str, ids)))

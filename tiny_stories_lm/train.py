@@ -1,0 +1,280 @@
+"""Train either model: stories -> tokenizer -> token streams, then the loop with warmup + cosine,
+validation and atomic checkpoints, and at the end bits per character on the whole validation
+text. Several GPUs: launch with torchrun, and DistributedDataParallel averages the gradients;
+rank 0 alone logs and checkpoints."""
+import csv
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import (characters, encode_stories, eval_windows, get_batch, load_tokenizer, read_stories,
+                  train_tokenizer)
+from model import Config, build_model, num_params
+
+FOLDER = "tiny_stories_lm"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/tiny_stories_lm-quick"  # the one place (/<model>) a fresh --quick run may overwrite a checkpoint
+LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+TOKENIZER_CHARS = 20_000_000  # the BPE and word vocabularies are learned on this much training text
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"tiny_stories_lm: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("tiny_stories_lm: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device="cpu"):
+    if not path.is_file():
+        raise SystemExit(f"tiny_stories_lm: no checkpoint at {path}; train first, or pass the --out-dir of a run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"tiny_stories_lm: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"tiny_stories_lm: {path} is a checkpoint of {folder or 'something else'}, not of {FOLDER}/")
+    return ckpt
+
+
+def load_model(path, device):
+    """The model and tokenizer of a checkpoint, in eval mode."""
+    ckpt = load_checkpoint(Path(path), device)
+    model = build_model(Config(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, args):
+    """Linear warmup to --lr, then cosine decay to --min-lr at --steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def make_optimizer(model, args, device_type):
+    """AdamW for the Transformer (decay on matrices only); the lesson's plain SGD with momentum
+    for the bag model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device_type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Total cross-entropy (nats) and tokens over the batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total, n = total + loss.item() * y.numel(), n + y.numel()
+    model.train()
+    return total, n
+
+
+def open_log(path, resume_step):
+    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first."""
+    rows = []
+    if resume_step and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def prepare_data(args, saved_tokenizer=None):
+    """Stories of both splits, the tokenizer (trained here unless saved), and the token streams."""
+    train_stories = read_stories(args.data_dir, "train", args.max_train_chars)
+    valid_stories = read_stories(args.data_dir, "valid", args.max_valid_chars)
+    if saved_tokenizer:
+        tok = load_tokenizer(saved_tokenizer)
+    else:
+        head, n = [], 0
+        for s in train_stories:
+            head.append(s)
+            n += len(s)
+            if n >= TOKENIZER_CHARS:
+                break
+        tok = train_tokenizer(args.tokenizer, head, args.vocab_size)
+    train_ids, valid_ids = encode_stories(tok, train_stories), encode_stories(tok, valid_stories)
+    if len(train_ids) <= args.block_size + 1:
+        raise SystemExit(f"tiny_stories_lm: the training text has {len(train_ids)} tokens, too few for --block-size "
+                         f"{args.block_size}; use more text or a smaller --block-size")
+    return tok, train_ids, valid_ids, characters(valid_stories)
+
+
+def bits_per_character(model, valid_ids, valid_chars, args, device, autocast):
+    """Cross-entropy of the whole validation stream in bits, over the characters it stands for:
+    comparable across tokenizers, which cut the same text into different numbers of tokens."""
+    nats, tokens = evaluate(model, eval_windows(valid_ids, args.block_size, args.batch_size), device, autocast)
+    return {"val_loss": nats / tokens, "val_tokens": tokens, "val_characters": valid_chars,
+            "bits_per_character": nats / math.log(2) / valid_chars, "characters_per_token": valid_chars / tokens}
+
+
+def train(args):
+    # ---- processes and device: one per GPU under torchrun, else just this one
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if args.device == "mps":
+            raise SystemExit("tiny_stories_lm: torchrun with --device mps is not supported; use cuda or cpu")
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        rank, world, local_rank, device = 0, 1, 0, resolve_device(args.device)
+    master = rank == 0
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    # ---- data, tokenizer (the checkpoint's when resuming) and model
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and Path(args.out_dir).parent == Path(QUICK_OUT_DIR)):
+        raise SystemExit(f"tiny_stories_lm: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    if ddp and local_rank != 0:
+        dist.barrier()  # local rank 0 alone downloads the corpus, if it has to
+    tok, train_ids, valid_ids, valid_chars = prepare_data(args, ckpt and ckpt["tokenizer"])
+    if ddp and local_rank == 0:
+        dist.barrier()
+    cfg = Config(**ckpt["config"]) if ckpt else Config(
+        vocab_size=len(tok), model=args.model, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+        n_embd=args.n_embd, dropout=args.dropout, pos=args.pos, norm=args.norm, context=args.context,
+        hidden=args.hidden)
+    val_batches = eval_windows(valid_ids, cfg.block_size, args.batch_size, args.eval_tokens)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(cfg).to(device)
+    optimizer = make_optimizer(model, args, device_type)
+    torch.manual_seed(args.seed + rank)  # but different dropout masks
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if master:  # exact resume of the dropout masks (the other ranks draw fresh ones)
+            torch.set_rng_state(ckpt["rng"].cpu())
+            if device_type == "cuda" and ckpt["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{cfg.model}: {num_params(raw) / 1e6:.2f}M parameters, {args.tokenizer} tokenizer of {len(tok):,} "
+              f"tokens, {len(train_ids):,} train / {len(valid_ids):,} validation tokens, {tokens_per_step:,} tokens "
+              f"per step on {world} x {device}" + (f", resuming at step {step}" if ckpt else ""))
+        log_file, log = open_log(out / "log.csv", step)
+        if args.wandb:
+            import wandb
+            wandb.init(project="papers-tiny_stories_lm", config=vars(args), dir=out)
+
+    def checkpoint(step, val_loss):
+        save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "config": asdict(cfg), "tokenizer": tok.to_json(), "args": vars(args),
+                     "val_loss": val_loss, "train_time": train_time, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
+
+    # ---- the loop
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master, desc="train",
+                dynamic_ncols=True)
+    start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
+    train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
+    try:
+        for step in pbar:
+            lr = get_lr(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                x, y = get_batch(train_ids, args.batch_size, cfg.block_size, (args.seed, step, rank, micro))
+                x, y = x.to(device), y.to(device)
+                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
+                with sync:  # DDP: all-reduce the gradients only on the last micro-step
+                    with autocast:
+                        _, loss = model(x, y)
+                    (loss / args.grad_accum).backward()
+                if master:
+                    losses.append(loss.detach())
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if master and (done % args.log_interval == 0 or done == args.steps):
+                train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
+                dt = time.perf_counter() - t0
+                train_time += dt
+                tps = len(losses) / args.grad_accum * tokens_per_step / dt
+                losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
+                if done % args.eval_interval == 0 or done == args.steps:
+                    nats, n = evaluate(raw, val_batches, device, autocast)
+                    row["val_loss"] = val_loss = nats / n
+                    checkpoint(done, val_loss)
+                    last_ckpt = done
+                row["elapsed_s"] = train_time
+                log.writerow(row)
+                log_file.flush()
+                pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+                if args.wandb:
+                    wandb.log(row, step=done)
+                t0 = time.perf_counter()
+    except KeyboardInterrupt:
+        if master and ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: continue with --resume")
+        elif master:
+            print("\ninterrupted before the first checkpoint; nothing was saved")
+        raise SystemExit(130)
+    finally:
+        if master:
+            log_file.close()
+        if ddp:
+            dist.destroy_process_group()
+
+    if master:
+        results = bits_per_character(raw, valid_ids, valid_chars, args, device, autocast)
+        results.update(model=cfg.model, tokenizer=args.tokenizer, vocab_size=len(tok), params=num_params(raw),
+                       steps=args.steps, train_seconds=round(train_time, 1), device=device)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{cfg.model}: validation {results['val_loss']:.4f} nats/token, {results['bits_per_character']:.4f} "
+              f"bits/character ({results['characters_per_token']:.2f} characters per token, whole validation "
+              f"text) after {args.steps} steps; {train_time:.0f} s training")
+        if args.wandb:
+            wandb.log({"bits_per_character": results["bits_per_character"]})
+            wandb.finish()
+    return raw
