@@ -29,7 +29,7 @@ DEFAULTS = {
 }
 # --quick: a slice of the text, a tiny model, a short run: the whole pipeline on CPU in under a minute.
 QUICK = dict(max_train_chars=300_000, max_valid_chars=30_000, vocab_size=512, n_layer=2, n_head=2, n_embd=64,
-             hidden=128, block_size=64, batch_size=16, steps=150, warmup_steps=10, eval_interval=50,
+             hidden=128, block_size=64, batch_size=16, steps=500, warmup_steps=20, eval_interval=100,
              log_interval=10, num_samples=1, max_new_tokens=60)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
 NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",

@@ -1,0 +1,152 @@
+"""English to French with the Transformer (Vaswani et al. 2017), trained on Tatoeba's pairs.
+
+    python translator/main.py --data-dir ../shared/data                   # train (one GPU), test scores, figures
+    python translator/main.py translate "She saw a boy sitting on a bench."
+    python translator/main.py translate --beam 1 < english.txt             # greedy, one line of stdin at a time
+    python translator/main.py evaluate --data-dir ../shared/data          # sacreBLEU and chrF on the test split
+    python translator/main.py --quick --data-dir ../shared/data           # everything on CPU in < 60 s
+    torchrun --nproc_per_node=4 translator/main.py ...                    # DistributedDataParallel
+
+A run goes to runs/translator/: ckpt.pt (with the tokenizer), log.csv, results.json,
+test_translations.tsv, translations.txt, translator_attention.png, translator_curves.png.
+"""
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+from sample import SEED_SENTENCE, evaluate_command, report, translate_command
+from train import QUICK_OUT_DIR, load_checkpoint, train
+
+# --quick: a slice of the data, a tiny model, a short run: the whole pipeline on CPU in under a minute.
+QUICK = dict(max_pairs=10000, max_eval=100, vocab_size=1000, n_layer=2, n_head=4, d_model=128, d_ff=256, dropout=0.1,
+             batch_size=32, steps=400, warmup_steps=100, lr=2e-3, eval_interval=200, log_interval=10,
+             eval_sentences=100)
+# Flags that --resume does not take from the checkpoint: what to do, where things go, how to decode.
+NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",
+               "beam", "alpha", "attention_text"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device(s):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return s
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        return v
+    return parse
+
+
+def positive(kind):
+    return number(kind, 0, low_open=True)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="translator/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["train", "translate", "evaluate"], default="train",
+                   help="train (default): train, then score the test split and draw the figures; translate [TEXT]: "
+                        "TEXT, or each line of stdin; evaluate: sacreBLEU and chrF of a checkpoint on the test split")
+    p.add_argument("text", nargs="?", default=None, help="translate: the English text (default: read stdin)")
+
+    g = p.add_argument_group("shared")
+    g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and dropout (>= 0); "
+                                                                     "not the split, which is fixed")
+    g.add_argument("--data-dir", default="data", help="dataset root: DIR/tatoeba/fra-eng.zip (downloaded there if missing)")
+    g.add_argument("--out-dir", default=None, help=f"the run's folder (default: runs/translator; {QUICK_OUT_DIR} with --quick)")
+    g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
+    g.add_argument("--steps", type=positive(int), default=20_000, help="optimiser steps")
+    g.add_argument("--batch-size", type=positive(int), default=256, help="sentence pairs per micro-step and process")
+    g.add_argument("--lr", type=positive(float), default=None,
+                   help="peak learning rate (default: the paper's d_model^-0.5 * warmup_steps^-0.5)")
+    g.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its flags (same schedule and batches)")
+    g.add_argument("--sample-only", action="store_true", help="skip training: test scores, examples and figures of the checkpoint")
+    g.add_argument("--quick", action="store_true", help="a slice of the data, a tiny model: the pipeline on CPU in < 60 s")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+
+    g = p.add_argument_group("data and tokenizer (on --resume, the checkpoint's tokenizer)")
+    g.add_argument("--vocab-size", type=number(int, 260, 65_537), default=8000, help="tokens of the shared BPE")
+    g.add_argument("--max-pairs", type=number(int, 0), default=0, help="train on the first N training pairs (0: all)")
+    g.add_argument("--max-eval", type=number(int, 0), default=0,
+                   help="validate and test on the first N sentences of those splits (0: all)")
+
+    g = p.add_argument_group("model (on --resume, --sample-only, translate and evaluate, the checkpoint's)")
+    g.add_argument("--max-len", type=number(int, 4, 4097), default=64, help="positions per side, in tokens")
+    g.add_argument("--n-layer", type=positive(int), default=6, help="N: encoder layers, and decoder layers")
+    g.add_argument("--n-head", type=positive(int), default=4, help="h: attention heads")
+    g.add_argument("--d-model", type=positive(int), default=512, help="d_model, even and divisible by --n-head")
+    g.add_argument("--d-ff", type=positive(int), default=1024, help="the feed-forward layers' inner width")
+    g.add_argument("--dropout", type=number(float, 0, 1), default=0.3, help="P_drop")
+    g.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="epsilon_ls")
+    g.add_argument("--pre-ln", action="store_true", help="LayerNorm before each sublayer, not after it (the paper)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--warmup-steps", type=positive(int), default=4000, help="the schedule's warmup_steps")
+    g.add_argument("--beta2", type=number(float, 0, 1), default=0.98, help="Adam beta_2")
+    g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off, "
+                                                                           "as in the paper)")
+    g.add_argument("--grad-accum", type=positive(int), default=1, help="micro-steps per optimiser step")
+    g.add_argument("--eval-interval", type=positive(int), default=1000, help="steps between validation + checkpoint")
+    g.add_argument("--log-interval", type=positive(int), default=50, help="steps between log lines")
+    g.add_argument("--eval-sentences", type=positive(int), default=500,
+                   help="validation sentences translated (greedy) for the BLEU at each evaluation")
+
+    g = p.add_argument_group("translation")
+    g.add_argument("--beam", type=positive(int), default=4, help="beam size (1: greedy); evaluate scores greedy and this")
+    g.add_argument("--alpha", type=number(float, 0), default=0.6, help="length penalty exponent of the beam search")
+    g.add_argument("--attention-text", default=SEED_SENTENCE, help="the sentence whose cross-attention is drawn")
+
+    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    args.out_dir = args.out_dir or (QUICK_OUT_DIR if args.quick else "runs/translator")
+    if args.resume:
+        saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt")["args"]
+        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
+        out_dir, args = args.out_dir, p.parse_args(argv)
+        args.out_dir = out_dir
+    if args.command != "translate" and args.text is not None:
+        p.error(f"unexpected text {args.text!r}; only the translate command takes one")
+    if args.command == "translate" and args.text is not None and not args.text.strip():
+        p.error("translate: the text is empty; give a sentence, or none to read lines from stdin")
+    if args.d_model % args.n_head or args.d_model % 2:
+        p.error(f"--d-model {args.d_model} must be even and divisible by --n-head {args.n_head}")
+    if args.eval_interval % args.log_interval:
+        p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
+    if not args.attention_text.strip():
+        p.error("--attention-text is empty; give a sentence")
+    args.figures_dir = args.figures_dir or args.out_dir
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "translate":
+        return translate_command(args)
+    if args.command == "evaluate":
+        return evaluate_command(args)
+    if not args.sample_only:
+        train(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone scores and draws
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Train the translator: pairs -> split -> shared BPE -> batches, then the loop with the paper's
+warmup schedule, validation loss and BLEU, and atomic checkpoints. Several GPUs: launch with
+torchrun, and DistributedDataParallel averages the gradients; rank 0 alone logs and checkpoints."""
+import csv
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import (BOS, EOS, PAD, Batches, encode, eval_batches, find_zip, first_sentences, group, load_tokenizer,
+                  read_pairs, split_pairs, train_tokenizer)
+from model import Config, Transformer, num_params, translate_ids
+
+FOLDER = "translator"  # stamped into checkpoints, so that another folder's checkpoint is refused
+QUICK_OUT_DIR = "runs/translator-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_bleu", "lr", "tokens_per_s", "elapsed_s"]
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"translator: --device {name}, but CUDA is not available here (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("translator: --device mps, but MPS is not available here (try --device cpu)")
+    return name
+
+
+def load_checkpoint(path, device="cpu"):
+    if not path.is_file():
+        raise SystemExit(f"translator: no checkpoint at {path}; train first, or pass the --out-dir of a run")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"translator: {path} is not a readable checkpoint ({type(e).__name__})")
+    folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
+    if folder != FOLDER:
+        raise SystemExit(f"translator: {path} is a checkpoint of {folder or 'something else'}, not of {FOLDER}/")
+    return ckpt
+
+
+def load_model(path, device):
+    """The model (in eval mode), tokenizer and checkpoint of a run."""
+    ckpt = load_checkpoint(Path(path), device)
+    model = Transformer(Config(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def get_lr(step, args, d_model):
+    """lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5) (§5.3, eq. 3), steps counted
+    from 1: linear warmup, then decay with the inverse square root of the step. --lr, when given,
+    replaces the peak d_model^-0.5 * warmup_steps^-0.5 reached at the end of the warmup."""
+    s, w = step + 1, args.warmup_steps
+    scale = args.lr * math.sqrt(w) if args.lr else d_model ** -0.5
+    return scale * min(s ** -0.5, s * w ** -1.5)
+
+
+def translation_scores(hyps, refs):
+    """sacreBLEU and chrF of the hypotheses (one per English sentence) against refs (a list of French
+    translations per sentence): "bleu" and "chrf" over the pairs, each hypothesis scored once per
+    reference (one reference per segment, as Tatoeba test sets are scored); "bleu_multi_ref" with all
+    of a sentence's translations as its references at once."""
+    pair_hyps, pair_refs = [h for h, r in zip(hyps, refs) for _ in r], [x for r in refs for x in r]
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(map(len, refs)))]
+    return {"bleu": round(bleu.corpus_score(pair_hyps, [pair_refs]).score, 2),
+            "chrf": round(chrf.corpus_score(pair_hyps, [pair_refs]).score, 2),
+            "bleu_multi_ref": round(sacrebleu.BLEU().corpus_score(hyps, streams).score, 2),
+            "segments": len(pair_hyps), "sentences": len(hyps),
+            "signature": f"{bleu.get_signature()} / {chrf.get_signature()}"}
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device, autocast):
+    """Mean cross-entropy (nats per target token, label smoothing included) over the batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for src, tgt_in, tgt_out in batches:
+        with autocast:
+            _, loss = model(src.to(device), tgt_in.to(device), tgt_out.to(device))
+        tokens = int((tgt_out != PAD).sum())
+        total, n = total + loss.item() * tokens, n + tokens
+    model.train()
+    return total / n
+
+
+def valid_bleu(model, tok, sources, refs):
+    """BLEU of greedy translations of the validation sentences (see translation_scores)."""
+    model.eval()
+    hyps = [tok.decode(ids) for ids in translate_ids(model, sources)]
+    model.train()
+    return translation_scores(hyps, refs)["bleu"]
+
+
+def open_log(path, resume_step):
+    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first."""
+    rows = []
+    if resume_step and path.is_file():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def prepare_data(args, saved_tokenizer=None):
+    """The training pairs as token lists (those that fit in max_len), the validation pairs, and the
+    tokenizer: trained here on the training sentences of both languages unless saved."""
+    pairs, sha = read_pairs(find_zip(args.data_dir))
+    splits = split_pairs(pairs)
+    train_pairs = splits["train"][:args.max_pairs or None]
+    valid_pairs = first_sentences(splits["valid"], args.max_eval)
+    if saved_tokenizer:
+        tok = load_tokenizer(saved_tokenizer)
+    else:
+        tok = train_tokenizer(sorted({s for pair in train_pairs for s in pair}), args.vocab_size)
+    src, tgt = encode(tok, [en for en, _ in train_pairs]), encode(tok, [fr for _, fr in train_pairs])
+    keep = [i for i in range(len(src)) if max(len(src[i]), len(tgt[i])) < args.max_len]  # room for EOS / BOS
+    data = {"sha256": sha, "train_src": [src[i] for i in keep], "train_tgt": [tgt[i] for i in keep],
+            "dropped": len(src) - len(keep), "valid_src": encode(tok, [en for en, _ in valid_pairs]),
+            "valid_tgt": encode(tok, [fr for _, fr in valid_pairs]), "valid_groups": group(valid_pairs)}
+    if not keep:
+        raise SystemExit(f"translator: no training pair fits in --max-len {args.max_len} tokens")
+    return tok, data
+
+
+def train(args):
+    # ---- processes and device: one per GPU under torchrun, else just this one
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if args.device == "mps":
+            raise SystemExit("translator: torchrun with --device mps is not supported; use cuda or cpu")
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        rank, world, local_rank, device = 0, 1, 0, resolve_device(args.device)
+    master = rank == 0
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    # ---- data, tokenizer (the checkpoint's when resuming) and model
+    out = Path(args.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
+        raise SystemExit(f"translator: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    if ddp and local_rank != 0:
+        dist.barrier()  # local rank 0 alone downloads the data, if it has to
+    tok, data = prepare_data(args, ckpt and ckpt["tokenizer"])
+    if ddp and local_rank == 0:
+        dist.barrier()
+    if ckpt and ckpt["data_sha256"] != data["sha256"]:
+        raise SystemExit(f"translator: {ckpt_path} was trained on another fra.txt than the one in "
+                         f"{args.data_dir}/tatoeba/; --resume needs the same data")
+    cfg = Config(**ckpt["config"]) if ckpt else Config(
+        vocab_size=tok.get_vocab_size(), max_len=args.max_len, n_layer=args.n_layer, n_head=args.n_head,
+        d_model=args.d_model, d_ff=args.d_ff, dropout=args.dropout, label_smoothing=args.label_smoothing,
+        pre_ln=args.pre_ln, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    batches = Batches(data["train_src"], data["train_tgt"], args.batch_size, args.seed)
+    val_batches = eval_batches(data["valid_src"], data["valid_tgt"], args.batch_size)
+    bleu_groups = data["valid_groups"][:args.eval_sentences]
+    bleu_sources = [ids[:cfg.max_len - 1] for ids in encode(tok, [en for en, _ in bleu_groups])]
+    bleu_refs = [refs for _, refs in bleu_groups]
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = Transformer(cfg).to(device)
+    # Adam with beta_1 = 0.9, beta_2 = 0.98, epsilon = 1e-9 (§5.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=get_lr(0, args, cfg.d_model), betas=(0.9, args.beta2),
+                                 eps=1e-9, fused=device_type == "cuda")
+    torch.manual_seed(args.seed + rank)  # but different dropout masks
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if master:  # exact resume of the dropout masks (the other ranks draw fresh ones)
+            torch.set_rng_state(ckpt["rng"].cpu())
+            if device_type == "cuda" and ckpt["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+    raw = model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    pairs_per_step = args.batch_size * args.grad_accum * world
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{num_params(raw) / 1e6:.2f}M parameters, shared BPE of {cfg.vocab_size:,} tokens, "
+              f"{len(data['train_src']):,} train pairs ({data['dropped']} longer than {cfg.max_len - 1} tokens left "
+              f"out), {len(data['valid_src']):,} validation pairs, {pairs_per_step:,} pairs per step "
+              f"({batches.per_epoch / args.grad_accum / world:,.0f} steps per epoch) on {world} x {device}"
+              + (f", resuming at step {step}" if ckpt else ""))
+        log_file, log = open_log(out / "log.csv", step)
+        if args.wandb:
+            import wandb
+            wandb.init(project="papers-translator", config=vars(args), dir=out)
+
+    def checkpoint(step, val_loss, val_bleu):
+        save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step, "config": asdict(cfg), "tokenizer": tok.to_str(), "args": vars(args),
+                     "data_sha256": data["sha256"], "val_loss": val_loss, "val_bleu": val_bleu,
+                     "train_time": train_time, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
+
+    # ---- the loop
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master, desc="train",
+                dynamic_ncols=True)
+    t0, losses, tokens, last_ckpt = time.perf_counter(), [], 0, step
+    train_time, val_loss, val_bleu = ((ckpt["train_time"], ckpt["val_loss"], ckpt["val_bleu"]) if ckpt
+                                      else (0.0, float("nan"), float("nan")))
+    try:
+        for step in pbar:
+            lr = get_lr(step, args, cfg.d_model)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for micro in range(args.grad_accum):
+                src, tgt_in, tgt_out = batches((step * args.grad_accum + micro) * world + rank)
+                tokens += int((tgt_out != PAD).sum()) + int((src != PAD).sum())
+                src, tgt_in, tgt_out = src.to(device), tgt_in.to(device), tgt_out.to(device)
+                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
+                with sync:  # DDP: all-reduce the gradients only on the last micro-step
+                    with autocast:
+                        _, loss = model(src, tgt_in, tgt_out)
+                    (loss / args.grad_accum).backward()
+                if master:
+                    losses.append(loss.detach())
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if master and (done % args.log_interval == 0 or done == args.steps):
+                train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
+                dt = time.perf_counter() - t0
+                train_time += dt
+                row = {"step": done, "epoch": round(done * args.grad_accum * world / batches.per_epoch, 3),
+                       "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens * world / dt}
+                losses, tokens = [], 0
+                if done % args.eval_interval == 0 or done == args.steps:
+                    row["val_loss"] = val_loss = evaluate_loss(raw, val_batches, device, autocast)
+                    row["val_bleu"] = val_bleu = valid_bleu(raw, tok, bleu_sources, bleu_refs)
+                    checkpoint(done, val_loss, val_bleu)
+                    last_ckpt = done
+                row["elapsed_s"] = train_time
+                log.writerow(row)
+                log_file.flush()
+                pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", bleu=f"{val_bleu:.1f}",
+                                 lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                if args.wandb:
+                    wandb.log(row, step=done)
+                t0 = time.perf_counter()
+    except KeyboardInterrupt:
+        if master and ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: continue with --resume")
+        elif master:
+            print("\ninterrupted before the first checkpoint; nothing was saved")
+        raise SystemExit(130)
+    finally:
+        if master:
+            log_file.close()
+        if ddp:
+            dist.destroy_process_group()
+
+    if master:
+        print(f"validation: loss {val_loss:.4f} nats/token, greedy BLEU {val_bleu:.2f} ({len(bleu_refs)} sentences) "
+              f"after {args.steps} steps; {train_time:.0f} s training")
+        if args.wandb:
+            wandb.finish()
+    return raw
