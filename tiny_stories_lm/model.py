@@ -103,15 +103,15 @@ class CausalSelfAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         T, L = q.size(2), k.size(2)
         # softmax(Q K^T / sqrt(hs)) V, query i (at position L - T + i) seeing keys 0 .. L - T + i
-        mask = None if T == L else torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
+        causal = (None if T == L and not need_weights  # the square case: SDPA's is_causal
+                  else torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T))
         weights = None
         if need_weights:  # the same attention written out, to look at the weights
-            causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
             weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, nh, T, L)
             y = weights @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = rearrange(y, "b nh t hs -> b t (nh hs)")
         return self.resid_dropout(self.proj(y)), (k, v), weights
@@ -229,7 +229,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
     if top_p and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), num_samples=1)

@@ -20,18 +20,16 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def tell_stories(args):
+def tell_stories(args, model, tok):
     """--num-samples stories continuing --prompt, each ending at the end-of-text token (or after
     --max-new-tokens)."""
-    device = resolve_device(args.device)
-    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", device)
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise SystemExit("tiny_stories_lm: --prompt is empty; give at least one character")
     torch.manual_seed(args.seed)
     stories = []
     for _ in range(args.num_samples):
-        idx = torch.tensor([prompt], device=device)
+        idx = torch.tensor([prompt], device=next(model.parameters()).device)
         out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop=tok.eot)
         ids = out[0].tolist()
         stories.append(tok.decode(ids[:-1] if ids[-1] == tok.eot else ids) + ("" if ids[-1] == tok.eot else " [...]"))
@@ -39,21 +37,22 @@ def tell_stories(args):
 
 
 def sample(args):
+    """Stories, the loss curve and (a Transformer) the attention figures of the run in --out-dir."""
     out = Path(args.out_dir)
-    stories = tell_stories(args)
+    model, tok, ckpt = load_model(out / "ckpt.pt", resolve_device(args.device))
+    stories = tell_stories(args, model, tok)
     text = "".join(f"#### STORY {i} ####\n{s}\n\n" for i, s in enumerate(stories, 1))
     write_atomic(out / "stories.txt", text)
     print(text, end="")
     print(f"wrote {out / 'stories.txt'}")
     fig_dir = Path(args.figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(out / "ckpt.pt")
     if (out / "log.csv").is_file():
         path = fig_dir / f"tiny_stories_lm_{ckpt['config']['model']}_loss.png"
         plot_loss(out / "log.csv", path, ckpt["config"]["model"])
         print(f"wrote {path}")
-    if ckpt["config"]["model"] == "transformer":
-        attention(args)
+    if isinstance(model, Transformer):
+        draw_attention(args, model, tok)
 
 
 def plot_loss(log_path, fig_path, name):
@@ -72,24 +71,28 @@ def plot_loss(log_path, fig_path, name):
 
 
 @torch.no_grad()
-def attention_weights(model, tok, prompt, device):
+def attention_weights(model, tok, prompt):
     """The prompt's tokens (as strings) and every layer's attention weights, each (nh, T, T)."""
     ids = tok.encode(prompt)[:model.cfg.block_size]
     weights = []
-    model(torch.tensor([ids], device=device), attention=weights)
+    model(torch.tensor([ids], device=next(model.parameters()).device), attention=weights)
     return [tok.decode([i]) for i in ids], [w[0].float().cpu() for w in weights]
 
 
 def attention(args):
-    """A heatmap of every head of --layer over --attention-prompt (PNG), and the same weights as an
-    HTML page: hover a token to see where each head looks from it."""
-    device = resolve_device(args.device)
-    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", device)
+    """The attention command: the figures of draw_attention for the run in --out-dir."""
+    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", resolve_device(args.device))
     if not isinstance(model, Transformer):
         raise SystemExit("tiny_stories_lm: the bag model has no attention; pass the --out-dir of a transformer run")
+    draw_attention(args, model, tok)
+
+
+def draw_attention(args, model, tok):
+    """A heatmap of every head of --layer over --attention-prompt (PNG), and the same weights as an
+    HTML page: hover a token to see where each head looks from it."""
     if not 0 <= args.layer < model.cfg.n_layer:
         raise SystemExit(f"tiny_stories_lm: --layer {args.layer}: this model has layers 0 to {model.cfg.n_layer - 1}")
-    tokens, weights = attention_weights(model, tok, args.attention_prompt, device)
+    tokens, weights = attention_weights(model, tok, args.attention_prompt)
     fig_dir = Path(args.figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     png = fig_dir / f"tiny_stories_lm_attention_layer{args.layer}.png"
