@@ -80,6 +80,7 @@ def translation_scores(hyps, refs):
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(max(map(len, refs)))]
     return {"bleu": round(bleu.corpus_score(pair_hyps, [pair_refs]).score, 2),
             "chrf": round(chrf.corpus_score(pair_hyps, [pair_refs]).score, 2),
+            # a scorer of its own: reusing `bleu` would turn its signature's nrefs:1 into nrefs:var
             "bleu_multi_ref": round(sacrebleu.BLEU().corpus_score(hyps, streams).score, 2),
             "segments": len(pair_hyps), "sentences": len(hyps),
             "signature": f"{bleu.get_signature()} / {chrf.get_signature()}"}
