@@ -570,8 +570,14 @@ def build_model(task, config):
     return LanguageModel(**config)
 
 
+def depth(name):
+    """How far below the output a classifier's parameter sits: 0 the head, 1 the recurrent layers,
+    2 the embedding."""
+    return 0 if name.startswith("head.") else 1 if name.startswith("rnn.") else 2
+
+
 def encoder_params(model):
-    return [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    return [p for name, p in model.named_parameters() if depth(name) > 0]
 
 
 def param_groups(model, args):
@@ -579,7 +585,6 @@ def param_groups(model, args):
     lr / decay, the embedding at lr / decay^2 (decay 1: one rate for all)."""
     if args.task != "imdb" or args.lr_decay == 1:
         return [{"params": list(model.parameters()), "lr": args.lr}]
-    depth = lambda name: 0 if name.startswith("head.") else 1 if name.startswith("rnn.") else 2
     groups = [[p for name, p in model.named_parameters() if depth(name) == d] for d in range(3)]
     return [{"params": g, "lr": args.lr / args.lr_decay ** d} for d, g in enumerate(groups)]
 
