@@ -1,11 +1,16 @@
 """Conventions every paper folder keeps: the shared flags, one-line errors,
 and no code shared between folders."""
 import ast
+import os
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
-from conftest import ROOT, paper_folders
+import safetensors.torch
+import torch
+from conftest import ROOT, import_folder, paper_folders, write_idx
 
 SHARED_FLAGS = ["--device", "--seed", "--data-dir", "--out-dir", "--quick", "--wandb",
                 "--resume", "--figures-dir", "--sample-only"]
@@ -13,8 +18,9 @@ FOLDERS = paper_folders()
 
 
 def run_main(folder, *args):
-    return subprocess.run([sys.executable, f"{folder}/main.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars write to stderr; the error must be its only line
+    return subprocess.run([sys.executable, f"{folder}/main.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -55,3 +61,182 @@ def test_folder_imports_no_other_folder(folder):
             assert name not in FOLDERS, f"{path.relative_to(ROOT)} imports folder {name}"
             assert name in own or name not in others, \
                 f"{path.relative_to(ROOT)} imports {name!r}, which only another folder has"
+
+
+# --- hostile inputs every folder answers in one line (issue 25) ---------------------------------
+
+# Per folder: the subcommand (if any) that trains, and a model size no machine here can hold.
+TRAIN_CMD = {"lm_compression": ["train"]}
+ABSURD_SIZE = {
+    "ddpm": ["--base", "100000"], "fff": ["--leaf-width", "100000", "--depth", "20"],
+    "gnns": ["--hidden", "100000"], "gpt": ["--n-embd", "100000", "--n-head", "2"],
+    "lm_compression": ["--n-embd", "100000"], "nf": ["--hidden", "100000"],
+    "ppo": ["--num-envs", "100000", "--num-steps", "100000", "--total-timesteps", "10000000000"],
+    "sequence_models": ["--hidden-size", "100000"], "tiny_stories_lm": ["--n-embd", "100000"],
+    "translator": ["--d-model", "100000"], "vit": ["--dim", "100000"],
+}
+
+
+def one_line(r):
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{r.stderr}"
+    return lines[0]
+
+
+def test_every_folder_has_an_absurd_size_case():
+    assert sorted(ABSURD_SIZE) == FOLDERS
+
+
+def error_line(folder, argv, capsys):
+    """Run FOLDER/main.py's main(ARGV) in this process (no interpreter start-up); it must stop with
+    one line, on stderr or as the exit message, and no traceback."""
+    main = import_folder(folder).main
+    with pytest.raises(SystemExit) as e:
+        main.main([str(a) for a in argv])
+    assert e.value.code not in (0, None)
+    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_absurd_model_size_is_refused_before_allocating(folder, tmp_path, capsys):
+    """The memory a model would need is estimated before anything is allocated or read, and nothing
+    is left behind (not even an empty run folder)."""
+    out = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
+    line = error_line(folder, [*TRAIN_CMD.get(folder, []), *ABSURD_SIZE[folder], "--device", "cpu",
+                               "--data-dir", tmp_path / "empty", "--out-dir", out], capsys)
+    assert "memory" in line.lower(), line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--figures-dir"])
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_an_existing_file_as_output_folder_is_refused_and_kept(folder, flag, tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("the user's notes")
+    (tmp_path / "empty").mkdir()
+    cmd = TRAIN_CMD.get(folder, [])
+    if folder == "lm_compression" and flag == "--figures-dir":  # only `benchmark` draws figures
+        cmd = ["benchmark", path]
+    args = [*cmd, "--device", "cpu", "--data-dir", tmp_path / "empty", flag, path]
+    if flag == "--figures-dir":
+        args += ["--out-dir", tmp_path / "run"]
+    assert str(path) in error_line(folder, args, capsys)
+    assert path.read_text() == "the user's notes"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_help_and_no_message_names_the_developers_data_folder(folder):
+    """`../shared` exists only on the machines this project is developed on."""
+    for path in sorted((ROOT / folder).glob("*.py")):
+        assert "shared/data" not in path.read_text(), f"{path.relative_to(ROOT)} names ../shared/data"
+    assert "shared/data" not in run_main(folder, "--help").stdout
+
+
+# Per folder: a tiny synthetic dataset (built by the test) and a short training run on it. With
+# --lr 1e9 every one of them diverges; the run must stop with one line, and no checkpoint it leaves
+# may hold a non-finite number.
+def _mnist(root):
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 300), ("t10k", 60)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 + 12 * (c // 5):8 + 12 * (c // 5), 2 + 5 * (c % 5):8 + 5 * (c % 5)] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def _text(root):
+    (root / "text").mkdir(parents=True)
+    (root / "text" / "1984.txt").write_text("".join(f"It was a bright cold day in April, number {i % 13}. "
+                                                     for i in range(400)))
+
+
+def _names(root):
+    (root / "names").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (root / "names" / "names.txt").write_text("\n".join("".join(rng.choice(list("abcdehilmnorsty"), rng.integers(3, 8)))
+                                                        for _ in range(400)) + "\n")
+
+
+def _tinystories(root):
+    (root / "tinystories").mkdir(parents=True)
+    story = "Once upon a time, {0} went to the park. {0} saw a big dog. \"Hello, dog!\" said {0}. The end."
+    for split, n in (("train", 200), ("valid", 40)):
+        (root / "tinystories" / f"{split}_excerpt.txt").write_text(
+            "\n\n".join(story.format(["Lily", "Tom", "Ben", "Mia"][i % 4]) for i in range(n)))
+
+
+def _tatoeba(root):
+    (root / "tatoeba").mkdir(parents=True)
+    nouns = {"cat": "chat", "dog": "chien", "bird": "oiseau", "horse": "cheval"}
+    verbs = {"sleeps": "dort", "eats": "mange", "runs": "court", "sings": "chante"}
+    lines = [f"The {n} {v}.\tLe {fn} {fv}.\tCC-BY 2.0 (France) Attribution: tatoeba.org\n"
+             for n, fn in nouns.items() for v, fv in verbs.items()] * 5
+    with zipfile.ZipFile(root / "tatoeba" / "fra-eng.zip", "w") as z:
+        z.writestr("fra.txt", "".join(lines))
+
+
+MNIST_TINY = ["--epochs", "2", "--train-size", "200", "--batch-size", "50"]
+DIVERGE = {
+    "ddpm": (_mnist, [*MNIST_TINY, "--base", "8", "--res-blocks", "1", "--T", "20", "--warmup-steps", "0",
+                      "--n-samples", "4", "--n-eval", "8", "--eval-batch", "8", "--classifier-epochs", "1"]),
+    "fff": (_mnist, [*MNIST_TINY, "--val-size", "50", "--depth", "2", "--leaf-width", "8"]),
+    "gnns": (_mnist, [*MNIST_TINY, "--val-size", "50", "--hidden", "8", "--layers", "2", "--heads", "2"]),
+    "gpt": (_text, ["--steps", "40", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                    "--batch-size", "8", "--warmup-steps", "0", "--eval-interval", "20"]),
+    "lm_compression": (_text, ["--steps", "40", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context", "16",
+                               "--batch-size", "8", "--warmup-steps", "0", "--eval-interval", "20"]),
+    "nf": (_mnist, [*MNIST_TINY, "--n-couplings", "5", "--hidden", "8", "--blocks", "1", "--warmup-steps", "0"]),
+    "ppo": (None, ["--total-timesteps", "2048", "--save-interval", "1"]),
+    "sequence_models": (_names, ["--task", "names", "--epochs", "2", "--emb-size", "8", "--hidden-size", "16"]),
+    "tiny_stories_lm": (_tinystories, ["--steps", "40", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                                       "--block-size", "16", "--batch-size", "8", "--vocab-size", "300",
+                                       "--warmup-steps", "0", "--eval-interval", "20", "--eval-tokens", "0"]),
+    "translator": (_tatoeba, ["--steps", "40", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--d-ff", "32",
+                              "--vocab-size", "300", "--batch-size", "8", "--warmup-steps", "0",
+                              "--eval-interval", "20", "--eval-sentences", "2"]),
+    "vit": (_mnist, [*MNIST_TINY, "--val-size", "50", "--patch-size", "7", "--dim", "16", "--depth", "1",
+                     "--heads", "2", "--mlp-dim", "32", "--warmup-epochs", "0"]),
+}
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_every_folder_has_a_divergence_case():
+    assert sorted(DIVERGE) == FOLDERS
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(folder, tmp_path):
+    build, args = DIVERGE[folder]
+    if build:
+        build(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run_main(folder, *TRAIN_CMD.get(folder, []), *args, "--lr", "1e9", "--device", "cpu",
+                 "--data-dir", str(tmp_path / "data"), "--out-dir", str(out))
+    line = one_line(r)
+    assert "non-finite" in line and "--lr" in line, line
+    for path in sorted(out.rglob("*.pt")):
+        for t in _tensors(torch.load(path, weights_only=True)):
+            assert not t.is_floating_point() or torch.isfinite(t).all(), f"{path} holds a non-finite tensor"
+    for path in sorted(out.rglob("*.safetensors")):
+        for t in safetensors.torch.load_file(path).values():
+            assert not t.is_floating_point() or torch.isfinite(t).all(), f"{path} holds a non-finite tensor"
