@@ -1,14 +1,22 @@
 """Language Modeling Is Compression (Delétang, Ruoss et al., ICLR 2024): a model's next-symbol
 probabilities drive an arithmetic coder, losslessly, on any bytes.
 
-    python lm_compression/main.py train --data-dir ../shared/data            # a byte model on 1984's first 90%
+    python lm_compression/main.py train --data-dir /path/to/datasets         # a byte model on 1984's first 90%
     python lm_compression/main.py compress IN OUT [--model M]                # '-' is stdin / stdout
     python lm_compression/main.py decompress IN OUT                          # the model named in IN's header
     python lm_compression/main.py number "The quick brown fox"               # a sentence as one binary fraction, and back
     python lm_compression/main.py sample --bytes 300                         # decode coin flips: text from the model
     python lm_compression/main.py benchmark FILE... --model M                # rates and speeds against gzip, xz, zstd
-    python lm_compression/main.py train --quick --data-dir ../shared/data    # the whole pipeline on CPU in < 60 s
+    python lm_compression/main.py train --quick --data-dir /path/to/datasets # the whole pipeline on CPU in < 60 s
 
+The README's CPU result (a byte model on 1984, then its held-out end against gzip, xz, zstd):
+    python lm_compression/main.py train --data-dir /path/to/datasets --out-dir runs/lm_compression-cpu \
+      --context 256 --n-layer 4 --n-head 4 --n-embd 128 --batch-size 16 --lr 2e-3 --steps 4000 \
+      --eval-interval 500 --device cpu
+    python lm_compression/main.py benchmark runs/lm_compression-cpu/byte_model.heldout.txt \
+      --out-dir runs/lm_compression-cpu --device cpu
+
+--data-dir: a folder holding text/1984.txt (or pass any text with --data FILE).
 --model is a byte-model checkpoint (default: OUT_DIR/byte_model.pt, what `train` writes), a
 Hugging Face causal LM name or local folder, or a .gguf file (through transformers' gguf loading).
 """
@@ -16,8 +24,9 @@ import argparse
 import gzip
 import os
 import re
+import secrets
+import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +40,7 @@ SHARED = ("shared flags, on every command: --device, --seed, --data-dir, --out-d
           "--sample-only, --wandb; on benchmark: --figures-dir")
 QUICK = dict(steps=150, batch_size=16, context=64, n_layer=2, n_head=2, n_embd=64, eval_interval=50,
              warmup_steps=10, lr=3e-3)
+OUT_DIR, QUICK_OUT_DIR = "runs/lm_compression", "runs/lm_compression-quick"
 QUICK_ROUND_TRIP = 16_384  # --quick codes only the start of the held-out text
 
 
@@ -63,7 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0, 2 ** 31), default=0, help="seeds training and sampling")
     g.add_argument("--data-dir", default="data", help="dataset root holding text/1984.txt (the default training text)")
-    g.add_argument("--out-dir", default="runs/lm_compression", help="where `train` writes byte_model.pt, the default --model")
+    g.add_argument("--out-dir", default=None, help=f"where `train` writes byte_model.pt, the default --model "
+                                                    f"(default: {OUT_DIR}, {QUICK_OUT_DIR} with --quick)")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default=None, help="byte-model checkpoint, Hugging Face name or folder, or .gguf "
                                                      "file (default: OUT_DIR/byte_model.pt)")
@@ -115,22 +126,52 @@ def parse_args(argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    args.explicit_out_dir = args.out_dir is not None
     if args.command == "train":
         if args.quick:
-            t.set_defaults(**QUICK, out_dir="runs/lm_compression-quick")
+            t.set_defaults(**QUICK)
             args = p.parse_args(argv)
+            args.explicit_out_dir = args.out_dir is not None
         if args.n_embd % args.n_head:
             p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    args.out_dir = args.out_dir or (QUICK_OUT_DIR if getattr(args, "quick", False) else OUT_DIR)
+    check_folder(p, "--out-dir", args.out_dir)
+    if args.command == "train":
         args.out = args.out or str(Path(args.out_dir) / "byte_model.pt")
+        check_folder(p, "--out's folder", Path(args.out).parent)
+    if args.command == "benchmark" and args.figures_dir:
+        check_folder(p, "--figures-dir", args.figures_dir)
     return args
 
 
-def load(args, spec=None):
-    spec = spec or args.model or str(Path(args.out_dir) / "byte_model.pt")
-    if not Path(spec).exists() and spec == str(Path(args.out_dir) / "byte_model.pt"):
-        raise SystemExit(f"lm_compression: no model: {spec} does not exist; train one (python lm_compression/main.py "
-                         f"train --data-dir ../shared/data) or pass --model (a byte-model checkpoint, a Hugging Face "
-                         f"name or folder, or a .gguf file)")
+def check_folder(p, flag, path):
+    """A folder the command would create or write into must not be an existing file."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            p.error(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag.split()[0]}")
+
+
+def default_models(args):
+    """Where a command looks for the byte model when --model is not given: OUT_DIR/byte_model.pt; without
+    --out-dir also what `train --quick` writes."""
+    if args.explicit_out_dir:
+        return [Path(args.out_dir) / "byte_model.pt"]
+    return [Path(OUT_DIR) / "byte_model.pt", Path(QUICK_OUT_DIR) / "byte_model.pt"]
+
+
+def load(args, spec):
+    """The predictor for --model SPEC, or (SPEC None) the byte model where `train` writes it."""
+    if spec is None:
+        found = [p for p in default_models(args) if p.is_file()]
+        if not found:
+            looked = " or ".join(str(p) for p in default_models(args))
+            raise SystemExit(f"lm_compression: no model at {looked}; train one (python lm_compression/main.py "
+                             f"train --data-dir /path/to/datasets) or pass --model (a byte-model checkpoint, a "
+                             f"Hugging Face name or folder, or a .gguf file)")
+        spec = str(found[0])
+        if not args.explicit_out_dir and found[0] != default_models(args)[0]:
+            print(f"using {spec} (what `train --quick` wrote; pass --model to choose another)", file=sys.stderr)
     t0 = time.perf_counter()
     lm = load_predictor(spec, resolve_device(args.device), getattr(args, "context", 2048))
     if time.perf_counter() - t0 > 2:
@@ -147,30 +188,38 @@ def read_input(name):
 
 
 def check_output(args):
-    """Refuse to write over the input, or over an existing file without --force."""
+    """Refuse to write over the input, over a folder, into a missing folder, or over a file without --force."""
     if args.output == "-":
         return
     out = Path(args.output)
     if args.input != "-" and out.exists() and out.resolve() == Path(args.input).resolve():
         raise SystemExit(f"lm_compression: OUT {out} is the input file; choose another OUT")
+    if out.is_dir():
+        raise SystemExit(f"lm_compression: OUT {out} is a folder; name a file (inside it, say)")
+    if not out.parent.is_dir():
+        raise SystemExit(f"lm_compression: OUT {out}: there is no folder {out.parent}; create it first")
     if out.exists() and not args.force:
         raise SystemExit(f"lm_compression: {out} exists; pass --force to replace it")
 
 
 def write_output(name, data):
-    """Atomic: a temp file in OUT's folder, renamed over OUT only once complete."""
+    """Atomic: a temp file in OUT's folder, renamed over OUT only once complete. The temp file is
+    created 0666 less the umask, as open(OUT, 'w') would (an OUT being replaced keeps its mode)."""
     if name == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
     out = Path(name)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.")
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if out.is_file():
+            os.chmod(tmp, stat.S_IMODE(out.stat().st_mode))
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -182,7 +231,7 @@ def report(what, n_in, n_out, raw, seconds):
 def cmd_compress(args):
     check_output(args)
     data = read_input(args.input)
-    lm = load(args)
+    lm = load(args, args.model)
     t0 = time.perf_counter()
     blob = compress(data, lm)
     write_output(args.output, blob)
@@ -206,7 +255,7 @@ def cmd_decompress(args):
 
 
 def cmd_number(args):
-    lm = load(args)
+    lm = load(args, args.model)
     data = args.text.encode("utf-8")
     enc = EncodeIO()
     code(lm, enc, bytearray(data), len(data), True, progress=False)
@@ -223,12 +272,11 @@ def cmd_number(args):
 
 
 def cmd_sample(args):
-    print(sample(load(args), args.bytes, args.seed).decode("utf-8", "replace"))
+    print(sample(load(args, args.model), args.bytes, args.seed).decode("utf-8", "replace"))
 
 
 def cmd_benchmark(args):
-    specs = args.model or [str(Path(args.out_dir) / "byte_model.pt")]
-    lms = [load(args, spec) for spec in specs]
+    lms = [load(args, spec) for spec in args.model or [None]]
     results = benchmark(args.files, lms, args.limit)
     fig_dir = Path(args.figures_dir or args.out_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -240,8 +288,7 @@ def cmd_train(args):
     """Train (unless --sample-only), then the whole pipeline on the held-out text: rate, round trip, a sample."""
     if not args.sample_only:
         train(args)
-    args.model = args.out
-    lm = load(args)
+    lm = load(args, args.out)
     _, held_out = split(read_text(args)[1], args.val_fraction)
     path = Path(args.out).with_suffix(".heldout.txt")       # for `benchmark`
     write_output(str(path), held_out)
@@ -254,12 +301,17 @@ def cmd_train(args):
           f"({len(blob) / len(held_out):.1%}; gzip -9: {len(gzip.compress(held_out, 9)) / len(held_out):.1%}), "
           f"{len(held_out) / seconds / 1e3:.1f} kB/s; decompressed {'exactly' if exact else 'WRONG'}")
     print("a sample (coin flips decoded by the model):\n" + sample(lm, 300, args.seed).decode("utf-8", "replace"))
+    print(f"compress with it: python lm_compression/main.py compress IN OUT --model {args.out}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    {"compress": cmd_compress, "decompress": cmd_decompress, "number": cmd_number, "sample": cmd_sample,
-     "benchmark": cmd_benchmark, "train": cmd_train}[args.command](args)
+    try:
+        {"compress": cmd_compress, "decompress": cmd_decompress, "number": cmd_number, "sample": cmd_sample,
+         "benchmark": cmd_benchmark, "train": cmd_train}[args.command](args)
+    except KeyboardInterrupt:  # train's loop handles its own (it names the checkpoint to resume)
+        raise SystemExit(f"lm_compression: {args.command} interrupted (Ctrl-C)"
+                         + ("; nothing was written" if args.command in ("compress", "decompress") else ""))
 
 
 if __name__ == "__main__":

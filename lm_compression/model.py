@@ -163,13 +163,12 @@ class TokenLM:
         return softmax64(out.logits[:, -1]), out.past_key_values
 
 
-def save_byte_model(net, path, **extra):
-    """Atomic: a temp file next to `path`, then a rename."""
+def save_byte_model(cfg, state, path, **extra):
+    """Atomic: a temp file next to `path`, then a rename. `state`: the weights `load_byte_model` gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"folder": FOLDER, "kind": "byte-model", "config": asdict(net.cfg), "model": net.state_dict(), **extra},
-               tmp)
+    torch.save({"folder": FOLDER, "kind": "byte-model", "config": asdict(cfg), "model": state, **extra}, tmp)
     tmp.replace(path)
 
 
@@ -198,9 +197,19 @@ def transformers():
     return tf
 
 
+def looks_like_a_path(spec):
+    """A Hugging Face repo id is `name` or `org/name`; anything else (a file suffix, a leading / . ~, more
+    than one /) is meant as a path."""
+    return (Path(spec).suffix in {".pt", ".pth", ".ckpt", ".gguf", ".bin", ".safetensors"}
+            or spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec)
+
+
 def load_predictor(spec, device, context=2048):
     """--model: a byte-model checkpoint, a .gguf file, or a Hugging Face name or local folder."""
     path = Path(spec)
+    if not path.exists() and looks_like_a_path(spec):
+        raise SystemExit(f"lm_compression: --model {spec}: no such file or folder (a byte-model checkpoint, a .gguf "
+                         f"file or a model folder must exist; a Hugging Face name looks like org/name)")
     if path.is_file() and path.suffix != ".gguf":
         loaded = load_byte_model(path)
         if loaded is None:

@@ -5,6 +5,7 @@ The held-out loss is measured the same way the coder codes: consecutive chunks, 
 so val bits/byte is the code length the compressor will reach (plus a few bytes per file).
 """
 import math
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def read_text(args):
     path = Path(args.data) if args.data else Path(args.data_dir) / "text" / "1984.txt"
     if not path.is_file():
         raise SystemExit(f"lm_compression: no training text at {path}; pass --data FILE, or a --data-dir holding "
-                         f"text/1984.txt (here: --data-dir ../shared/data)")
+                         f"text/1984.txt (--data-dir /path/to/datasets)")
     data = path.read_bytes()
     if len(data) < 4 * args.context:
         raise SystemExit(f"lm_compression: {path} has {len(data):,} bytes; training needs at least 4 x --context "
@@ -78,49 +79,95 @@ def get_lr(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(args):
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    path, text = read_text(args)
-    train_data, val_data = (as_tensor(d) for d in split(text, args.val_fraction))
-    cfg = ByteConfig(context=args.context, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                     dropout=args.dropout)
-    step, ckpt = 0, None
+def num_params(cfg):
+    """The byte model's parameter count from its config, as ByteTransformer builds it: embeddings
+    (257 + context) C, per block 12 C^2 + 13 C (qkv, proj, 4C MLP, two LayerNorms), ln_f, head 256 C."""
+    C = cfg.n_embd
+    return (257 + cfg.context) * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C + 256 * C
+
+
+def check_memory(cfg, batch_size, device):
+    """Refuse, before anything is read or allocated, a model that cannot fit: 16 bytes per parameter
+    (float32 weights, gradients, AdamW's two moments) plus one batch's activations kept for the
+    backward pass (per block about 20 C floats and the nh T attention weights per position)."""
+    params = num_params(cfg)
+    T = cfg.context + 1
+    activations = 4 * batch_size * T * (cfg.n_layer * (20 * cfg.n_embd + 2 * cfg.n_head * T) + 3 * 256)
+    need = 16 * params + activations
+    if device.startswith("cuda"):
+        have = torch.cuda.mem_get_info(torch.device(device))[1]
+    else:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise SystemExit(f"lm_compression: this model ({params:,} parameters, batch {batch_size} x {cfg.context}) "
+                         f"needs about {need / 2 ** 30:,.1f} GiB of memory for weights, optimiser state and "
+                         f"activations ({device} has {have / 2 ** 30:,.1f} GiB); choose a smaller --n-embd, "
+                         f"--n-layer, --context or --batch-size")
+
+
+def non_finite(what, step, out):
+    where = f"the last good checkpoint is {out}" if out.is_file() else "no checkpoint was written"
+    return SystemExit(f"lm_compression: the {what} became non-finite at step {step}; stopping before the update; "
+                      f"{where}; try a lower --lr")
+
+
+def start(args, cfg, out):
+    """(net, ckpt or None): a fresh model, or --resume's last state (its best weights stay in ckpt)."""
     if args.resume:
+        if not out.exists():
+            raise SystemExit(f"lm_compression: --resume: there is nothing to resume at {out} (no such file); "
+                             f"train without --resume first, or pass the checkpoint with --out")
         loaded = load_byte_model(out) if out.is_file() else None
-        if loaded is None:
+        if loaded is None or "resume" not in loaded[1]:
             raise SystemExit(f"lm_compression: --resume, but {out} is not a byte-model checkpoint of this folder")
         net, ckpt = loaded
-        cfg, step = net.cfg, ckpt["step"]
-    elif out.exists() and not args.quick:
+        net.load_state_dict(ckpt["resume"]["model"])
+        return net, ckpt
+    if out.exists() and not args.quick:
         raise SystemExit(f"lm_compression: {out} exists; pass --resume to continue it, or another --out")
-    else:
-        torch.manual_seed(args.seed)
-        net = ByteTransformer(cfg)
+    torch.manual_seed(args.seed)
+    return ByteTransformer(cfg), None
+
+
+def train(args):
+    """AdamW on random chunks; every --eval-interval steps the held-out bits/byte, and the checkpoint:
+    the weights with the best held-out rate so far (what `compress` uses), and the last state for --resume."""
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    cfg = ByteConfig(context=args.context, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     dropout=args.dropout)
+    if not args.resume:
+        check_memory(cfg, args.batch_size, device)
+    net, ckpt = start(args, cfg, out)
+    path, text = read_text(args)
+    train_data, val_data = (as_tensor(d) for d in split(text, args.val_fraction))
+    cfg, step = net.cfg, ckpt["resume"]["step"] if ckpt else 0
+    best = (ckpt["val_bits_per_byte"], ckpt["model"]) if ckpt else (math.inf, None)
     net.to(device).train()
     decay = [p for p in net.parameters() if p.dim() >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        torch.set_rng_state(ckpt["resume"]["rng"])
     print(f"byte model: {net.num_params():,} parameters ({cfg.n_layer} layers, width {cfg.n_embd}, context "
           f"{cfg.context}); {path.name}: {len(train_data):,} training bytes, the last {len(val_data):,} held out; "
           f"{device}" + (f"; resuming at step {step}" if ckpt else ""))
 
     def save(val):
-        save_byte_model(net, out, step=step, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                        val_bits_per_byte=val, data=str(path), train_bytes=len(train_data), args=vars(args))
+        """Keep the best held-out weights; never write a non-finite number."""
+        nonlocal best
+        if not (math.isfinite(val) and all(torch.isfinite(p).all() for p in net.parameters())):
+            raise non_finite("held-out loss or a weight", step, out)
+        if val < best[0]:
+            best = (val, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                  "step": step}
+        save_byte_model(cfg, best[1], out, step=step, val_bits_per_byte=best[0], resume=resume, data=str(path),
+                        train_bytes=len(train_data), args=vars(args))
 
-    if args.wandb:
-        try:
-            import wandb
-            wandb.init(project="papers-lm_compression", config=vars(args))
-        except ImportError:
-            raise SystemExit("lm_compression: --wandb needs the wandb package (pip install wandb)")
-        except Exception as e:  # not logged in, no network: one line
-            raise SystemExit(f"lm_compression: --wandb could not start ({type(e).__name__})")
+    wandb = start_wandb(args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     if step >= args.steps:
         print(f"{out} is at step {step}, not below --steps {args.steps}: nothing to train")
@@ -134,10 +181,10 @@ def train(args):
             with autocast:
                 logits, _ = net(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            if not torch.isfinite(loss):
-                raise SystemExit(f"lm_compression: the loss became {loss.item()} at step {step}; try a lower --lr")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            if not torch.isfinite(torch.stack([loss.detach(), norm])).all():   # one sync for both
+                raise non_finite("loss" if not torch.isfinite(loss) else "gradient norm", step, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step % 20 == 0:
@@ -146,9 +193,24 @@ def train(args):
                 val = bits_per_byte(net, val_data, device)
                 step += 1
                 save(val)
-                if args.wandb:
+                if wandb:
                     wandb.log({"train_bits_per_byte": loss.item() / math.log(2), "val_bits_per_byte": val}, step=step)
                 tqdm.write(f"step {step:6d}  train {loss.item() / math.log(2):.3f} bits/byte  held-out "
-                           f"{val:.3f} bits/byte (rate {val / 8:.1%})  {time.perf_counter() - t0:.0f} s")
+                           f"{val:.3f} bits/byte (rate {val / 8:.1%}){'  best' if val == best[0] else ''}  "
+                           f"{time.perf_counter() - t0:.0f} s")
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted; the last checkpoint is {out}: continue with --resume")
+    print(f"kept the weights with the best held-out rate: {best[0]:.3f} bits/byte ({out})")
+
+
+def start_wandb(args):
+    if not args.wandb:
+        return None
+    try:
+        import wandb
+        wandb.init(project="papers-lm_compression", config=vars(args))
+    except ImportError:
+        raise SystemExit("lm_compression: --wandb needs the wandb package (pip install wandb)")
+    except Exception as e:  # not logged in, no network: one line
+        raise SystemExit(f"lm_compression: --wandb could not start ({type(e).__name__})")
+    return wandb

@@ -4,8 +4,11 @@ the KV cache against a full pass, the container's checks, learning, and the comm
 import contextlib
 import io
 import math
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,7 +223,9 @@ def test_compress_decompress_files_and_their_errors(trained):
     assert "not a file this tool wrote" in error("decompress", src, d / "never.bin")
     assert "no model" in error("compress", src, d / "x", "--out-dir", d / "nothing")
     assert "not a byte-model checkpoint" in error("compress", src, d / "x", "--model", src)
-    assert "cannot load --model" in error("compress", src, d / "x", "--model", d / "no-such-model-dir")
+    for missing in ("no-such-model-dir", "missing.pt", "missing.gguf"):   # not a Hugging Face repo-id error
+        assert f"--model {d / missing}: no such file or folder" in error("compress", src, d / "x", "--model",
+                                                                          d / missing)
     assert "no training text" in error("train", "--data", d / "none.txt")
     assert "exists; pass --resume" in error("train", "--data", d / "text.txt", "--out", d / "m.pt")
 
@@ -253,3 +258,75 @@ def test_benchmark_measures_every_compressor_and_draws_them(trained, tmp_path):
     names = {r.split("|")[1].strip() for r in rows}
     assert {"gzip -9", "xz -9", "m.pt"} <= names and len(rows) == 2 * (len(names) - 1) + 1
     assert (tmp_path / "lm_compression_rates.png").stat().st_size > 0
+
+
+def test_outputs_that_cannot_be_written_are_refused_in_one_line_before_the_model_loads(trained, tmp_path):
+    d, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"War is peace.")
+    line = error("compress", src, tmp_path / "missing" / "out.lmz", "--model", d / "m.pt")
+    assert f"there is no folder {tmp_path / 'missing'}" in line
+    (tmp_path / "folder").mkdir()
+    for force in ([], ["--force"]):                      # not "exists; pass --force", then IsADirectoryError
+        assert "is a folder; name a file" in error("compress", src, tmp_path / "folder", "--model", d / "m.pt", *force)
+    assert list((tmp_path / "folder").iterdir()) == [] and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+def test_ctrl_c_is_one_line_and_leaves_nothing_behind(trained, tmp_path, monkeypatch, command):
+    d, _ = trained
+    src = tmp_path / "in"
+    src.write_bytes(codec.compress(b"War is peace.", lmc.model.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
+                    if command == "decompress" else b"War is peace.")
+    calls = []
+
+    def interrupted(*args, **kwargs):                   # Ctrl-C in the middle of coding
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lmc.main, command, interrupted)
+    line = error(command, src, tmp_path / "out", "--model", d / "m.pt")
+    assert calls and "interrupted" in line and "nothing was written" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_resume_without_a_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Freedom is the freedom to say that two plus two make four. " * 20)
+    line = error("train", "--resume", "--data", text, "--out", tmp_path / "none.pt", "--device", "cpu")
+    assert f"there is nothing to resume at {tmp_path / 'none.pt'}" in line
+
+
+def test_compress_finds_what_train_quick_wrote_or_says_where_it_looked(trained, tmp_path, monkeypatch, capsys):
+    d, _ = trained
+    monkeypatch.chdir(tmp_path)
+    quick = lmc.main.parse_args(["train", "--quick"])
+    (tmp_path / "in.txt").write_bytes(b"Ignorance is strength.")
+    line = error("compress", "in.txt", "out.lmz")
+    assert "no model at runs/lm_compression/byte_model.pt or runs/lm_compression-quick/byte_model.pt" in line
+    Path(quick.out).parent.mkdir(parents=True)
+    Path(quick.out).write_bytes((d / "m.pt").read_bytes())
+    assert run_main("compress", "in.txt", "out.lmz")[0] == 0
+    assert f"using {quick.out}" in capsys.readouterr().err
+    assert run_main("decompress", "out.lmz", "back.txt")[0] == 0
+    assert (tmp_path / "back.txt").read_bytes() == b"Ignorance is strength."
+    assert f"no model at {tmp_path / 'elsewhere' / 'byte_model.pt'};" in error(
+        "compress", "in.txt", "x.lmz", "--out-dir", tmp_path / "elsewhere")   # an explicit --out-dir: only there
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_permissions_a_normal_write_gives(trained, tmp_path, umask):
+    d, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"Who controls the past controls the future.")
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "reference", "w"):
+            pass
+        assert run_main("compress", src, tmp_path / "c.lmz", "--model", d / "m.pt")[0] == 0
+        assert run_main("decompress", tmp_path / "c.lmz", tmp_path / "back.txt")[0] == 0
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    assert mode == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "c.lmz").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "back.txt").stat().st_mode) == mode
