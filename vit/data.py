@@ -3,7 +3,8 @@ DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.
 
 The files are read directly (the IDX format is a few lines of numpy) and torchvision
 is only asked to download them when they are missing, so a machine without network
-access works as soon as the files are in place.
+access (or with a torchvision that does not import beside this torch) works as soon
+as the files are in place.
 """
 import gzip
 from pathlib import Path
@@ -16,6 +17,8 @@ CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "fashion": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
 }
+URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirrors
+        "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}  # of the training images, on [0, 1]
 
 
@@ -41,13 +44,21 @@ def find(raw, name):
     return None
 
 
+def first_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def download(dataset, root):
+    """torchvision's downloader, into root/<Dataset>/raw; returns why nothing came, or None."""
     try:
         from torchvision import datasets
-        getattr(datasets, DATASETS[dataset])(root=root, train=True, download=True)
-        getattr(datasets, DATASETS[dataset])(root=root, train=False, download=True)
-    except Exception as e:  # no network, no torchvision, a mirror down: say what to do instead
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return f"torchvision could not be imported ({first_line(e)}), so nothing was downloaded"
+    try:
+        for train in (True, False):
+            getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
+    except Exception as e:  # no network, a mirror down
+        return f"the download failed ({first_line(e)})"
     return None
 
 
@@ -61,9 +72,9 @@ def load_split(data_dir, dataset, split):
         paths = [find(raw, n) for n in names]
         if None in paths:
             raise SystemExit(
-                f"vit: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz] and the download failed "
-                f"({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
-                f"(here: --data-dir ../shared/data)")
+                f"vit: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz]; {reason}; put the four "
+                f"files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz from {URLS[dataset]} into {raw}/, "
+                f"or point --data-dir at a folder that holds {DATASETS[dataset]}/raw/")
     try:
         images, labels = (read_idx(p) for p in paths)
     except (ValueError, IndexError, OSError, EOFError) as e:

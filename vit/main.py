@@ -1,9 +1,13 @@
 """Vision Transformer (Dosovitskiy et al. 2021) on MNIST or FashionMNIST: train, then
 test accuracy, attention-rollout maps and a confusion matrix.
 
-    python vit/main.py --dataset mnist --data-dir ../shared/data     # the README result
-    python vit/main.py --dataset fashion --data-dir ../shared/data
-    python vit/main.py --quick --data-dir ../shared/data             # the whole pipeline on CPU in < 60 s
+    python vit/main.py --dataset mnist      # the README result
+    python vit/main.py --dataset fashion
+    python vit/main.py --quick              # the whole pipeline on CPU in < 60 s
+
+The data are read from --data-dir (default data/): MNIST/raw/ or FashionMNIST/raw/ holding
+{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
+files kept elsewhere: --data-dir /path/to/datasets.
 """
 import argparse
 import math
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from data import DATASETS
 from sample import sample
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, device_memory, load_checkpoint, resolve_device, train
 
 IMAGE_SIZE = 28  # MNIST and FashionMNIST
 # --quick: a tiny model (P=7) on half the data for six epochs; flags given explicitly still win.
@@ -49,6 +53,40 @@ def number(kind, low, high=math.inf, low_open=False):
 
 def positive(kind):
     return number(kind, 0, low_open=True)
+
+
+def output_folder(p, flag, path):
+    """Refuse, before anything is read or written, an output folder that is (or lies under) a file."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            if not q.is_dir():
+                p.error(f"{flag} {path}: {q} is a file, not a folder; choose another {flag}")
+            return
+
+
+def memory_needed(args):
+    """(parameters, bytes) of one training step, from the flags alone, before anything is allocated:
+    16 bytes per parameter (float32 weights, gradients and AdamW's two moments) plus, roughly, the
+    activations autograd keeps for one batch (per layer and token about 12 D + 3 mlp-dim floats, and
+    two (N+1) x (N+1) maps per head)."""
+    P, D, L, k, M = args.patch_size, args.dim, args.depth, args.heads, args.mlp_dim
+    T = (IMAGE_SIZE // P) ** 2 + 1                                     # N patches + the class token
+    params = ((P * P + 1) * D + (T + 1) * D                            # E (weights, bias), x_class, E_pos
+              + L * (4 * D * D + 2 * D * M + 9 * D + M)                # per block: U_qkv, U_msa, MLP, 2 LNs
+              + 2 * D + D * D + D + 10 * D + 10)                       # final LN, head (D -> D -> 10)
+    activations = args.batch_size * L * (T * (12 * D + 3 * M) + 2 * k * T * T)
+    return params, 16 * params + 4 * activations
+
+
+def check_memory(p, args):
+    params, need = memory_needed(args)
+    device = resolve_device(args.device)
+    have = device_memory(device)
+    if need > have:
+        p.error(f"--dim {args.dim} --depth {args.depth} --mlp-dim {args.mlp_dim} --batch-size {args.batch_size}: "
+                f"{params:,} parameters need about {need / 2 ** 30:,.1f} GiB of memory for weights, gradients, "
+                f"AdamW state and one batch's activations ({device} here has {have / 2 ** 30:,.1f} GiB); "
+                f"choose a smaller model or --batch-size")
 
 
 def parse_args(argv=None):
@@ -98,6 +136,9 @@ def parse_args(argv=None):
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
     out_dir = args.out_dir or f"runs/vit/{args.dataset}"
+    output_folder(p, "--out-dir", out_dir)
+    if args.figures_dir:
+        output_folder(p, "--figures-dir", args.figures_dir)
     if args.resume or args.sample_only:
         saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
@@ -110,6 +151,8 @@ def parse_args(argv=None):
         p.error(f"--patch-size {args.patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} images; choose {divisors}")
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    if not args.sample_only:
+        check_memory(p, args)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 

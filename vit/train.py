@@ -17,6 +17,7 @@ from model import ViT, ViTConfig
 
 FOLDER = "vit"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/vit-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+LOG_EVERY = 50  # steps between progress-bar updates; on CUDA also between non-finite checks (a host sync)
 LOG_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "elapsed_s"]
 
 
@@ -28,6 +29,13 @@ def resolve_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("vit: --device mps, but MPS is not available here (try --device cpu)")
     return name
+
+
+def device_memory(device):
+    """Bytes the device can hold: free CUDA memory, else this machine's RAM (CPU and MPS share it)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def load_checkpoint(path, device):
@@ -64,6 +72,15 @@ def configure_optimizer(model, args):
     no_decay = [p for p in model.parameters() if p.ndim != 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+
+
+def stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path):
+    """One line and exit once a loss or gradient norm has been non-finite (`finite` is False), so that
+    no checkpoint is written from then on; on CPU it is checked every step, before the update."""
+    if not finite:
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+        raise SystemExit(f"vit: the loss became non-finite (loss {loss.item():g}, gradient norm {grad_norm.item():g}) "
+                         f"at step {step}; stopped without saving it ({kept}); try a lower --lr")
 
 
 @torch.no_grad()
@@ -151,6 +168,7 @@ def train(args):
         wandb.init(project="papers-vit", config=vars(args), dir=out)
 
     # ---- the loop: one epoch = one pass over a fresh permutation of the training set
+    finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite loss or gradient norm yet
     train_time = ckpt["train_time"] if ckpt else 0.0
     val_acc = ckpt["val_acc"] if ckpt else float("nan")
     if epoch >= args.epochs:
@@ -177,14 +195,18 @@ def train(args):
                     logits = fwd(normalize(x, args.dataset))
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
                 loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
+                finite &= torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+                if device_type != "cuda" or i % LOG_EVERY == 0:  # .item() waits for the GPU: not every step there
+                    stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
                 correct.append((logits.argmax(-1) == y).sum())
-                if i % 50 == 0:
+                if i % LOG_EVERY == 0:
                     pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path)  # never a checkpoint of non-finite weights
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1
