@@ -209,9 +209,33 @@ class StreamLoader:
 
 # ---- Characters
 
+def read_utf8(path, need):
+    """The text of a UTF-8 file, newlines as '\\n'; a binary or non-UTF-8 file is one line that says
+    what is needed."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SystemExit(f"sequence_models: cannot read {path} ({e.strerror})")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sequence_models: {path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                         f"{need}")
+    if "\0" in text:
+        raise SystemExit(f"sequence_models: {path} looks binary (it holds NUL bytes); {need}")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+NAME = re.compile(r"[^\W\d_]+(?:[-' ][^\W\d_]+)*")  # letters, with single inner hyphens, apostrophes, spaces
+
+
 def read_names(data_dir):
+    """One name per line (blank lines skipped), letters only: '.' is the start/end token."""
     path = fetch(data_dir, NAMES_FILE, NAMES_URL, "makemore's names")
-    names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    need = "it needs UTF-8 text, one name of letters per line (like makemore's names.txt)"
+    lines = [line.strip() for line in read_utf8(path, need).split("\n")]
+    for n, name in enumerate(lines, 1):
+        if name and not NAME.fullmatch(name):
+            raise SystemExit(f"sequence_models: {path} line {n} is not a name ({name[:30]!r}); {need}")
+    names = [name for name in lines if name]
     if len(names) < 10:
         raise SystemExit(f"sequence_models: {path} holds {len(names)} names; it needs one name per line, at least 10")
     return names

@@ -2,14 +2,17 @@
 a callback Learner: IMDb sentiment (Maas et al. 2011), fast.ai's human numbers (1 to 9,999 in
 words), makemore's names and any text, character by character.
 
-    python sequence_models/main.py --task imdb --cell lstm --data-dir ../shared/data   # the README result
-    python sequence_models/main.py --task numbers --cell gru                            # no download needed
-    python sequence_models/main.py --task names --model mlp --data-dir ../shared/data   # Bengio 2003 on names
-    python sequence_models/main.py --task text --text ../shared/data/text/1984.txt --model lstm
-    python sequence_models/main.py interact --task imdb                                 # type reviews, get sentiment
+    python sequence_models/main.py --task imdb --cell lstm --data-dir /path/to/datasets   # the README result
+    python sequence_models/main.py --task numbers --cell gru                              # no download needed
+    python sequence_models/main.py --task names --model mlp --data-dir /path/to/datasets  # Bengio 2003 on names
+    python sequence_models/main.py --task text --text /path/to/1984.txt --model lstm      # any UTF-8 text
+    python sequence_models/main.py interact --task imdb                                   # type reviews, get sentiment
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
-    python sequence_models/main.py --quick --data-dir ../shared/data                    # the whole pipeline, CPU, < 60 s
+    python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the whole pipeline, CPU, < 60 s
+
+--data-dir holds imdb/aclImdb_v1.tar.gz (IMDb's archive, as Stanford serves it) and names/names.txt
+(makemore's names, one per line); either is downloaded there when missing.
 
 Each run lives in OUT_DIR/<task>-<cell>/: ckpt.pt (for --resume), best.pt (the highest validation
 accuracy: what is evaluated and served), log.csv, train.log, results.json, tensorboard/.
@@ -18,11 +21,12 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 
 from sample import interact, sample
 from sweep import parse_grid, sweep
 from transfer import KINDS, transfer
-from train import FOLDER, load_checkpoint, run_dir, train
+from train import FOLDER, load_checkpoint, log_file, run_dir, train
 
 # Per task; a flag typed on the command line always wins.
 DEFAULTS = {
@@ -202,31 +206,42 @@ def parse_args(argv=None):
             p.error(str(e))
     if args.prompt is None and args.task == "numbers":
         args.prompt = NUMBERS_PROMPT
+    for flag in ("out_dir", "figures_dir"):
+        if getattr(args, flag) and (blocker := not_a_folder(getattr(args, flag))) is not None:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {blocker} is a file, not a folder; give a folder")
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
-def setup_logging(args):
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if args.command == "train" and not args.sample_only:
-        run_dir(args).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir(args) / "train.log"))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
+def not_a_folder(path):
+    """The first existing path on the way to `path` that is not a folder (where mkdir would fail), or None."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def setup_logging():
+    """Log lines to stdout; train() adds its run's train.log once the flags, memory and data have passed."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.StreamHandler(sys.stdout)],
+                        force=True)
     logging.getLogger(FOLDER).setLevel(logging.INFO)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    setup_logging(args)
+    setup_logging()
     if args.command == "interact":
         return interact(args)
     if args.command == "sweep":
         return sweep(args)
     if args.command == "transfer":
         return transfer(args)
-    if not args.sample_only:
-        train(args)
-    sample(args)
+    if args.sample_only:
+        return sample(args)
+    train(args)
+    with log_file(run_dir(args) / "train.log"):  # the examples go into the run's log too
+        sample(args)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ Callbacks run in the order of their `order` attribute. A callback stops the loop
 CancelBatch (skip the rest of this batch), CancelEpoch (go on with the next epoch) or CancelFit
 (finish now; after_fit still runs).
 """
+import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -32,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (IGNORE, NameLoader, ReviewLoader, StreamLoader, TensorLoader, Vocab, char_vocab, encode_reviews,
-                  human_numbers, name_contexts, read_imdb, read_names, split_names, split_valid, stream_contexts,
-                  tokenize)
+                  human_numbers, name_contexts, read_imdb, read_names, read_utf8, split_names, split_valid,
+                  stream_contexts, tokenize)
 from model import LanguageModel, MLPLanguageModel, SentimentClassifier
 
 FOLDER = "sequence_models"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -245,6 +247,36 @@ class GradientClipping(Callback):
         torch.nn.utils.clip_grad_norm_(self.learner.model.parameters(), self.max_norm)
 
 
+class Diverged(Exception):
+    """Training produced a non-finite number; it was neither stepped into the weights nor saved."""
+
+
+def all_finite(obj):
+    """True if every floating-point tensor in obj (a tensor, or dicts and lists of them) is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return all(all_finite(v) for v in values)
+
+
+class StopOnNonFinite(Callback):
+    """Stop before a non-finite loss or gradient reaches the weights (Checkpoint also refuses to save
+    a non-finite state). The loss is checked after ARTAR's penalties, the gradient after clipping."""
+    order = 10
+
+    def after_loss(self):
+        L = self.learner
+        if L.training and not torch.isfinite(L.loss):
+            raise Diverged(f"the loss became non-finite ({L.loss.item()}) at step {L.step + 1}; stopped before the update")
+
+    def before_step(self):
+        L = self.learner
+        norm = torch.nn.utils.get_total_norm([p.grad for p in L.model.parameters() if p.grad is not None])
+        if not torch.isfinite(norm):
+            raise Diverged(f"the gradient norm became non-finite ({norm.item()}) at step {L.step + 1}; "
+                           f"stopped before the update")
+
+
 class ARTAR(Callback):
     """Merity et al. 2017's activation regularisation on the LM's last layer, added to the training
     loss after Metrics has recorded the plain cross-entropy:
@@ -334,12 +366,15 @@ class Checkpoint(Callback):
         L = self.learner
         state = {**self.meta, "model": L.model.state_dict(), "epoch": L.epoch + 1, "step": L.step,
                  "history": L.history, "metrics": L.metrics}
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        resumable = {**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                     "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None}
+        if not (math.isfinite(L.metrics["valid_loss"]) and all_finite(resumable)):
+            raise Diverged(f"the model became non-finite (validation loss {L.metrics['valid_loss']}) in epoch "
+                           f"{L.epoch + 1}; not saved")
         if best_epoch(L.history, self.monitor) == len(L.history) - 1:
             save_atomic(state, self.out / "best.pt")
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        save_atomic({**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                     "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None},
-                    self.out / "ckpt.pt")
+        save_atomic(resumable, self.out / "ckpt.pt")
 
 
 class EarlyStopping(Callback):
@@ -533,7 +568,7 @@ def text_data(args, vocab=None):
     path = Path(args.text)
     if not path.is_file():
         raise SystemExit(f"sequence_models: --text {path}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_utf8(path, "--text takes a UTF-8 text file")
     cut = int(0.9 * len(text))
     if cut < 2 * max(args.context, args.bptt) + 2:
         raise SystemExit(f"sequence_models: --text {path} is too short ({len(text)} characters) to train on")
@@ -550,16 +585,16 @@ DATA = {"imdb": imdb_data, "imdb-lm": imdb_lm_data, "numbers": numbers_data, "na
         "text": text_data}
 
 
-def model_config(args, vocab):
+def model_config(args, vocab_size):
     if args.task == "imdb":
-        return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
+        return dict(vocab_size=vocab_size, cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
                     num_layers=args.layers, dropout=args.dropout)
     if args.cell == "mlp":
-        return dict(vocab_size=len(vocab), cell="mlp", context=args.context, emb_size=args.emb_size,
+        return dict(vocab_size=vocab_size, cell="mlp", context=args.context, emb_size=args.emb_size,
                     hidden_size=args.hidden_size, direct=args.direct)
-    return dict(vocab_size=len(vocab), cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
+    return dict(vocab_size=vocab_size, cell=args.cell, emb_size=args.emb_size, hidden_size=args.hidden_size,
                 num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names",
-                out_size=min(args.lm_vocab, len(vocab)) if args.task == "imdb-lm" else None)
+                out_size=min(args.lm_vocab, vocab_size) if args.task == "imdb-lm" else None)
 
 
 def build_model(task, config):
@@ -568,6 +603,51 @@ def build_model(task, config):
     if config["cell"] == "mlp":
         return MLPLanguageModel(**{k: v for k, v in config.items() if k != "cell"})
     return LanguageModel(**config)
+
+
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+# The vocabulary before any data is read: IMDb's is at most --vocab-size; characters are guessed
+# (makemore's names have 27, a novel about 100); the numbers have 31 words.
+VOCAB_GUESS = {"numbers": 32, "names": 30, "text": 100}
+
+
+def n_parameters(task, config):
+    """What build_model(task, config) will hold, counted from the config alone."""
+    V, E, H = config["vocab_size"], config["emb_size"], config["hidden_size"]
+    if config["cell"] == "mlp":  # C, H and d, U and b, W
+        nm = config["context"] * E
+        return V * E + nm * H + H + H * V + V + (nm * V if config["direct"] else 0)
+    G = GATES[config["cell"]]  # per layer: W_ih, W_hh, b_ih, b_hh
+    rnn = sum(G * H * ((E if k == 0 else H) + H + 2) for k in range(config["num_layers"]))
+    if task == "imdb":
+        return V * E + rnn + 2 * H * 2 + 2
+    out = config["out_size"] or V
+    tied = E == H and out == V
+    return V * E + rnn + out + (0 if tied else H * out)
+
+
+def check_memory(args, device):
+    """Refuse, before any data is read or anything allocated, a model whose training step cannot fit:
+    16 bytes per parameter (float32 weights, gradients and AdamW's two moments) plus, roughly, the
+    float32 activations autograd keeps for one batch."""
+    V = args.vocab_size if args.task in ("imdb", "imdb-lm") else VOCAB_GUESS[args.task]
+    config = model_config(args, V)
+    E, H = args.emb_size, args.hidden_size
+    if args.cell == "mlp":
+        tokens, per_token = args.batch_size, args.context * E + 2 * H + 3 * V
+    else:  # per step and layer: the gates, c_t, tanh(c_t), h_t and the input projection; the logits x 3
+        steps = args.max_len if args.task == "imdb" else 16 if args.task == "names" else args.bptt
+        out = 0 if args.task == "imdb" else config["out_size"] or V
+        tokens, per_token = args.batch_size * steps, E + args.layers * (2 * GATES[args.cell] + 3) * H + 3 * out
+    need = 16 * n_parameters(args.task, config) + 4 * tokens * per_token
+    have = (torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        size = (f"--context {args.context} --emb-size {E} --hidden-size {H}" if args.cell == "mlp"
+                else f"--emb-size {E} --hidden-size {H} --layers {args.layers}")
+        raise SystemExit(f"sequence_models: --model {args.cell} with {size} needs about {need / 2 ** 30:,.1f} GiB of memory "
+                         f"for weights, optimiser state and activations ({device} has {have / 2 ** 30:,.1f} GiB); "
+                         f"choose a smaller model")
 
 
 def depth(name):
@@ -589,35 +669,22 @@ def param_groups(model, args):
     return [{"params": g, "lr": args.lr / args.lr_decay ** d} for d, g in enumerate(groups)]
 
 
-def train(args):
-    device = resolve_device(args.device)
-    out = run_dir(args)
-    ckpt_path = out / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt and args.epochs != ckpt["args"]["epochs"]:
-        raise SystemExit(f"sequence_models: {ckpt_path} was planned for {ckpt['args']['epochs']} epochs (its one-cycle "
-                         f"schedule too); resume without --epochs, or start a new run in another --out-dir")
-    if ckpt is None and ckpt_path.exists() and not args.quick:
-        raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+@contextlib.contextmanager
+def log_file(path):
+    """Copy this folder's log lines into path (appending) while the block runs."""
+    handler = logging.FileHandler(path)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
-    torch.manual_seed(args.seed)
-    pretrained = load_pretrained(args.pretrained) if args.task == "imdb" and args.pretrained and not ckpt else None
-    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(pretrained["vocab"]) if pretrained else None
-    data, vocab = DATA[args.task](args, vocab)
-    config = ckpt["config"] if ckpt else model_config(args, vocab)
-    model = build_model(args.task, config)
-    if pretrained:
-        load_encoder(model, pretrained, vocab, args.pretrained)
-    model = model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
-    n_params = sum(p.numel() for p in model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
-    log.info(f"{args.task} with a from-scratch {args.cell.upper()}: {n_params / 1e6:.2f}M parameters, vocabulary "
-             f"{len(vocab):,}, {len(data.train)} batches per epoch, {device}")
 
-    meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
+def callbacks_for(args, model, out, meta, ckpt):
     monitor = MONITOR[args.task]
-    callbacks = [Metrics(), Progress(), OneCycle(), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
+    callbacks = [Metrics(), Progress(), OneCycle(), StopOnNonFinite(), Checkpoint(out, meta, monitor, ckpt),
+                 CSVLog(out / "log.csv")]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
     if args.freeze_epochs and args.task == "imdb":
@@ -632,15 +699,48 @@ def train(args):
         callbacks.append(TensorBoard(str(out / "tensorboard")))
     if args.wandb:
         callbacks.append(Wandb(vars(args), str(out)))
-    learner = Learner(model, data, cross_entropy, opt, callbacks, device)
+    return callbacks
 
-    try:
-        learner.fit(args.epochs)
-    except KeyboardInterrupt:
-        done = f"after epoch {learner.history[-1]['epoch']}" if learner.history else "before the first epoch"
-        raise SystemExit(f"\ninterrupted; last checkpoint {done} in {ckpt_path}"
-                         + (": continue with --resume" if learner.history else ""))
-    return evaluate(args, learner, sum(h["seconds"] for h in learner.history))
+
+def train(args):
+    device = resolve_device(args.device)
+    out = run_dir(args)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt and args.epochs != ckpt["args"]["epochs"]:
+        raise SystemExit(f"sequence_models: {ckpt_path} was planned for {ckpt['args']['epochs']} epochs (its one-cycle "
+                         f"schedule too); resume without --epochs, or start a new run in another --out-dir")
+    if ckpt is None and ckpt_path.exists() and not args.quick:
+        raise SystemExit(f"sequence_models: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    check_memory(args, device)
+
+    torch.manual_seed(args.seed)
+    pretrained = load_pretrained(args.pretrained) if args.task == "imdb" and args.pretrained and not ckpt else None
+    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(pretrained["vocab"]) if pretrained else None
+    data, vocab = DATA[args.task](args, vocab)
+    config = ckpt["config"] if ckpt else model_config(args, len(vocab))
+    model = build_model(args.task, config)
+    if pretrained:
+        load_encoder(model, pretrained, vocab, args.pretrained)
+    model = model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
+    meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
+    learner = Learner(model, data, cross_entropy, opt, callbacks_for(args, model, out, meta, ckpt), device)
+    with log_file(out / "train.log"):
+        log.info(f"{args.task} with a from-scratch {args.cell.upper()}: "
+                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(vocab):,}, "
+                 f"{len(data.train)} batches per epoch, {device}")
+        try:
+            learner.fit(args.epochs)
+        except KeyboardInterrupt:
+            done = f"after epoch {learner.history[-1]['epoch']}" if learner.history else "before the first epoch"
+            raise SystemExit(f"\ninterrupted; last checkpoint {done} in {ckpt_path}"
+                             + (": continue with --resume" if learner.history else ""))
+        except Diverged as e:
+            last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was saved"
+            raise SystemExit(f"sequence_models: {e}; {last}; try a lower --lr")
+        return evaluate(args, learner, sum(h["seconds"] for h in learner.history))
 
 
 def evaluate(args, learner, seconds):

@@ -400,3 +400,27 @@ def test_transfer_compares_pretrained_and_scratch_classifiers(tmp_path):
     rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
     assert set(rows) == {"scratch", "pretrained", "ulmfit"} and all(set(r) == {8, 32} for r in rows.values())
     assert (tmp_path / "runs" / "sequence_models_transfer.png").is_file()
+
+
+def one_line_exit(fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code.strip(), e.value.code
+    return e.value.code
+
+
+def test_names_and_text_files_must_be_utf8_text(tmp_path):
+    """Random bytes as names.txt (or --text) are refused in one line, not trained on as a vocabulary of
+    200 byte values; a line that is not a name is named; real names, accents included, pass."""
+    path = tmp_path / "names" / "names.txt"
+    path.parent.mkdir()
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(11),
+                                   dtype=torch.uint8).numpy().tobytes())
+    assert str(path) in one_line_exit(sm.data.read_names, tmp_path)
+    args = sm.train.SimpleNamespace(text=str(path), context=3, bptt=16, cell="mlp")
+    assert str(path) in one_line_exit(sm.train.text_data, args)
+    names = ["emma", "olivia", "ava", "zoé", "mary-jane", "o'neil", "ann marie", "liam", "noah", "mia"]
+    path.write_text("\n".join(names[:4] + ["x2y"] + names[4:]) + "\n")
+    assert f"{path} line 5 is not a name ('x2y')" in one_line_exit(sm.data.read_names, tmp_path)
+    path.write_text("\r\n".join(names) + "\r\n\r\n")
+    assert sm.data.read_names(tmp_path) == names
