@@ -2,7 +2,8 @@
 DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
 
 The IDX files are read directly with numpy; torchvision is only asked to download
-them when they are missing, so an offline machine works once the files are in place.
+them when they are missing, so an offline machine (or one whose torchvision does not
+import beside this torch) works once the files are in place.
 """
 import gzip
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirrors
+        "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}  # of the training images, on [0, 1]
 
 
@@ -23,14 +26,21 @@ def read_idx(path):
     return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
 
 
+def first_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def download(dataset, root):
-    """torchvision's downloader, into root/<Dataset>/raw; returns why it failed, or None."""
+    """torchvision's downloader, into root/<Dataset>/raw; returns why nothing came, or None."""
     try:
         from torchvision import datasets
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return f"torchvision could not be imported ({first_line(e)}), so nothing was downloaded"
+    try:
         for train in (True, False):
             getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
-    except Exception as e:  # no network, no torchvision, a mirror down
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # no network, a mirror down
+        return f"the download failed ({first_line(e)})"
     return None
 
 
@@ -49,9 +59,9 @@ def load_split(data_dir, dataset, split):
         paths = find()
         if None in paths:
             raise SystemExit(
-                f"fff: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz] and the download failed "
-                f"({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
-                f"(here: --data-dir ../shared/data)")
+                f"fff: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz]; {reason}; put the four "
+                f"files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz from {URLS[dataset]} into {raw}/, "
+                f"or point --data-dir at a folder that holds {DATASETS[dataset]}/raw/")
     try:
         images, labels = (read_idx(p) for p in paths)
     except (ValueError, IndexError, OSError, EOFError) as e:

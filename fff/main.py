@@ -2,20 +2,25 @@
 baselines (equal training width, equal inference width), report test accuracy (FFF in soft
 and hard mode) and the spread of digits over leaves; --speed times FFF-hard against dense.
 
-    python fff/main.py --data-dir ../shared/data          # the README result
-    python fff/main.py --speed --device cpu               # inference time, depths 3, 6, 9 (no data needed)
-    python fff/main.py --quick --data-dir ../shared/data  # the whole pipeline on CPU in < 60 s
+    python fff/main.py                        # the README result
+    python fff/main.py --speed --device cpu   # inference time, depths 3, 6, 9 (no data needed)
+    python fff/main.py --quick                # the whole pipeline on CPU in < 60 s
+
+The data are read from --data-dir (default data/): MNIST/raw/ (or FashionMNIST/raw/) holding
+{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
+files kept elsewhere: --data-dir /path/to/datasets.
 """
 import argparse
 import math
 import re
+from pathlib import Path
 
 from data import DATASETS
 from model import MAX_DEPTH
-from sample import sample, speed
-from train import MODELS, QUICK_OUT_DIR, ckpt_path, load_checkpoint, train
+from sample import SPEED_BATCHES, sample, speed
+from train import MODELS, QUICK_OUT_DIR, ckpt_path, device_memory, load_checkpoint, resolve_device, train
 
-MAX_PARAMETERS = 2 ** 28  # 1 GiB of float32 weights: refuse before allocating more than that
+MAX_PARAMETERS = 2 ** 28  # 1 GiB of float32 weights (4 GiB with gradients and Adam): refuse more than that
 # --quick: part of the data for two epochs; flags given explicitly still win.
 QUICK = dict(epochs=2, train_size=15_000, val_size=2000, speed_depths=[2, 4], out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoints: where things go, what to print.
@@ -81,8 +86,47 @@ def models(s):
 
 
 def fff_parameters(depth, leaf_width, in_dim=784, out_dim=10):
+    """Node neurons (w, b) and leaves <dim_I, l, dim_O> (two Linear layers each)."""
     nodes, leaves = 2 ** depth - 1, 2 ** depth
     return nodes * (in_dim + 1) + leaves * (in_dim * leaf_width + leaf_width + leaf_width * out_dim + out_dim)
+
+
+def memory_needed(depth, leaf_width, batch, in_dim=784, out_dim=10):
+    """Bytes to train the largest of the three models (the FFF): 16 per parameter (float32 weights,
+    gradients, Adam's two moments) plus, roughly, the activations of one batch in soft mode, where every
+    leaf runs: hidden (B, 2^d, l) before and after the ReLU, leaf outputs (B, 2^d, O) and their mixture."""
+    activations = batch * 2 ** depth * (3 * leaf_width + 2 * out_dim)
+    return 16 * fff_parameters(depth, leaf_width, in_dim, out_dim) + 4 * activations
+
+
+def output_folder(p, flag, path):
+    """Refuse, before anything is read or written, an output folder that is (or lies under) a file."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            if not q.is_dir():
+                p.error(f"{flag} {path}: {q} is a file, not a folder; choose another {flag}")
+            return
+
+
+def check_memory(p, args):
+    """Refuse, before anything is allocated, sizes that no machine here can hold (the parameter cap) or
+    that this device cannot (the estimate against its memory)."""
+    device = resolve_device(args.device)
+    have = device_memory(device)
+    sizes = [] if args.speed else [(args.depth, args.batch_size)]            # training
+    if args.speed or args.quick:
+        sizes += [(d, max(SPEED_BATCHES)) for d in args.speed_depths]        # the speed table
+    for d, batch in sizes:
+        n, need = fff_parameters(d, args.leaf_width), memory_needed(d, args.leaf_width, batch)
+        if n > MAX_PARAMETERS:
+            p.error(f"depth {d} with --leaf-width {args.leaf_width} needs {n:,} parameters, about "
+                    f"{16 * n / 2 ** 30:,.0f} GiB of memory for weights, gradients and Adam state (this folder "
+                    f"allows {MAX_PARAMETERS:,} parameters); choose a smaller depth or --leaf-width")
+        if need > have:
+            p.error(f"depth {d} with --leaf-width {args.leaf_width} and batches of {batch} needs about "
+                    f"{need / 2 ** 30:,.1f} GiB of memory for weights, gradients, Adam state and one batch's "
+                    f"activations ({device} here has {have / 2 ** 30:,.1f} GiB); choose a smaller depth, "
+                    f"--leaf-width or --batch-size")
 
 
 def parse_args(argv=None):
@@ -128,6 +172,9 @@ def parse_args(argv=None):
     if args.quick:
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
+    output_folder(p, "--out-dir", args.out_dir)
+    if args.figures_dir:
+        output_folder(p, "--figures-dir", args.figures_dir)
     if (args.resume or args.sample_only) and not args.speed:
         path = next((ckpt_path(args.out_dir, n) for n in args.models if ckpt_path(args.out_dir, n).exists()), None)
         if path is None:
@@ -137,11 +184,8 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
         if args.dataset != saved["dataset"]:
             p.error(f"--dataset {args.dataset}, but {args.out_dir} holds a {saved['dataset']} run")
-    for d in [args.depth] + (args.speed_depths if args.speed else []):
-        n = fff_parameters(d, args.leaf_width)
-        if n > MAX_PARAMETERS:
-            p.error(f"depth {d} with --leaf-width {args.leaf_width} needs {n:,} parameters (over {MAX_PARAMETERS:,}); "
-                    f"choose a smaller depth")
+    if not args.sample_only or args.speed:
+        check_memory(p, args)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 

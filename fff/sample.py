@@ -4,18 +4,20 @@ time of FFF-hard against the dense layer of equal training width."""
 import csv
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from torch.utils import benchmark
 
 from data import load_split
 from model import FF, FFF
 from train import build, ckpt_path, load_checkpoint, predict, resolve_device
 
+SPEED_BATCHES = (1, 1024)  # batch sizes the speed table times
 LABELS = {"fff": "FFF", "ff_train": "FF, equal training width", "ff_infer": "FF, equal inference width"}
 
 
@@ -110,10 +112,21 @@ def sample(args):
     return metrics
 
 
-def time_per_batch(fn, x):
-    """Median seconds of fn(x) over repeated runs (torch.utils.benchmark handles warm-up and threads)."""
-    timer = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=0.5).median
+def time_per_batch(fn, x, device, min_run_time=0.5):
+    """Median seconds of fn(x): one warm-up call, then at least 5 calls and min_run_time seconds.
+    On CUDA each call is bracketed by synchronisations, so the time is the kernels', not the launch's.
+    (Plain perf_counter: torch.utils.benchmark, imported with a CUDA build on a machine without CUDA,
+    prints a warning on stderr.)"""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn(x)
+    sync()
+    times = []
+    while len(times) < 5 or sum(times) < min_run_time:
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -127,12 +140,14 @@ def speed(args):
     for depth in args.speed_depths:
         fff, ff_train, ff_infer = (m.to(device).eval() for m in
                                    (FFF(I, l, O, depth), FF(I, l * 2 ** depth, O), FF(I, l, O)))
-        for batch in (1, 1024):
+        for batch in SPEED_BATCHES:
             x = torch.randn(batch, I, device=device)
-            t = {"fff_hard": time_per_batch(lambda x: fff(x, mode="hard"), x),
-                 "ff_train": time_per_batch(ff_train, x), "ff_infer": time_per_batch(ff_infer, x)}
+            t = {"fff_hard": time_per_batch(lambda x: fff(x, mode="hard"), x, device),
+                 "ff_train": time_per_batch(ff_train, x, device), "ff_infer": time_per_batch(ff_infer, x, device)}
             rows.append({"depth": depth, "leaves": 2 ** depth, "training_width": l * 2 ** depth, "batch": batch,
                          **{f"{k}_us": round(v * 1e6, 1) for k, v in t.items()},
+                         **{f"{k}_multiply_adds": m.inference_flops() for k, m in
+                            (("fff_hard", fff), ("ff_train", ff_train), ("ff_infer", ff_infer))},
                          "speedup_vs_ff_train": round(t["ff_train"] / t["fff_hard"], 2)})
             r = rows[-1]
             print(f"depth {depth} (FF width {r['training_width']:>6}), batch {batch:>4}: FFF-hard {r['fff_hard_us']:>9.1f} us, "

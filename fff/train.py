@@ -17,6 +17,8 @@ from model import FF, FFF
 FOLDER = "fff"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/fff-quick"  # the one place a fresh (--quick) run may overwrite checkpoints
 MODELS = ("fff", "ff_train", "ff_infer")  # the FFF, dense of equal training width, dense of equal inference width
+CHECK_EVERY = 50  # on CUDA, steps between divergence checks (each waits for the GPU); on CPU every step
+EXPLODED = 1e4    # a mean cross-entropy this large means logit margins in the thousands: diverged
 LOG_FIELDS = ["epoch", "train_loss", "train_acc", "node_entropy", "val_acc", "val_acc_hard", "lr", "elapsed_s"]
 
 
@@ -35,6 +37,13 @@ def build(name, cfg):
     I, l, O, d = cfg["in_dim"], cfg["leaf_width"], cfg["out_dim"], cfg["depth"]
     return {"fff": lambda: FFF(I, l, O, d), "ff_train": lambda: FF(I, l * 2 ** d, O),
             "ff_infer": lambda: FF(I, l, O)}[name]()
+
+
+def device_memory(device):
+    """Bytes the device can hold: free CUDA memory, else this machine's RAM (CPU and MPS share it)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def ckpt_path(out, name):
@@ -58,6 +67,35 @@ def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def hardening(progress, args):
+    """h at `progress` (0..1) of training: grows linearly from 0 over the first --hardening-ramp of
+    training, then stays at --hardening (--hardening-ramp 0: the paper's constant h)."""
+    if not args.hardening_ramp:
+        return args.hardening
+    return args.hardening * min(1.0, progress / args.hardening_ramp)
+
+
+def fff_loss(logits, y, H, h):
+    """L = L_pred + h L_harden (§3): L_pred the cross-entropy, L_harden the sum over the nodes of the
+    entropies H(c_{m,n}(x)) of their decisions (H: (B, n_nodes)), both means over the batch.
+    -> (L, L_pred, L_harden)"""
+    L_pred = F.cross_entropy(logits, y)
+    L_harden = H.sum(dim=1).mean()
+    return L_pred + h * L_harden, L_pred, L_harden
+
+
+def stop_if_diverged(healthy, name, L_pred, grad_norm, step, path):
+    """One line and exit once a loss or gradient norm has been non-finite, or the cross-entropy has
+    exploded (`healthy` is False), so that no checkpoint is written from then on; on CPU it is checked
+    every step, before the update. (With Adam, a far too large --lr need not give NaN: each step moves
+    every weight by about lr, the logits grow to ~1e20 and stay finite, and the run would end "fine".)"""
+    if not healthy:
+        kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint of it was written"
+        raise SystemExit(f"fff: {name}'s loss became non-finite or exploded (cross-entropy {L_pred.item():g}, "
+                         f"against ln 10 = 2.3 for a uniform guess; gradient norm {grad_norm.item():g}) at step "
+                         f"{step}; stopped without saving it ({kept}); try a lower --lr")
 
 
 @torch.no_grad()
@@ -111,6 +149,7 @@ def train_one(name, cfg, data, args, device):
     total_steps = args.epochs * steps_per_epoch
     is_fff = name == "fff"
     log_file, log = open_log(out / f"log_{name}.csv", epoch)
+    healthy = torch.ones((), dtype=torch.bool, device=device)  # no non-finite or exploded loss yet
     if args.wandb:
         try:
             import wandb
@@ -127,26 +166,30 @@ def train_one(name, cfg, data, args, device):
             t0, losses, entropies, correct = time.perf_counter(), [], [], []
             for i in tqdm(range(steps_per_epoch), desc=f"{name} {epoch + 1}/{args.epochs}", leave=False,
                           dynamic_ncols=True):
-                progress = (epoch * steps_per_epoch + i) / total_steps
+                step = epoch * steps_per_epoch + i
+                progress = step / total_steps
                 lr = 0.5 * args.lr * (1 + math.cos(math.pi * progress))  # cosine decay from --lr to 0
-                # h ramps up linearly from 0 over the first --hardening-ramp of training (0: constant h)
-                h = args.hardening * min(1.0, progress / args.hardening_ramp) if args.hardening_ramp else args.hardening
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = order[i * args.batch_size:(i + 1) * args.batch_size]
                 x, y = train_x[idx], train_y[idx]
-                logits, H = model(x, mode="soft", leak=args.region_leak) if is_fff else model(x)
-                loss = L_pred = F.cross_entropy(logits, y)
                 if is_fff:
-                    # L = L_pred + h L_harden, L_harden = sum over the nodes of H(c_{m,n}(x)), per sample
-                    L_harden = H.sum(dim=1).mean()
-                    loss = L_pred + h * L_harden
+                    logits, H = model(x, mode="soft", leak=args.region_leak)
+                    loss, L_pred, L_harden = fff_loss(logits, y, H, hardening(progress, args))
                     entropies.append(L_harden.detach())
+                else:
+                    logits, _ = model(x)
+                    loss = L_pred = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+                healthy &= torch.isfinite(loss.detach()) & (L_pred.detach() < EXPLODED) & torch.isfinite(grad_norm)
+                if not device.startswith("cuda") or i % CHECK_EVERY == 0:
+                    stop_if_diverged(healthy, name, L_pred, grad_norm, step, path)
                 optimizer.step()
                 losses.append(L_pred.detach())  # logged: the cross-entropy alone, comparable across models
                 correct.append((logits.argmax(-1) == y).sum())
+            stop_if_diverged(healthy, name, L_pred, grad_norm, step, path)  # never a checkpoint of diverged weights
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1
