@@ -40,8 +40,8 @@ def load_text(args):
             print(f"downloading 1984 from {URL} to {path}")
             download(path)
         except (OSError, http.client.HTTPException) as e:
-            raise SystemExit(f"gpt: no text at {path} and the download failed ({e}); pass --data-dir "
-                             f"DIR with DIR/text/1984.txt (e.g. --data-dir ../shared/data) or --data FILE")
+            raise SystemExit(f"gpt: no text at {path} and the download from {URL} failed ({e}); save that "
+                             f"file as {path}, or pass --data-dir DIR with DIR/text/1984.txt, or --data FILE")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:

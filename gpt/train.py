@@ -22,6 +22,7 @@ FOLDER = "gpt"  # stamped into checkpoints, so that another folder's checkpoint 
 QUICK_OUT_DIR = "runs/gpt-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
 LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+VOCAB_GUESS = 256  # characters: the memory check runs before the text (and its vocabulary) is read
 
 
 def resolve_device(name):
@@ -34,6 +35,29 @@ def resolve_device(name):
     return name
 
 
+def n_params(cfg):
+    """Parameters of GPT(cfg), counted from the config: wte (tied with lm_head), wpe, per block
+    c_attn 3C^2 + 3C, c_proj C^2 + C, c_fc 4C^2 + 4C, c_proj 4C^2 + C, two LayerNorms 4C; ln_f 2C."""
+    C = cfg.n_embd
+    return cfg.vocab_size * C + cfg.block_size * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
+
+
+def check_memory(args, device):
+    """Refuse a model that cannot fit before any data is read or anything allocated: 16 bytes per
+    parameter (float32 weights, gradients and AdamW's two moments) plus, roughly, the float32
+    activations one micro-batch keeps for the backward pass, 4 B T (L (18 C + nh T) + 3 V) bytes."""
+    cfg = GPTConfig(VOCAB_GUESS, args.block_size, args.n_layer, args.n_head, args.n_embd)
+    B, T, C, L = args.batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer
+    need = 16 * n_params(cfg) + 4 * B * T * (L * (18 * C + cfg.n_head * T) + 3 * cfg.vocab_size)
+    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        raise SystemExit(f"gpt: --n-layer {L} --n-embd {C} --block-size {T} --batch-size {B} needs about "
+                         f"{need / 2**30:,.0f} GiB of memory for weights, optimiser state and activations "
+                         f"({n_params(cfg) / 1e6:,.0f}M parameters), and {device} has {have / 2**30:,.0f} GiB; "
+                         f"choose a smaller model or --batch-size")
+
+
 def load_checkpoint(path, device):
     if not path.is_file():
         raise SystemExit(f"gpt: no checkpoint at {path}; train first, or pass the --out-dir of a gpt run")
@@ -44,6 +68,8 @@ def load_checkpoint(path, device):
     folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
     if folder != FOLDER:
         raise SystemExit(f"gpt: {path} is a checkpoint of {folder or 'something else'}, not of gpt/")
+    if not all(torch.isfinite(t).all() for t in ckpt["model"].values()):
+        raise SystemExit(f"gpt: {path} holds non-finite weights (its run diverged); train again with a lower --lr")
     return ckpt
 
 
@@ -59,6 +85,17 @@ def get_lr(step, args):
         return args.lr * (step + 1) / args.warmup_steps
     progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def all_finite(model):
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def diverged(args, what, ckpt_path, last_ckpt, master):
+    """The one-line exit of a diverged run (other DDP ranks exit quietly)."""
+    saved = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if ckpt_path.exists()
+             else "no checkpoint was saved")
+    return SystemExit(f"gpt: {what}; {saved}; try a lower --lr (it is {args.lr:g})" if master else 1)
 
 
 @torch.no_grad()
@@ -102,6 +139,7 @@ def train(args):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     else:
         rank, world, device = 0, 1, resolve_device(args.device)
+    check_memory(args, device)
     master = rank == 0
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -172,9 +210,10 @@ def train(args):
                      "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
 
     # ---- the loop
-    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master,
-                desc="train", dynamic_ncols=True)
+    quiet = {} if master else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
     start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
+    finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite gradient norm so far
     train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
     resumed_time = train_time
     if master and start >= args.steps:
@@ -195,13 +234,24 @@ def train(args):
                     (loss / args.grad_accum).backward()
                 if master:
                     losses.append(loss.detach())
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # the gradient norm before clipping (--grad-clip 0: an infinite bound leaves the gradients as they are)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            finite &= torch.isfinite(norm)  # the same on every rank after DDP's all-reduce; nan whenever a loss is
+            done = step + 1
+            at_log = done % args.log_interval == 0 or done == args.steps
+            # Divergence is caught before the update: every step on CPU, at log steps on CUDA (a host sync
+            # per step would stall the GPU); a checkpoint is only written after a finite check.
+            if (device_type != "cuda" or at_log) and not finite.item():
+                when = "at" if device_type != "cuda" else "by"
+                raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
+                               f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if (done % args.eval_interval == 0 or done == args.steps) and not all_finite(raw):
+                raise diverged(args, f"the weights became non-finite at step {done}; they are not saved", ckpt_path,
+                               last_ckpt, master)
 
-            done = step + 1
-            if master and (done % args.log_interval == 0 or done == args.steps):
+            if master and at_log:
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
                 train_time += dt

@@ -1,8 +1,8 @@
 """Step 1 of the lesson: text -> stories -> tokens.
 
 TinyStories (Eldan & Li 2023) are short stories written by GPT-3.5/4 with a child's vocabulary.
-The official files separate stories with <|endoftext|>; the excerpts in ../shared/data use blank
-lines. split_stories handles both. Two tokenizers turn a story into integers:
+The official files separate stories with <|endoftext|>; excerpts may use blank lines instead.
+split_stories handles both. Two tokenizers turn a story into integers:
 
 - WordTokenizer: words and punctuation, each keeping the space before it (" Lily", " ."), the
   seed's tokenizer. Every character seen in training is in the vocabulary too, so a word never
@@ -27,7 +27,7 @@ EOT = "<|endoftext|>"
 UNK = "<unk>"
 HF = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 # Per split, the files looked for in DATA_DIR/tinystories/, in order: the full corpus (downloaded when
-# none is there), then the excerpts of ../shared/data.
+# none is there), then an excerpt of it.
 FILES = {"train": ["TinyStoriesV2-GPT4-train.txt", "train_excerpt.txt"],
          "valid": ["TinyStoriesV2-GPT4-valid.txt", "valid_excerpt.txt"]}
 
@@ -53,8 +53,8 @@ def find_split(data_dir, split):
         download(HF + path.name, path)
     except (OSError, http.client.HTTPException) as e:
         raise SystemExit(f"tiny_stories_lm: no {split} text in {folder} (looked for {' or '.join(FILES[split])}) and "
-                         f"the download failed ({e}); pass --data-dir DIR with DIR/tinystories/ holding one of them "
-                         f"(e.g. --data-dir ../shared/data)")
+                         f"the download from {HF + path.name} failed ({e}); save that file as {path}, or pass "
+                         f"--data-dir DIR with DIR/tinystories/ holding one of them")
     return path
 
 

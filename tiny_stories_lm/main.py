@@ -1,12 +1,19 @@
 """TinyStories, from tokens to a Transformer that tells stories.
 
     python tiny_stories_lm/main.py tokenize "Once upon a time, Lily went to the park."   # step 1: tokens
-    python tiny_stories_lm/main.py --model bag --data-dir ../shared/data                 # step 2: averaged embeddings
-    python tiny_stories_lm/main.py --data-dir ../shared/data                             # step 3: a Transformer
+    python tiny_stories_lm/main.py --model bag --context 2 --data-dir DIR   # step 2: averaged embeddings
+    python tiny_stories_lm/main.py --data-dir DIR                           # step 3: a Transformer
     python tiny_stories_lm/main.py sample --prompt "Once upon a time"                    # stories from a checkpoint
     python tiny_stories_lm/main.py attention --layer 1 --attention-prompt "..."          # attention heatmaps
-    python tiny_stories_lm/main.py --quick --data-dir ../shared/data                     # everything on CPU in < 60 s
+    python tiny_stories_lm/main.py --quick                                               # everything on CPU in < 60 s
     torchrun --nproc_per_node=4 tiny_stories_lm/main.py ...                              # DistributedDataParallel
+
+Data: --data-dir DIR (default data/) holds DIR/tinystories/TinyStoriesV2-GPT4-train.txt and
+TinyStoriesV2-GPT4-valid.txt, downloaded there when missing from
+https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/ (2.2 GB + 22 MB), or any
+train_excerpt.txt / valid_excerpt.txt in their place: stories separated by <|endoftext|> or blank
+lines. With the README's excerpts there (932K and 788K characters), the two commands above are
+its results: bag 1.610 and Transformer 1.189 bits per character on 2 CPU cores.
 
 Training runs go to runs/tiny_stories_lm/<model>/: ckpt.pt (with the tokenizer), log.csv,
 results.json (bits per character on the whole validation text), stories.txt, attention.html.
@@ -64,6 +71,17 @@ def positive(kind):
     return number(kind, 0, low_open=True)
 
 
+def check_folder(p, flag, path):
+    """A folder the run writes into: refused now if it, or the nearest existing path above it, is
+    not a folder (mkdir would fail later, after the training)."""
+    for d in [Path(path), *Path(path).parents]:
+        if d.exists():
+            if not d.is_dir():
+                where = "is" if d == Path(path) else f"is inside {d}, which is"
+                p.error(f"{flag} {path} {where} a file, not a folder; pass a folder (the file is left as it is)")
+            return
+
+
 def per_model(flag):
     return f"(default: transformer {DEFAULTS['transformer'][flag]}, bag {DEFAULTS['bag'][flag]})"
 
@@ -79,7 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and sampling (>= 0)")
     g.add_argument("--data-dir", default="data", help="dataset root: DIR/tinystories/ holds TinyStoriesV2-GPT4-{train,"
-                                                      "valid}.txt (downloaded there if missing) or {train,valid}_excerpt.txt")
+                                                      "valid}.txt (downloaded there if missing) or {train,valid}_excerpt.txt "
+                                                      "(stories separated by <|endoftext|> or blank lines)")
     g.add_argument("--out-dir", default=None, help="the run's folder (default: runs/tiny_stories_lm/<model>)")
     g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
     g.add_argument("--steps", type=positive(int), help=f"optimiser steps {per_model('steps')}")
@@ -142,6 +161,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = f"{QUICK_OUT_DIR if args.quick else 'runs/tiny_stories_lm'}/{args.model}"
+    for flag, path in (("--out-dir", args.out_dir), ("--figures-dir", args.figures_dir)):
+        if path is not None:
+            check_folder(p, flag, path)
     if args.resume:
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})

@@ -36,6 +36,46 @@ def resolve_device(name):
     return name
 
 
+def n_params(cfg):
+    """Parameters of build_model(cfg), counted from the config. Bag: E, then the MLP's two layers.
+    Transformer: wte (tied with lm_head), wpe if learned, per block qkv 3C^2, proj C^2, fc 4C^2,
+    proj 4C^2 and two norms (C each for RMSNorm, 2C for LayerNorm), and the final norm."""
+    V, C = cfg.vocab_size, cfg.n_embd
+    if cfg.model == "bag":
+        return V * C + C * cfg.hidden + cfg.hidden + cfg.hidden * V + V
+    norm = C if cfg.norm == "rmsnorm" else 2 * C
+    return V * C + (cfg.block_size * C if cfg.pos == "learned" else 0) + cfg.n_layer * (12 * C * C + 2 * norm) + norm
+
+
+def check_memory(args, device):
+    """Refuse a model that cannot fit before any data is read or anything allocated: 16 bytes per
+    parameter (float32 weights, gradients and two optimiser moments) plus, roughly, the float32
+    activations one micro-batch keeps for the backward pass."""
+    cfg = Config(vocab_size=args.vocab_size, model=args.model, block_size=args.block_size, n_layer=args.n_layer,
+                 n_head=args.n_head, n_embd=args.n_embd, pos=args.pos, norm=args.norm, hidden=args.hidden)
+    B, T, C, V = args.batch_size, cfg.block_size, cfg.n_embd, cfg.vocab_size
+    per_token = (3 * C + 3 * cfg.hidden if cfg.model == "bag" else cfg.n_layer * (18 * C + cfg.n_head * T)) + 3 * V
+    need = 16 * n_params(cfg) + 4 * B * T * per_token
+    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        raise SystemExit(f"tiny_stories_lm: this {cfg.model} (--n-embd {C}, --block-size {T}, --batch-size {B}, "
+                         f"--vocab-size {V}) needs about {need / 2**30:,.0f} GiB of memory for weights, optimiser "
+                         f"state and activations ({n_params(cfg) / 1e6:,.0f}M parameters), and {device} has "
+                         f"{have / 2**30:,.0f} GiB; choose a smaller model or --batch-size")
+
+
+def all_finite(model):
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def diverged(args, what, ckpt_path, last_ckpt, master):
+    """The one-line exit of a diverged run (other DDP ranks exit quietly)."""
+    saved = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if ckpt_path.exists()
+             else "no checkpoint was saved")
+    return SystemExit(f"tiny_stories_lm: {what}; {saved}; try a lower --lr (it is {args.lr:g})" if master else 1)
+
+
 def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise SystemExit(f"tiny_stories_lm: no checkpoint at {path}; train first, or pass the --out-dir of a run")
@@ -46,6 +86,9 @@ def load_checkpoint(path, device="cpu"):
     folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
     if folder != FOLDER:
         raise SystemExit(f"tiny_stories_lm: {path} is a checkpoint of {folder or 'something else'}, not of {FOLDER}/")
+    if not all(torch.isfinite(t).all() for t in ckpt["model"].values()):
+        raise SystemExit(f"tiny_stories_lm: {path} holds non-finite weights (its run diverged); train again with "
+                         f"a lower --lr")
     return ckpt
 
 
@@ -151,6 +194,7 @@ def train(args):
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     else:
         rank, world, local_rank, device = 0, 1, 0, resolve_device(args.device)
+    check_memory(args, device)
     master = rank == 0
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -211,9 +255,10 @@ def train(args):
                      "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
 
     # ---- the loop
-    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master, desc="train",
-                dynamic_ncols=True)
+    quiet = {} if master else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
     start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
+    finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite gradient norm so far
     train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
     try:
         for step in pbar:
@@ -230,13 +275,24 @@ def train(args):
                     (loss / args.grad_accum).backward()
                 if master:
                     losses.append(loss.detach())
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # the gradient norm before clipping (--grad-clip 0: an infinite bound leaves the gradients as they are)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            finite &= torch.isfinite(norm)  # the same on every rank after DDP's all-reduce; nan whenever a loss is
+            done = step + 1
+            at_log = done % args.log_interval == 0 or done == args.steps
+            # Divergence is caught before the update: every step on CPU, at log steps on CUDA (a host sync
+            # per step would stall the GPU); a checkpoint is only written after a finite check.
+            if (device_type != "cuda" or at_log) and not finite.item():
+                when = "at" if device_type != "cuda" else "by"
+                raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
+                               f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if (done % args.eval_interval == 0 or done == args.steps) and not all_finite(raw):
+                raise diverged(args, f"the weights became non-finite at step {done}; they are not saved", ckpt_path,
+                               last_ckpt, master)
 
-            done = step + 1
-            if master and (done % args.log_interval == 0 or done == args.steps):
+            if master and at_log:
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
                 train_time += dt
