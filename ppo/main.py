@@ -63,6 +63,15 @@ def positive(kind):
     return number(kind, 0, low_open=True)
 
 
+def output_folder(p, flag, path):
+    """Refuse, before anything is read or written, an output folder that is (or lies under) a file."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            if not q.is_dir():
+                p.error(f"{flag} {path}: {q} is a file, not a folder; choose another {flag}")
+            return
+
+
 def parse_args(argv=None):
     p = Parser(prog="ppo/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("shared")
@@ -109,6 +118,9 @@ def parse_args(argv=None):
     # Defaults, then the env's preset, then --quick's, then a resumed run's flags;
     # flags typed on the command line always win.
     args = p.parse_args(argv)
+    for flag, path in (("--out-dir", args.out_dir), ("--figures-dir", args.figures_dir)):
+        if path:
+            output_folder(p, flag, path)
     p.set_defaults(**{**DEFAULTS, **PRESETS.get(args.env_id, {}), **(QUICK if args.quick else {})})
     args = p.parse_args(argv)
     if args.resume or args.sample_only:

@@ -117,6 +117,78 @@ def value_loss(new_values, old_values, returns, clip_coef, clip):
     return 0.5 * loss.mean()
 
 
+def normalize_advantages(advantages):
+    """Implementation detail: advantages normalised per minibatch, (A - mean(A)) / (std(A) + 1e-8)."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def ppo_loss(pg_loss, v_loss, entropy, vf_coef, ent_coef):
+    """-L^{CLIP+VF+S} = -(L^CLIP - c1 L^VF + c2 S) (eq. 9), to minimise; pg_loss is already -L^CLIP."""
+    return pg_loss + vf_coef * v_loss - ent_coef * entropy
+
+
+def annealed_lr(lr, iteration, num_iterations, anneal):
+    """Implementation detail: the learning rate falls linearly from lr (iteration 0) towards 0."""
+    return lr * (1.0 - iteration / num_iterations) if anneal else lr
+
+
+def update(agent, optimizer, batch, args, minibatch_size, iteration, ckpt_path):
+    """K epochs of minibatch Adam on -L^{CLIP+VF+S} over the flattened rollout (Algorithm 1);
+    returns the last minibatch's losses, the approx-KL and the clip fraction, for the log."""
+    batch_size, clipfracs = batch["obs"].size(0), []
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(batch_size, device=batch["obs"].device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = perm[start:start + minibatch_size]
+            _, new_logp, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
+            log_ratio = new_logp - batch["logprobs"][mb]
+            ratio = log_ratio.exp()  # r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
+            with torch.no_grad():  # detail: the k3 estimator of KL, and the clipped fraction
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+                clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+            mb_adv = normalize_advantages(batch["advantages"][mb]) if args.norm_adv else batch["advantages"][mb]
+            pg_loss = clipped_surrogate(ratio, mb_adv, args.clip_coef).mean()
+            v_loss = value_loss(new_value, batch["values"][mb], batch["returns"][mb], args.clip_coef, args.clip_vloss)
+            entropy_loss = entropy.mean()
+            loss = ppo_loss(pg_loss, v_loss, entropy_loss, args.vf_coef, args.ent_coef)
+            optimizer.zero_grad()
+            loss.backward()
+            # detail: global gradient-norm clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            check_finite(loss, grad_norm, iteration, epoch, ckpt_path)
+            optimizer.step()
+        if args.target_kl is not None and approx_kl > args.target_kl:
+            break
+    return {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "entropy": entropy_loss.item(),
+            "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
+
+
+def check_finite(loss, grad_norm, iteration, epoch, ckpt_path):
+    """Stop before a non-finite loss or gradient reaches the weights (and so a checkpoint)."""
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        raise SystemExit(f"ppo: the loss or its gradient became non-finite (loss {loss.item():g}, gradient norm "
+                         f"{grad_norm.item():g}) in "
+                         f"epoch {epoch + 1} of iteration {iteration + 1}; stopping before the update ({kept}); "
+                         f"try a lower --lr")
+
+
+def check_memory(args, obs_dim, act_dim, device):
+    """Refuse a rollout that cannot fit before anything is allocated: the (T, N) buffers (observation
+    and next observation, action, log pi, reward, value, two done flags, advantage, return), the
+    critic's 64-wide activations over all T N next observations at once, and 16 bytes per parameter
+    of the two MLPs (weights, gradients, Adam's two moments)."""
+    T, N = args.num_steps, args.num_envs
+    params = 2 * (64 * 64 + 64) + (obs_dim + 1) * 64 * 2 + 65 * (1 + act_dim)
+    need = 4 * T * N * (2 * obs_dim + act_dim + 7 + 4 * 64) + 16 * params
+    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        raise SystemExit(f"ppo: --num-envs {N} x --num-steps {T} needs about {need / 2**30:,.0f} GiB of memory for "
+                         f"the rollout buffers and the critic's pass over them, and {device} has "
+                         f"{have / 2**30:,.0f} GiB; choose fewer --num-envs or --num-steps")
+
+
 def load_checkpoint(path, env_id=None):
     if not path.is_file():
         raise SystemExit(f"ppo: no checkpoint at {path}; train first, or pass the --out-dir of a ppo run")
@@ -170,6 +242,9 @@ def train(args):
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"ppo: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
 
+    env = make_env(args.env_id)  # one env, for the sizes: the check comes before the N envs and buffers
+    check_memory(args, int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape or (1,))), device)
+    env.close()
     envs = make_envs(args.env_id, args.num_envs)
     T, N = args.num_steps, args.num_envs
     batch_size = T * N
@@ -222,8 +297,7 @@ def train(args):
                 desc=args.env_id, dynamic_ncols=True)
     try:
         for iteration in pbar:
-            # Implementation detail: learning rate annealed linearly to 0.
-            lr = args.lr * (1.0 - iteration / num_iterations) if args.anneal_lr else args.lr
+            lr = annealed_lr(args.lr, iteration, num_iterations, args.anneal_lr)
             optimizer.param_groups[0]["lr"] = lr
 
             # ---- rollout: N actors, T steps each (Algorithm 1, "run policy pi_old")
@@ -254,47 +328,19 @@ def train(args):
                                                   args.gamma, args.gae_lambda)
 
             # ---- K epochs of minibatch updates on the flattened batch
-            b_obs, b_actions = obs_buf.flatten(0, 1), actions.flatten(0, 1)
-            b_logprobs, b_adv = logprobs.flatten(), advantages.flatten()
-            b_returns, b_values = returns.flatten(), values.flatten()
-            clipfracs = []
-            for epoch in range(args.update_epochs):
-                perm = torch.randperm(batch_size, device=device)
-                for start in range(0, batch_size, minibatch_size):
-                    mb = perm[start:start + minibatch_size]
-                    _, new_logp, entropy, new_value = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                    log_ratio = new_logp - b_logprobs[mb]
-                    ratio = log_ratio.exp()  # r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
-                    with torch.no_grad():  # detail: the k3 estimator of KL, and the clipped fraction
-                        approx_kl = ((ratio - 1) - log_ratio).mean()
-                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                    mb_adv = b_adv[mb]
-                    if args.norm_adv:  # detail: advantages normalised per minibatch
-                        mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                    pg_loss = clipped_surrogate(ratio, mb_adv, args.clip_coef).mean()
-                    v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef, args.clip_vloss)
-                    entropy_loss = entropy.mean()
-                    # L^{CLIP+VF+S} = E[L^CLIP - c1 L^VF + c2 S], maximised; we minimise its negative
-                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy_loss
-                    optimizer.zero_grad()
-                    loss.backward()
-                    # detail: global gradient-norm clipping
-                    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                if args.target_kl is not None and approx_kl > args.target_kl:
-                    break
+            batch = dict(obs=obs_buf.flatten(0, 1), actions=actions.flatten(0, 1), logprobs=logprobs.flatten(),
+                         advantages=advantages.flatten(), returns=returns.flatten(), values=values.flatten())
+            stats = update(agent, optimizer, batch, args, minibatch_size, iteration, ckpt_path)
 
             # ---- log, checkpoint
             iteration += 1
-            y, v = b_returns.cpu().numpy(), b_values.cpu().numpy()
+            y, v = batch["returns"].cpu().numpy(), batch["values"].cpu().numpy()
             mean_return = float(np.mean(recent)) if recent else float("nan")
             if (solved_at is None and args.solve_return is not None and len(recent) >= 20
                     and mean_return >= args.solve_return):
                 solved_at = global_step
             sps = (global_step - start_step) / (time.time() - start_time)
-            row = {"global_step": global_step, "episodic_return": mean_return, "pg_loss": pg_loss.item(),
-                   "v_loss": v_loss.item(), "entropy": entropy_loss.item(), "approx_kl": approx_kl.item(),
-                   "clipfrac": float(np.mean(clipfracs)),
+            row = {"global_step": global_step, "episodic_return": mean_return, **stats,
                    "explained_var": float(1 - np.var(y - v) / np.var(y)) if np.var(y) > 0 else float("nan"),
                    "lr": lr, "sps": sps}
             log.writerow(row)
