@@ -2,7 +2,8 @@
 DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
 
 The IDX files are read directly with numpy; torchvision is only asked to download them
-when they are missing, so an offline machine works once the files are in place.
+when they are missing, so an offline machine works once the files are in place, and so does
+a machine where torchvision does not import (a build made for another torch).
 """
 import gzip
 import zlib
@@ -17,6 +18,13 @@ CLASSES = {"mnist": [str(d) for d in range(10)],
                        "boot"]}
 
 
+# Where the four files of each dataset can be fetched by hand (torchvision's own mirrors).
+URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+FILES = [f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+SIDE = 28  # both datasets' images are 28x28
+
+
 def read_idx(path):
     """An IDX file: a magic number whose last byte is the number of dimensions, the sizes, uint8 data."""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
@@ -26,14 +34,21 @@ def read_idx(path):
     return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
 
 
+def why(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def download(dataset, root):
-    """torchvision's downloader, into root/<Dataset>/raw; returns why it failed, or None."""
+    """torchvision's downloader, into root/<Dataset>/raw; returns why nothing came, or None."""
     try:
         from torchvision import datasets
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return f"torchvision could not be imported ({why(e)}), so nothing was downloaded"
+    try:
         for train in (True, False):
             getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
-    except Exception as e:  # no network, no torchvision, a mirror down
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # no network, a mirror down
+        return f"the download failed ({why(e)})"
     return None
 
 
@@ -51,9 +66,9 @@ def load_split(data_dir, dataset, split):
         missing = [n for n in names if find(n) is None]
         if missing:
             raise SystemExit(
-                f"ddpm: {dataset} not found: expected {', '.join(f'{raw}/{n}[.gz]' for n in missing)} and the "
-                f"download failed ({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
-                f"(here: --data-dir ../shared/data)")
+                f"ddpm: {dataset} not found: expected {', '.join(f'{raw}/{n}[.gz]' for n in missing)}, and {reason}; "
+                f"put {', '.join(FILES)} from {URLS[dataset]} into {raw}/, or point --data-dir at the folder "
+                f"that holds {DATASETS[dataset]}/raw/")
     try:
         images, labels = (read_idx(find(n)) for n in names)
     except (ValueError, IndexError, OSError, EOFError, zlib.error) as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import load_split, to_model_range
+from data import SIDE, load_split, to_model_range
 from model import Diffusion, UNet, UNetConfig
 
 FOLDER = "ddpm"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -71,6 +71,35 @@ def model_config(args, side):
                       attn_levels=tuple(args.attn_levels), dropout=args.dropout)
 
 
+def memory_needed(cfg, batch_size):
+    """Bytes a training step needs, counted on the meta device, where nothing is allocated: 20 a
+    parameter (weights, gradients, Adam's two moments, the EMA copy) and 4 an activation the
+    backward pass keeps (roughly: every layer's output for one batch)."""
+    outputs = []
+    with torch.device("meta"):
+        model = UNet(cfg)
+        for m in model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(lambda m, inputs, out: outputs.append(out.numel()))
+        model(torch.zeros(batch_size, cfg.channels, cfg.side, cfg.side), torch.zeros(batch_size, dtype=torch.long))
+    return 20 * model.num_params() + 4 * sum(outputs)
+
+
+def check_memory(args, device):
+    """Refuse a model the device cannot hold, before any data is read or anything allocated."""
+    try:
+        need = memory_needed(model_config(args, SIDE), args.batch_size)
+    except ValueError as e:  # a side the down-samplings do not divide
+        raise SystemExit(f"ddpm: {e}")
+    have = torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else \
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise SystemExit(f"ddpm: --base {args.base} --mults {' '.join(map(str, args.mults))} --batch-size "
+                         f"{args.batch_size} needs about {need / 2 ** 30:,.0f} GiB of memory for weights, optimiser "
+                         f"state and activations ({device} has {have / 2 ** 30:,.0f} GiB); choose a smaller model "
+                         f"or batch")
+
+
 def build_model(cfg):
     try:
         return UNet(cfg)
@@ -114,12 +143,22 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
+def kept(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+
+
 def check_finite(loss, grad_norm, step, ckpt_path):
     """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise SystemExit(f"ddpm: the loss became {loss.item():g} (gradient norm {grad_norm.item():g}) at step "
-                         f"{step}; stopping before the update ({kept}); try a lower --lr")
+        raise SystemExit(f"ddpm: the loss became non-finite ({loss.item():g}, gradient norm {grad_norm.item():g}) "
+                         f"at step {step}; stopping before the update ({kept(ckpt_path)}); try a lower --lr")
+
+
+def check_savable(model, ema, held_out, epoch, ckpt_path):
+    """The last guard before a checkpoint: finite weights and a finite test loss."""
+    if not (math.isfinite(held_out) and all(torch.isfinite(p).all() for m in (model, ema) for p in m.parameters())):
+        raise SystemExit(f"ddpm: the weights or the test loss ({held_out:g}) became non-finite in epoch {epoch}; "
+                         f"stopping without saving ({kept(ckpt_path)}); try a lower --lr")
 
 
 def train(args):
@@ -129,6 +168,7 @@ def train(args):
     ckpt = load_checkpoint(ckpt_path, device, dataset=args.dataset) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"ddpm: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    check_memory(args, device)
     images, _ = load_split(args.data_dir, args.dataset, "train")
     x_train = to_model_range(images[:args.train_size or None])
     x_test = to_model_range(load_split(args.data_dir, args.dataset, "test")[0][:TEST_IMAGES])
@@ -204,6 +244,7 @@ def train(args):
             done = epoch + 1
             with autocast:
                 held_out = test_loss(ema, diffusion, x_test, device)
+            check_savable(model, ema, held_out, done, ckpt_path)
             row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(), "test_loss": held_out,
                    "lr": lr, "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
             save_atomic({"folder": FOLDER, "kind": "diffusion", "dataset": args.dataset, "model": model.state_dict(),

@@ -3,6 +3,8 @@ against DDPM, both samplers against a perfect noise predictor, the U-Net's shape
 direct matrix square root, learning, exact resume, NaN stop, the whole pipeline, errors."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,7 +180,28 @@ def test_the_loss_falls_on_a_tiny_set(tmp_path):
     assert train_loss[0] > 0.5 and np.mean(train_loss[-3:]) < 0.5 * train_loss[0], train_loss
 
 
-def test_both_datasets_give_the_side_by_side_gif_and_the_evaluation(tmp_path):
+def ctrl_c_while_the_classifier_trains(argv, run_dir, monkeypatch, capsys):
+    """Ctrl-C in the evaluation classifier's second batch: one line, exit 130, nothing half-written."""
+    before = sorted(p.name for p in run_dir.iterdir())
+    capsys.readouterr()
+
+    def interrupted(batches, **kw):
+        for k, b in enumerate(batches):
+            if k == 1:
+                raise KeyboardInterrupt
+            yield b
+
+    with monkeypatch.context() as m:
+        m.setattr(ddpm.evaluate, "tqdm", interrupted)           # the classifier's batch loop
+        with pytest.raises(SystemExit) as e:
+            ddpm.main.main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted while sampling or evaluating" in err[0], err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # no classifier.pt, eval.json or temporary file
+
+
+def test_both_datasets_give_the_side_by_side_gif_and_the_evaluation(tmp_path, monkeypatch, capsys):
     data = synthetic(synthetic(tmp_path / "data"), "FashionMNIST")
     out = tmp_path / "runs"
     run(data, out, "--epochs", "1")
@@ -186,8 +209,10 @@ def test_both_datasets_give_the_side_by_side_gif_and_the_evaluation(tmp_path):
     run(data, out, "--epochs", "1", "--dataset", "fashion")
     for name in ("ddpm_fashion_samples.png", "ddpm_fashion.gif", "ddpm_fashion_loss.png", "ddpm_both.gif"):
         assert (out / "fashion" / name).stat().st_size > 0
-    ddpm.main.main(["--data-dir", str(data), "--out-dir", str(out), "--device", "cpu", "--evaluate",
-                    "--n-eval", "8", "--eval-batch", "8", "--sample-steps", "5", "--classifier-epochs", "1"])
+    evaluate = ["--data-dir", str(data), "--out-dir", str(out), "--device", "cpu", "--evaluate",
+                "--n-eval", "8", "--eval-batch", "8", "--sample-steps", "5", "--classifier-epochs", "1"]
+    ctrl_c_while_the_classifier_trains(evaluate, out / "mnist", monkeypatch, capsys)
+    ddpm.main.main(evaluate)
     metrics = json.loads((out / "mnist" / "eval.json").read_text())
     assert list(metrics["results"]) == ["real training images", "DDPM, 20 steps", "DDIM, 5 steps, eta 0"]
     for r in metrics["results"].values():
@@ -237,7 +262,8 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_checkpoint(tmp_pat
         ddpm.train.train(ddpm.main.parse_args(["--resume", "--epochs", "2", "--out-dir", str(out),
                                                "--data-dir", str(data)]))
     msg = str(e.value.code)
-    assert "the loss became nan" in msg and "at step 3" in msg and "last good checkpoint" in msg, msg
+    assert "the loss became non-finite (nan" in msg and "at step 3" in msg and "last good checkpoint" in msg, msg
+    assert "--lr" in msg
     assert (out / "mnist" / "ckpt.pt").read_bytes() == before
 
 
@@ -254,13 +280,42 @@ def test_bad_flags_get_one_line(args, says):
 
 
 def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(ddpm.data, "download", lambda dataset, root: "URLError: no network")
+    monkeypatch.setattr(ddpm.data, "download", lambda dataset, root: "the download failed (URLError: no network)")
     with pytest.raises(SystemExit) as e:
         ddpm.main.main(["--dataset", "fashion", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")])
     msg = str(e.value.code)
-    assert "FashionMNIST/raw/train-images-idx3-ubyte[.gz]" in msg
-    assert "--data-dir" in msg and "no network" in msg and "\n" not in msg
-    assert not (tmp_path / "run" / "fashion" / "ckpt.pt").exists()
+    assert f"{tmp_path}/FashionMNIST/raw/train-images-idx3-ubyte[.gz]" in msg
+    assert "--data-dir" in msg and "no network" in msg and "\n" not in msg and "shared" not in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_torchvision_the_missing_data_message_says_where_to_get_the_files(tmp_path, monkeypatch):
+    """A torchvision that does not import (not installed, or built for another torch) downloads nothing;
+    the IDX readers still work, so the message says which files to put where, and from where."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)       # `from torchvision import ...` now fails
+    for dataset, url in (("mnist", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+                         ("fashion", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")):
+        with pytest.raises(SystemExit) as e:
+            ddpm.data.load_split(tmp_path, dataset, "train")
+        msg = str(e.value.code)
+        assert "torchvision could not be imported (ModuleNotFoundError" in msg and "nothing was downloaded" in msg, msg
+        raw = f"{tmp_path}/{ddpm.data.DATASETS[dataset]}/raw/"
+        assert f"from {url} into {raw}" in msg and "\n" not in msg, msg
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                     "t10k-labels-idx1-ubyte.gz"):
+            assert name in msg
+    synthetic(tmp_path)                                         # once the files are there, they are read
+    images, labels = ddpm.data.load_split(tmp_path, "mnist", "test")
+    assert images.shape == (40, 1, 28, 28) and labels.shape == (40,)
+
+
+def test_help_gives_the_readmes_cpu_result_command(root):
+    readme = (root / "ddpm" / "README.md").read_text()
+    block = readme.split("### CPU: a smaller U-Net, 3 epochs per dataset")[1].split("```bash\n")[1].split("```")[0]
+    command = " ".join(line.split("#")[0] for line in block.splitlines())
+    help_text = subprocess.run([sys.executable, "ddpm/main.py", "--help"], cwd=root, capture_output=True,
+                               text=True).stdout
+    assert " ".join(command.split()) in " ".join(help_text.split())
 
 
 def test_checkpoints_of_the_other_dataset_another_model_or_folder_are_refused(tmp_path):
