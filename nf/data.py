@@ -3,7 +3,8 @@ DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.
 and the dequantisation that turns the 256 pixel levels into a continuous variable.
 
 The IDX files are read directly with numpy; torchvision is only asked to download them
-when they are missing, so an offline machine works once the files are in place.
+when they are missing, so an offline machine works once the files are in place, and so does
+a machine where torchvision does not import (a build made for another torch).
 """
 import gzip
 import zlib
@@ -13,6 +14,10 @@ import numpy as np
 import torch
 
 DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
+# Where the files of each dataset can be fetched by hand (torchvision's own mirrors).
+URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+SIDE = 28  # both datasets' images are 28x28
 
 
 def read_idx(path):
@@ -24,14 +29,21 @@ def read_idx(path):
     return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
 
 
+def why(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def download(dataset, root):
-    """torchvision's downloader, into root/<Dataset>/raw; returns why it failed, or None."""
+    """torchvision's downloader, into root/<Dataset>/raw; returns why nothing came, or None."""
     try:
         from torchvision import datasets
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return f"torchvision could not be imported ({why(e)}), so nothing was downloaded"
+    try:
         for train in (True, False):
             getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
-    except Exception as e:  # no network, no torchvision, a mirror down
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # no network, a mirror down
+        return f"the download failed ({why(e)})"
     return None
 
 
@@ -49,8 +61,9 @@ def load_images(data_dir, dataset, split):
         path = find()
         if path is None:
             raise SystemExit(
-                f"nf: {dataset} not found: expected {raw}/{name}[.gz] and the download failed ({reason}); "
-                f"point --data-dir at a folder holding {DATASETS[dataset]}/raw/ (here: --data-dir ../shared/data)")
+                f"nf: {dataset} not found: expected {raw}/{name}[.gz], and {reason}; put train-images-idx3-ubyte.gz "
+                f"and t10k-images-idx3-ubyte.gz from {URLS[dataset]} into {raw}/, or point --data-dir at the "
+                f"folder that holds {DATASETS[dataset]}/raw/")
     try:
         images = read_idx(path)
     except (ValueError, IndexError, OSError, EOFError, zlib.error) as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import dequantize, load_data
+from data import SIDE, dequantize, load_data
 from model import FlowConfig, RealNVP
 
 FOLDER = "nf"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -57,9 +57,39 @@ def get_lr(step, total_steps, warmup_steps, args):
     return 0.5 * (1.0 + math.cos(math.pi * progress)) * args.lr
 
 
-def model_config(args, images):
-    return FlowConfig(channels=images.shape[1], side=images.shape[2], n_couplings=args.n_couplings,
-                      scales=args.scales, hidden=args.hidden, blocks=args.blocks, alpha=args.alpha)
+def model_config(args, channels=1, side=SIDE):
+    return FlowConfig(channels=channels, side=side, n_couplings=args.n_couplings, scales=args.scales,
+                      hidden=args.hidden, blocks=args.blocks, alpha=args.alpha)
+
+
+def memory_needed(cfg, batch_size):
+    """Bytes a training step needs, counted on the meta device, where nothing is allocated: 16 a
+    parameter (weights, gradients, Adam's two moments) and 4 an activation the backward pass keeps
+    (roughly: every layer's output for one batch)."""
+    outputs = []
+    with torch.device("meta"):
+        model = RealNVP(cfg)
+        for m in model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(lambda m, inputs, out: outputs.append(sum(o.numel() for o in out)
+                                                                              if isinstance(out, tuple) else out.numel()))
+        model(torch.zeros(batch_size, cfg.channels, cfg.side, cfg.side))
+    return 16 * model.num_params() + 4 * sum(outputs)
+
+
+def check_memory(args, device):
+    """Refuse a model the device cannot hold, before any data is read or anything allocated."""
+    try:
+        need = memory_needed(model_config(args), args.batch_size)
+    except ValueError as e:  # couplings too few for the scales, a side the squeezes do not divide
+        raise SystemExit(f"nf: {e}")
+    have = torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else \
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise SystemExit(f"nf: --hidden {args.hidden} --blocks {args.blocks} --n-couplings {args.n_couplings} "
+                         f"--batch-size {args.batch_size} needs about {need / 2 ** 30:,.0f} GiB of memory for weights, "
+                         f"optimiser state and activations ({device} has {have / 2 ** 30:,.0f} GiB); choose a smaller "
+                         f"model or batch")
 
 
 def build_model(cfg):
@@ -94,12 +124,22 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
+def kept(ckpt_path):
+    return f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+
+
 def check_finite(loss, grad_norm, step, ckpt_path):
     """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise SystemExit(f"nf: the loss became {loss.item():g} (gradient norm {grad_norm.item():g}) at step "
-                         f"{step}; stopping before the update ({kept}); try a lower --lr")
+        raise SystemExit(f"nf: the loss became non-finite ({loss.item():g}, gradient norm {grad_norm.item():g}) "
+                         f"at step {step}; stopping before the update ({kept(ckpt_path)}); try a lower --lr")
+
+
+def check_savable(model, test_bpd, epoch, ckpt_path):
+    """The last guard before a checkpoint: finite weights and a finite test bits/dim."""
+    if not (math.isfinite(test_bpd) and all(torch.isfinite(p).all() for p in model.parameters())):
+        raise SystemExit(f"nf: the weights or the test bits/dim ({test_bpd:g}) became non-finite in epoch {epoch}; "
+                         f"stopping without saving ({kept(ckpt_path)}); try a lower --lr")
 
 
 def train(args):
@@ -109,10 +149,11 @@ def train(args):
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"nf: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    check_memory(args, device)
     data = load_data(args)
     train_set = data["train"]
 
-    cfg = model_config(args, train_set)
+    cfg = model_config(args, train_set.shape[1], train_set.shape[2])
     if ckpt and asdict(cfg) != ckpt["config"]:
         raise SystemExit(f"nf: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
@@ -183,6 +224,7 @@ def train(args):
             row = {"epoch": done, "train_bpd": torch.stack(losses).mean().item(),
                    "test_bpd": evaluate(model, data["test"], device), "lr": lr,
                    "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
+            check_savable(model, row["test_bpd"], done, ckpt_path)
             save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": done, "config": asdict(cfg), "args": vars(args), "test_bpd": row["test_bpd"],
                          "train_time": train_time}, ckpt_path)

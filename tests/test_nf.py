@@ -3,6 +3,8 @@ by hand, the samples' log-probability from the latent side, learning, exact resu
 errors."""
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,7 +175,8 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_checkpoint(tmp_pat
     with pytest.raises(SystemExit) as e:
         nf.main.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--data-dir", str(data)])
     msg = str(e.value.code)
-    assert "the loss became nan" in msg and "at step 4" in msg and "last good checkpoint" in msg, msg
+    assert "the loss became non-finite (nan" in msg and "at step 4" in msg and "last good checkpoint" in msg, msg
+    assert "--lr" in msg
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -192,13 +195,39 @@ def test_bad_flags_get_one_line(args, says):
 
 
 def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(nf.data, "download", lambda dataset, root: "URLError: no network")
+    monkeypatch.setattr(nf.data, "download", lambda dataset, root: "the download failed (URLError: no network)")
     with pytest.raises(SystemExit) as e:
         nf.main.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")])
     msg = str(e.value.code)
-    assert "MNIST/raw/train-images-idx3-ubyte[.gz]" in msg
-    assert "--data-dir" in msg and "no network" in msg and "\n" not in msg
-    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert f"{tmp_path}/MNIST/raw/train-images-idx3-ubyte[.gz]" in msg
+    assert "--data-dir" in msg and "no network" in msg and "\n" not in msg and "shared" not in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_torchvision_the_missing_data_message_says_where_to_get_the_files(tmp_path, monkeypatch):
+    """A torchvision that does not import (not installed, or built for another torch) downloads nothing;
+    the IDX reader still works, so the message says which files to put where, and from where."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)       # `from torchvision import ...` now fails
+    for dataset, url in (("mnist", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+                         ("fashion", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")):
+        with pytest.raises(SystemExit) as e:
+            nf.data.load_images(tmp_path, dataset, "test")
+        msg = str(e.value.code)
+        assert "torchvision could not be imported (ModuleNotFoundError" in msg and "nothing was downloaded" in msg
+        raw = f"{tmp_path}/{nf.data.DATASETS[dataset]}/raw/"
+        assert f"from {url} into {raw}" in msg and "\n" not in msg, msg
+        assert "train-images-idx3-ubyte.gz" in msg and "t10k-images-idx3-ubyte.gz" in msg
+    synthetic_mnist(tmp_path, n_test=8)                         # once the files are there, they are read
+    assert nf.data.load_images(tmp_path, "mnist", "test").shape == (8, 1, 28, 28)
+
+
+def test_help_gives_the_readmes_cpu_result_commands(root):
+    readme = (root / "nf" / "README.md").read_text()
+    help_text = " ".join(subprocess.run([sys.executable, "nf/main.py", "--help"], cwd=root, capture_output=True,
+                                        text=True).stdout.split())
+    for heading in ("### CPU: the paper's layout", "### The seed's flat stack"):
+        command = readme.split(heading)[1].split("```bash\n")[1].split("```")[0].split("#")[0]
+        assert " ".join(command.split()) in help_text, command
 
 
 def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path):
