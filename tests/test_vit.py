@@ -1,12 +1,26 @@
-"""vit/: patches, attention, permutation equivariance, rollout, learning, exact resume, clear errors."""
+"""vit/: patches, attention and the whole encoder against written-out references, rollout, label
+smoothing, augmentation, the flags at their call sites, learning, exact resume, clear errors."""
 import json
+import math
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error_line, import_folder, write_idx
+import torch.nn.functional as F
+from conftest import import_folder, write_idx
 
 vit = import_folder("vit")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: with two threads on a busy 2-core machine, the hand-offs between them
+    cost several times the arithmetic. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(**kw):
@@ -79,24 +93,135 @@ def test_without_position_embeddings_the_encoder_is_permutation_equivariant_over
     torch.testing.assert_close(logits_perm, logits)
 
 
-def test_attention_rollout_of_one_layer_is_the_head_mean_mixed_with_the_residual():
+def test_patch_embedding_is_an_unfold_then_E_with_the_class_token_and_positions_added():
+    """Eq. 1, written out with F.unfold: patches in row-major order, each flattened as (row, column,
+    channel) (the paper's reshape of H x W x C), projected by E; the class token first; E_pos added."""
     torch.manual_seed(0)
-    A = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)  # (B, k, N+1, N+1): one layer, 3 heads, 4 patches
-    # rows of mean(A) + I sum to 2, so rollout = (mean_k A + I) / 2; the class token's row, patches only
-    expected = (A.mean(1) + torch.eye(5))[:, 0, 1:] / 2
-    torch.testing.assert_close(vit.model.attention_rollout([A]), expected)
-    two = vit.model.attention_rollout([A, A])
-    torch.testing.assert_close(two, (((A.mean(1) + torch.eye(5)) / 2) @ ((A.mean(1) + torch.eye(5)) / 2))[:, 0, 1:])
+    model = tiny(image_size=8, channels=3, patch_size=4).eval()
+    with torch.no_grad():
+        model.x_class.normal_()                                   # zero at init: make it visible
+    x = torch.randn(2, 3, 8, 8)
+    cols = F.unfold(x, kernel_size=4, stride=4)                   # (B, C*P*P, N), channel-major, patches row-major
+    x_p = cols.reshape(2, 3, 16, 4).permute(0, 3, 2, 1).reshape(2, 4, 48)   # (B, N, P*P*C), (row, col, channel)
+    torch.testing.assert_close(vit.model.patchify(x, 4), x_p)
+    z0 = torch.cat([model.x_class.expand(2, 1, 16), x_p @ model.E.weight.T + model.E.bias], 1) + model.E_pos
+    torch.testing.assert_close(model.embed(x), z0)
+    x2 = x.clone()
+    x2[:, :, :4, :4] += 1                                         # only the first patch changes:
+    changed = (model.embed(x2) - model.embed(x)).abs().amax(-1)[0]
+    assert changed[1] > 0 and changed[[0, 2, 3, 4]].eq(0).all()   # the class token and the other patches keep
 
 
-def test_random_crop_shifts_each_image_within_the_padding():
-    images = torch.zeros(50, 8, 8, dtype=torch.uint8)
-    images[:, 3, 4] = 255
+def heads_of(msa, z):
+    """q, k, v (B, k, T, D_h) from U_qkv's output laid out as [q | k | v], each [head 1 | head 2 | ...]."""
+    B, T, D = z.shape
+    qkv = (z @ msa.U_qkv.weight.T + msa.U_qkv.bias).reshape(B, T, 3, msa.heads, D // msa.heads)
+    return qkv.permute(2, 0, 3, 1, 4)
+
+
+def test_attention_is_scaled_dot_product_attention_with_scale_one_over_sqrt_D_h():
+    """App. A eqs. 5-8 against F.scaled_dot_product_attention with the scale written out: 1/sqrt(D_h),
+    D_h = D/k (with k = 4 heads a 1/sqrt(D) would be off by 2)."""
+    torch.manual_seed(0)
+    msa = vit.model.MultiHeadSelfAttention(vit.model.ViTConfig(image_size=8, patch_size=2, dim=16, heads=4))
+    z = torch.randn(2, 17, 16)
+    q, k, v = heads_of(msa, z)
+    scale = 1 / math.sqrt(16 / 4)
+    sa = F.scaled_dot_product_attention(q, k, v, scale=scale)     # (B, k, T, D_h)
+    out, A = msa(z)
+    torch.testing.assert_close(out, sa.transpose(1, 2).reshape(2, 17, 16) @ msa.U_msa.weight.T + msa.U_msa.bias)
+    torch.testing.assert_close(A, torch.softmax(q @ k.transpose(-2, -1) * scale, -1))
+
+
+def reference_logits(model, x):
+    """Eqs. 1-4 written out with torch.nn.functional: pre-LN blocks, residuals, GELU MLP,
+    y = LN(z_L^0), then the head (Linear, tanh, Linear)."""
+    z = model.embed(x)                                            # eq. 1 (checked above)
+    for blk in model.blocks:
+        h = F.layer_norm(z, (z.shape[-1],), blk.ln1.weight, blk.ln1.bias)
+        q, k, v = heads_of(blk.msa, h)
+        sa = F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5).transpose(1, 2).flatten(2)
+        z = F.linear(sa, blk.msa.U_msa.weight, blk.msa.U_msa.bias) + z                       # eq. 2
+        h = F.layer_norm(z, (z.shape[-1],), blk.ln2.weight, blk.ln2.bias)
+        z = F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight,
+                     blk.mlp.fc2.bias) + z                                                   # eq. 3
+    y = F.layer_norm(z[:, 0], (z.shape[-1],), model.ln.weight, model.ln.bias)               # eq. 4
+    return F.linear(torch.tanh(F.linear(y, model.head[0].weight, model.head[0].bias)), model.head[2].weight,
+                    model.head[2].bias)
+
+
+def test_the_vit_is_equations_1_to_4_written_out():
+    torch.manual_seed(0)
+    model = tiny(depth=3).eval()
+    for ln in [model.ln] + [m for b in model.blocks for m in (b.ln1, b.ln2)]:
+        torch.nn.init.normal_(ln.weight)                          # (1, 0) at init: make a swapped LN visible
+        torch.nn.init.normal_(ln.bias)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(model(x), reference_logits(model, x))
+
+
+def test_initialisation_follows_the_authors_code():
+    """Xavier-uniform Linear weights (|w| <= sqrt(6 / (fan_in + fan_out)), and spread over that range),
+    zero biases, the classifier and the class token zero, E_pos ~ N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = vit.model.ViT(vit.model.ViTConfig(dim=64, depth=2, heads=4, mlp_dim=128))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.bias.eq(0).all(), name
+            if m is not model.head[-1]:
+                bound = math.sqrt(6 / sum(m.weight.shape))
+                assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound, name
+    assert model.head[-1].weight.eq(0).all() and model.x_class.eq(0).all()
+    assert abs(model.E_pos.std().item() - 0.02) < 0.002 and abs(model.E_pos.mean().item()) < 0.002
+
+
+def rollout_by_hand(maps):
+    """Abnar & Zuidema (2020): A_hat = (A + I) / rowsum per layer (heads averaged first), and
+    R = A_hat_L ... A_hat_2 A_hat_1: each layer mixes what the layers below it had mixed."""
+    R = None
+    for A in maps:                                                # layer order, (B, k, T, T)
+        A_hat = A.mean(1) + torch.eye(A.shape[-1])
+        A_hat = A_hat / A_hat.sum(-1, keepdim=True)
+        R = A_hat if R is None else torch.einsum("bij,bjk->bik", A_hat, R)
+    return R[:, 0, 1:]
+
+
+def test_attention_rollout_is_the_product_of_the_residual_mixed_maps_in_layer_order():
+    # A hand-worked case: a class token and two patches, one head, two layers with different maps.
+    A1 = torch.tensor([[0., 1, 0], [0, 1, 0], [0, 0, 1]])[None, None]   # layer 1: class token reads patch 1
+    A2 = torch.tensor([[0., 0, 1], [1, 0, 0], [0, 1, 0]])[None, None]   # layer 2: class token reads patch 2
+    # A_hat = (A + I) / 2; row 0 of A_hat_2 A_hat_1 = 0.5 * [.5, .5, 0] + 0.5 * [0, 0, 1] = [.25, .25, .5]
+    torch.testing.assert_close(vit.model.attention_rollout([A1, A2]), torch.tensor([[0.25, 0.5]]))
+    # the other order (A_hat_1 A_hat_2) would give [.25, .25]: the test can tell the order
+    torch.testing.assert_close(vit.model.attention_rollout([A2, A1]), torch.tensor([[0.25, 0.25]]))
+    torch.manual_seed(0)
+    maps = [torch.softmax(3 * torch.randn(2, 3, 5, 5), -1) for _ in range(3)]   # 3 layers, 3 heads, 4 patches
+    torch.testing.assert_close(vit.model.attention_rollout(maps), rollout_by_hand(maps))
+
+
+def test_label_smoothed_cross_entropy_is_the_formula():
+    """Szegedy et al. (2016): target (1 - eps) one-hot + eps / K uniform, so
+    L = (1 - eps) (-log p_y) + eps mean_k (-log p_k)."""
+    torch.manual_seed(0)
+    logits, y, eps = torch.randn(6, 10), torch.randint(0, 10, (6,)), 0.2
+    log_p = logits.log_softmax(-1)
+    expected = ((1 - eps) * -log_p[torch.arange(6), y] + eps * -log_p.mean(-1)).mean()
+    torch.testing.assert_close(vit.train.smoothed_cross_entropy(logits, y, eps), expected)
+
+
+def test_random_crop_is_the_padded_image_cut_at_a_random_offset():
+    images = torch.randint(1, 256, (20, 6, 6), dtype=torch.uint8)           # no black pixel: padding shows
     shifted = vit.data.random_crop(images, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
-    pos = (shifted == 255).nonzero()[:, 1:]  # one bright pixel per image, moved by at most 2 each way
-    assert len(pos) == 50 and ((pos - torch.tensor([3, 4])).abs() <= 2).all()
-    assert len({tuple(p) for p in pos.tolist()}) > 5  # offsets differ between images
+    padded = F.pad(images, (2, 2, 2, 2))                                     # (20, 10, 10), black border
+    offsets = []
+    for b in range(20):                                                      # exactly one window of the padded image
+        found = [(i, j) for i in range(5) for j in range(5) if torch.equal(shifted[b], padded[b, i:i + 6, j:j + 6])]
+        assert len(found) == 1, found
+        offsets += found
+    assert len(set(offsets)) > 5                                             # offsets differ between images
+    assert {i for i, _ in offsets} >= {0, 4} or {j for _, j in offsets} >= {0, 4}   # up to the full padding
+    torch.testing.assert_close(vit.data.random_crop(images, 2, torch.Generator().manual_seed(0)), shifted)
 
 
 def synthetic_mnist(root, n_train=700, n_test=200, seed=0):
@@ -122,6 +247,73 @@ def run_args(data_dir, out_dir, *extra):
             *extra]
 
 
+def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
+    """One real training run (two steps) with spies where the flags act: --label-smoothing reaches the
+    loss (and the loss is the formula), --grad-clip the clipping (the gradient then has that norm),
+    --weight-decay AdamW's matrices only, --crop-padding the augmentation, --dropout the model."""
+    data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=10)
+    seen = {"loss": [], "clip": [], "crop": [], "opt": []}
+    loss_fn, clip, crop, configure = (vit.train.smoothed_cross_entropy, torch.nn.utils.clip_grad_norm_,
+                                      vit.train.random_crop, vit.train.configure_optimizer)
+
+    def spy_loss(logits, y, epsilon):
+        seen["loss"].append((logits.detach(), y, epsilon, loss_fn(logits, y, epsilon)))
+        return seen["loss"][-1][-1]
+
+    def spy_clip(params, max_norm, **kw):
+        params = list(params)
+        norm = clip(params, max_norm, **kw)
+        seen["clip"].append((max_norm, norm, torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        return norm
+
+    def spy_configure(model, args):
+        seen["opt"].append((model, configure(model, args)))
+        return seen["opt"][-1][1]
+
+    monkeypatch.setattr(vit.train, "smoothed_cross_entropy", spy_loss)
+    monkeypatch.setattr(vit.train.torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(vit.train, "random_crop", lambda x, padding, g: seen["crop"].append(padding) or crop(x, padding, g))
+    monkeypatch.setattr(vit.train, "configure_optimizer", spy_configure)
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)                 # training only
+    vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "100", "--label-smoothing", "0.3",
+                           "--grad-clip", "0.01", "--weight-decay", "0.7", "--crop-padding", "3", "--dropout", "0.2"))
+    assert len(seen["loss"]) == 2 and seen["crop"] == [3, 3]
+    for logits, y, eps, loss in seen["loss"]:
+        log_p = logits.log_softmax(-1)
+        assert eps == 0.3
+        torch.testing.assert_close(loss, (0.7 * -log_p[torch.arange(len(y)), y] - 0.3 * log_p.mean(-1)).mean())
+    for max_norm, norm, after in seen["clip"]:
+        assert max_norm == 0.01 and norm > 0.01 and abs(after - 0.01) < 1e-4     # clipped to --grad-clip
+    (model, opt), = seen["opt"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.7 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.ndim == 2}
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.2 for p in dropouts)
+
+
+def test_the_memory_estimate_counts_the_parameters_of_the_model_it_refuses(monkeypatch):
+    for flags in ([], ["--patch-size", "7", "--dim", "32", "--depth", "3", "--heads", "2", "--mlp-dim", "40"]):
+        args = vit.main.parse_args(["--device", "cpu", *flags])
+        cfg = vit.model.ViTConfig(patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
+                                  mlp_dim=args.mlp_dim)
+        params, need = vit.main.memory_needed(args)
+        assert params == vit.model.ViT(cfg).num_params() and need > 16 * params
+    monkeypatch.setattr(vit.main, "device_memory", lambda device: 2 ** 30)     # a 1 GiB device
+    with pytest.raises(SystemExit):
+        vit.main.parse_args(["--device", "cpu", "--dim", "1024", "--depth", "12"])   # ~150M parameters
+
+
+def test_missing_data_without_torchvision_says_so_and_where_the_files_come_from(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)                      # `import torchvision` fails
+    with pytest.raises(SystemExit) as e:
+        vit.data.load_split(tmp_path, "fashion", "train")
+    msg = str(e.value.code)
+    assert "torchvision could not be imported" in msg and "nothing was downloaded" in msg, msg
+    assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" in msg and "../shared" not in msg
+    assert f"{tmp_path}/FashionMNIST/raw/" in msg and "\n" not in msg
+
+
 def test_idx_reader_returns_what_was_written(tmp_path):
     synthetic_mnist(tmp_path, n_train=30, n_test=10)
     images, labels = vit.data.load_split(tmp_path, "mnist", "test")
@@ -144,6 +336,7 @@ def test_the_loss_falls_and_the_pipeline_writes_its_figures(tmp_path):
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)  # the weights are compared, not the figures
     data = synthetic_mnist(tmp_path / "data", n_train=400)
     random = ["--epochs", "3", "--crop-padding", "2", "--dropout", "0.1"]  # crops and dropout replayed too
     vit.main.main(run_args(data, tmp_path / "straight", *random))
@@ -173,8 +366,18 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
     assert (tmp_path / "resumed" / "log.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicate
 
 
-def one_line_error(*args):
-    return cli_error_line("vit", *args)
+@pytest.fixture
+def one_line_error(capsys):
+    """main(ARGS), in this process: it must stop with exactly one line (its exit message or stderr)."""
+    def run(*args):
+        capsys.readouterr()                                      # what earlier runs printed
+        with pytest.raises(SystemExit) as e:
+            vit.main.main([str(a) for a in args])
+        assert e.value.code not in (0, None)
+        text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+        assert len(text.strip().splitlines()) == 1, text
+        return text
+    return run
 
 
 @pytest.mark.parametrize("args, says", [
@@ -182,7 +385,7 @@ def one_line_error(*args):
     (["--dim", "30", "--heads", "4"], "--dim 30 is not divisible by --heads 4"),
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
 ])
-def test_bad_flags_get_one_line(args, says):
+def test_bad_flags_get_one_line(args, says, one_line_error):
     assert says in one_line_error(*args)
 
 
@@ -196,7 +399,8 @@ def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def test_checkpoints_of_another_folder_or_dataset_are_refused(tmp_path):
+def test_checkpoints_of_another_folder_or_dataset_are_refused(tmp_path, monkeypatch, one_line_error):
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
     data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=20)
     out = tmp_path / "run"
     vit.main.main(run_args(data, out, "--epochs", "1", "--batch-size", "20"))

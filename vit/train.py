@@ -65,6 +65,11 @@ def get_lr(step, total_steps, warmup_steps, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
+def smoothed_cross_entropy(logits, y, epsilon):
+    """Cross-entropy against label-smoothed targets (Szegedy et al. 2016): (1 - eps) one-hot + eps / K."""
+    return F.cross_entropy(logits, y, label_smoothing=epsilon)
+
+
 def configure_optimizer(model, args):
     """AdamW; weight decay on the weight matrices only, not on biases, LayerNorms,
     the class token or the position embeddings."""
@@ -79,8 +84,9 @@ def stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path):
     no checkpoint is written from then on; on CPU it is checked every step, before the update."""
     if not finite:
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
-        raise SystemExit(f"vit: the loss became non-finite (loss {loss.item():g}, gradient norm {grad_norm.item():g}) "
-                         f"at step {step}; stopped without saving it ({kept}); try a lower --lr")
+        raise SystemExit(f"vit: the loss or its gradient became non-finite (loss {loss.item():g}, "
+                         f"gradient norm {grad_norm.item():g}) at step {step}; stopped without saving it ({kept}); "
+                         f"try a lower --lr")
 
 
 @torch.no_grad()
@@ -193,7 +199,7 @@ def train(args):
                     x = random_crop(x, args.crop_padding, g)
                 with autocast:
                     logits = fwd(normalize(x, args.dataset))
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                    loss = smoothed_cross_entropy(logits.float(), y, args.label_smoothing)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
                                                            args.grad_clip if args.grad_clip > 0 else math.inf)
