@@ -12,7 +12,8 @@ into one disjoint graph with a batch vector, again without a Python loop over gr
 
 The IDX files are read directly, from torchvision's layout
 DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz];
-torchvision is only asked to download them when they are missing.
+torchvision is only asked to download them when they are missing, so an offline machine
+(or one whose torchvision does not import beside this torch) works once they are in place.
 """
 import gzip
 import os
@@ -28,6 +29,8 @@ CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "fashion": ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
 }
+URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirrors
+        "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]  # 8-neighbourhood
 CACHE_VERSION = 1
 
@@ -56,13 +59,21 @@ def find(raw, name):
     return None
 
 
+def first_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def download(dataset, root):
+    """torchvision's downloader, into root/<Dataset>/raw; returns why nothing came, or None."""
     try:
         from torchvision import datasets
-        getattr(datasets, DATASETS[dataset])(root=root, train=True, download=True)
-        getattr(datasets, DATASETS[dataset])(root=root, train=False, download=True)
-    except Exception as e:  # no network, no torchvision, a mirror down: say what to do instead
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return f"torchvision could not be imported ({first_line(e)}), so nothing was downloaded"
+    try:
+        for train in (True, False):
+            getattr(datasets, DATASETS[dataset])(root=root, train=train, download=True)
+    except Exception as e:  # no network, a mirror down
+        return f"the download failed ({first_line(e)})"
     return None
 
 
@@ -76,9 +87,9 @@ def load_images(data_dir, dataset, split):
         paths = [find(raw, n) for n in names]
         if None in paths:
             raise SystemExit(
-                f"gnns: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz] and the download failed "
-                f"({reason}); point --data-dir at a folder holding {DATASETS[dataset]}/raw/ "
-                f"(here: --data-dir ../shared/data)")
+                f"gnns: {dataset} not found: expected {raw}/{{{','.join(names)}}}[.gz]; {reason}; put the four "
+                f"files {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz from {URLS[dataset]} into {raw}/, "
+                f"or point --data-dir at a folder that holds {DATASETS[dataset]}/raw/")
     try:
         images, labels = (read_idx(p) for p in paths)
     except (ValueError, IndexError, OSError, EOFError, zlib.error) as e:

@@ -2,10 +2,14 @@
 turned into pixel graphs: train, then test accuracy, training curves and the graph of a
 digit with its edge weights. --speed times sparse O(E) against dense O(N^2) layers.
 
-    python gnns/main.py --model gcn --data-dir ../shared/data     # the README results
-    python gnns/main.py --model gat --data-dir ../shared/data     # (then the curve shows both)
-    python gnns/main.py --speed --data-dir ../shared/data         # sparse vs dense at 49..784 nodes
-    python gnns/main.py --quick --data-dir ../shared/data         # the whole pipeline on CPU in < 60 s
+    python gnns/main.py --model gcn      # the README results
+    python gnns/main.py --model gat      # (then the curve shows both)
+    python gnns/main.py --speed          # sparse vs dense at 49..784 nodes
+    python gnns/main.py --quick          # the whole pipeline on CPU in < 60 s
+
+The data are read from --data-dir (default data/): MNIST/raw/ (or FashionMNIST/raw/) holding
+{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
+files kept elsewhere: --data-dir /path/to/datasets.
 """
 import argparse
 import math
@@ -14,12 +18,15 @@ from pathlib import Path
 
 from data import DATASETS
 from sample import sample, speed
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, device_memory, load_checkpoint, resolve_device, train
 
 # --quick: a small GCN on 10k graphs for two epochs, a small speed table; flags given explicitly still win.
 QUICK = dict(hidden=32, layers=2, epochs=2, train_size=10_000, val_size=1000, batch_size=64, lr=3e-3,
              speed_sides=[7, 14], speed_steps=1, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go, what to draw, what to time.
+# Nodes and directed edges (self-loops included) per MNIST graph, rounded up from the averages (150 and
+# 950 + 150 with the background dropped) or exact (all 784 pixels): for the memory estimate.
+GRAPH_SIZE = {"drop": (200, 1400), "keep": (784, 6724)}
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
                "cache_dir", "speed", "speed_sides", "speed_steps", "speed_batch"}
 
@@ -60,6 +67,44 @@ def sides(s):
     if not values or any(not 2 <= v <= 28 for v in values):
         raise argparse.ArgumentTypeError(f"{s!r}: each side must be in [2, 28]")
     return values
+
+
+def output_folder(p, flag, path):
+    """Refuse, before anything is read or written, an output folder that is (or lies under) a file."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            if not q.is_dir():
+                p.error(f"{flag} {path}: {q} is a file, not a folder; choose another {flag}")
+            return
+
+
+def memory_needed(args):
+    """(parameters, bytes) of one training step, from the flags alone, before anything is allocated:
+    16 bytes per parameter (float32 weights, gradients and AdamW's two moments) plus, roughly, what
+    autograd keeps of one batch per layer: about 6 floats per node and feature (layer output, LayerNorm,
+    ReLU, residual), 2 per edge and feature (gathered messages) and 4 per edge and head (GAT's scores
+    and weights); --speed runs the dense layers too, about 4K + 3 floats per node pair."""
+    H, L, K = args.hidden, args.layers, args.heads
+    gat = args.model == "gat" or args.speed
+    params = 4 * H + L * (H * H + (5 if gat else 3) * H) + 2 * H * H + 11 * H + 10  # encoder, layers + LNs, head
+    if args.speed:
+        n = max(args.speed_sides) ** 2
+        batch, per_graph = args.speed_batch, 6 * n * H + (4 * K + 3) * n * n
+    else:
+        n, e = GRAPH_SIZE[args.background]
+        batch, per_graph = args.batch_size, 6 * n * H + e * (2 * H + 4 * K)
+    return params, 16 * params + 4 * batch * L * per_graph
+
+
+def check_memory(p, args):
+    params, need = memory_needed(args)
+    device = resolve_device(args.device)
+    have = device_memory(device)
+    if need > have:
+        batch = f"--speed-batch {args.speed_batch}" if args.speed else f"--batch-size {args.batch_size}"
+        p.error(f"--hidden {args.hidden} --layers {args.layers} {batch}: {params:,} parameters need about "
+                f"{need / 2 ** 30:,.1f} GiB of memory for weights, gradients, AdamW state and one batch's "
+                f"activations ({device} here has {have / 2 ** 30:,.1f} GiB); choose a smaller model or batch")
 
 
 def parse_args(argv=None):
@@ -110,6 +155,9 @@ def parse_args(argv=None):
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
     out_dir = args.out_dir or ("runs/gnns" if args.speed else f"runs/gnns/{args.model}")
+    for flag, path in (("--out-dir", out_dir), ("--figures-dir", args.figures_dir), ("--cache-dir", args.cache_dir)):
+        if path:
+            output_folder(p, flag, path)
     if (args.resume or args.sample_only) and not args.speed:
         saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
@@ -120,6 +168,8 @@ def parse_args(argv=None):
     args.out_dir = out_dir
     if (args.model == "gat" or args.speed or args.quick) and args.hidden % args.heads:  # --speed times GAT too
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if not args.sample_only or args.speed:
+        check_memory(p, args)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 

@@ -29,6 +29,13 @@ def resolve_device(name):
     return name
 
 
+def device_memory(device):
+    """Bytes the device can hold: free CUDA memory, else this machine's RAM (CPU and MPS share it)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def load_checkpoint(path, device):
     if not path.is_file():
         raise SystemExit(f"gnns: no checkpoint at {path}; train first, or pass the --out-dir of a gnns run")
@@ -102,8 +109,9 @@ def check_finite(loss, grad_norm, step, ckpt_path):
     """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise SystemExit(f"gnns: the loss became {loss.item():g} (gradient norm {grad_norm.item():g}) at step "
-                         f"{step}; stopping before the update ({kept}); try a lower --lr")
+        raise SystemExit(f"gnns: the loss or its gradient became non-finite (loss {loss.item():g}, "
+                         f"gradient norm {grad_norm.item():g}) at step {step}; stopping before the update ({kept}); "
+                         f"try a lower --lr")
 
 
 def train(args):

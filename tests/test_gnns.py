@@ -227,7 +227,7 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_checkpoi
         gnns.main.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--data-dir", str(data),
                         "--cache-dir", str(tmp_path / "runs" / "cache")])
     msg = str(e.value.code)
-    assert ("the loss became nan" if what == "loss" else "(gradient norm inf) at step 4") in msg, msg
+    assert ("non-finite (loss nan" if what == "loss" else "gradient norm inf) at step 4") in msg, msg
     assert "at step 4" in msg and "last good checkpoint" in msg
     assert (out / "ckpt.pt").read_bytes() == before
 
