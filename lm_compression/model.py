@@ -2,9 +2,11 @@
 
 `ByteTransformer` is the paper's own kind of model (Sec. 3): a decoder-only Transformer over
 bytes (256 symbols, plus a start symbol as the first input), pre-LayerNorm blocks, with a KV
-cache so that each coded byte costs one position. `ByteLM` and `TokenLM` wrap a byte model or a
-Hugging Face causal LM behind the same two calls the codec needs: `probs(inputs, past)` and the
-model's identity (`name`, `digest`). Shapes: B chunks coded side by side, T positions, C width.
+cache so that each coded byte costs one position. `IntByteLM` (the byte model through the integer
+path of intmodel.py, the default), `ByteLM` (the byte model in float) and `TokenLM` (a Hugging Face
+causal LM, float) stand behind the same calls the codec needs: `freqs(inputs, past)`, the next
+symbol's cumulative integer frequencies; the model's identity (`name`, `digest`); and `setting()`,
+what its results depend on. Shapes: B chunks coded side by side, T positions, C width.
 """
 import hashlib
 import math
@@ -12,10 +14,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from coder import quantize
+from intmodel import VERSION as INT_VERSION, IntByteTransformer, frequencies
 
 FOLDER = "lm_compression"  # stamped into checkpoints, so that another folder's is refused
 BOS = 256                  # the start symbol: the first byte of a chunk is predicted from it alone
@@ -112,31 +118,65 @@ def digest(module):
     return h.digest()[:16]
 
 
-def softmax64(logits):
-    """(B, V) logits -> float64 probabilities on the CPU: what `coder.quantize` reads."""
-    return F.softmax(logits.float(), -1).double().cpu().numpy()
+def float_frequencies(logits):
+    """(B, V) logits -> (B, V + 1) cumulative integer frequencies: softmax in float32, then float64 on
+    the CPU for `coder.quantize`. Exact only where the logits are: the same device, dtype, threads
+    and library versions (what `float_setting` records)."""
+    probs = F.softmax(logits.float(), -1).double().cpu().numpy()
+    return np.stack([quantize(p) for p in probs])
+
+
+def float_setting(device, dtype):
+    """What a float predictor's results depend on, as the container records it."""
+    where = f"cuda ({torch.cuda.get_device_name(device)})" if str(device).startswith("cuda") else str(device)
+    return {"path": "float", "device": where, "dtype": str(dtype).removeprefix("torch."),
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__}
 
 
 class ByteLM:
-    """A byte model as a predictor: each chunk of `context` bytes starts from BOS."""
-    kind = "bytes"
+    """A byte model as a float predictor: each chunk of `context` bytes starts from BOS."""
+    kind, inference = "bytes", "float"
 
     def __init__(self, net, name, device):
         self.net, self.name, self.device = net.to(device).eval(), name, device
         self.context, self.vocab = net.cfg.context, 256
         self.digest = digest(net)
 
+    def setting(self):
+        return float_setting(self.device, next(self.net.parameters()).dtype)
+
     @torch.no_grad()
-    def probs(self, inputs, past=None):
-        """inputs (B,) the last symbols of B chunks -> (B, 256) next-byte probabilities, new cache."""
+    def freqs(self, inputs, past=None):
+        """inputs (B,) the last symbols of B chunks -> (B, 257) cumulative next-byte frequencies, new cache."""
         logits, past = self.net(torch.as_tensor(inputs, device=self.device).view(-1, 1), past)
-        return softmax64(logits[:, -1]), past
+        return float_frequencies(logits[:, -1]), past
+
+
+class IntByteLM:
+    """A byte model through the integer-only path (intmodel.py), on the CPU: the same frequencies on
+    every machine, thread count and batch size."""
+    kind, inference = "bytes", "integer"
+
+    def __init__(self, net, name):
+        try:
+            self.int_net = IntByteTransformer(net)
+        except ValueError as e:
+            raise SystemExit(f"lm_compression: {name}: {e}; compress with --float")
+        self.name, self.device, self.context, self.vocab = name, "cpu", net.cfg.context, 256
+        self.digest = self.int_net.digest()
+
+    def setting(self):
+        return {"path": "integer", "version": str(INT_VERSION), "weights": f"int{self.int_net.bits}"}
+
+    def freqs(self, inputs, past=None):
+        logits, past = self.int_net.forward(torch.as_tensor(inputs).view(-1, 1), past)
+        return frequencies(logits[:, -1]), past
 
 
 class TokenLM:
-    """A Hugging Face causal LM as a predictor over its tokens, one chunk at a time (batch 1).
+    """A Hugging Face causal LM as a float predictor over its tokens, one chunk at a time (batch 1).
     `tokenize` returns None for bytes the tokenizer cannot give back exactly."""
-    kind = "tokens"
+    kind, inference = "tokens", "float"
 
     def __init__(self, net, tokenizer, name, device, context=2048):
         self.net, self.tokenizer, self.name, self.device = net.to(device).eval(), tokenizer, name, device
@@ -156,11 +196,14 @@ class TokenLM:
     def detokenize(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
 
+    def setting(self):
+        return float_setting(self.device, self.net.dtype)
+
     @torch.no_grad()
-    def probs(self, inputs, past=None):
+    def freqs(self, inputs, past=None):
         out = self.net(input_ids=torch.as_tensor(inputs, device=self.device).view(1, 1), past_key_values=past,
                        use_cache=True)
-        return softmax64(out.logits[:, -1]), out.past_key_values
+        return float_frequencies(out.logits[:, -1]), out.past_key_values
 
 
 def save_byte_model(cfg, state, path, **extra):
@@ -204,8 +247,9 @@ def looks_like_a_path(spec):
             or spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec)
 
 
-def load_predictor(spec, device, context=2048):
-    """--model: a byte-model checkpoint, a .gguf file, or a Hugging Face name or local folder."""
+def load_predictor(spec, device, context=2048, integer=True):
+    """--model: a byte-model checkpoint (through the integer path unless `integer` is False), a .gguf
+    file, or a Hugging Face name or local folder (float)."""
     path = Path(spec)
     if not path.exists() and looks_like_a_path(spec):
         raise SystemExit(f"lm_compression: --model {spec}: no such file or folder (a byte-model checkpoint, a .gguf "
@@ -215,7 +259,7 @@ def load_predictor(spec, device, context=2048):
         if loaded is None:
             raise SystemExit(f"lm_compression: {spec} is not a byte-model checkpoint of this folder "
                              f"(write one with: python lm_compression/main.py train --data TEXT --out CKPT)")
-        return ByteLM(loaded[0], spec, device)
+        return IntByteLM(loaded[0], spec) if integer else ByteLM(loaded[0], spec, device)
     try:
         tf = transformers()
         kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}

@@ -8,7 +8,6 @@ import numpy as np
 from tqdm import tqdm
 
 from codec import DecodeIO, code_bytes
-from coder import quantize
 
 
 def coin_flips(n_symbols, seed):
@@ -26,7 +25,7 @@ def sample(lm, n_bytes, seed):
         return bytes(buf)
     io, tokens, token, past = DecodeIO(bits=coin_flips(4 * n_bytes, seed)), [], lm.bos, None
     while len(lm.detokenize(tokens)) < n_bytes and len(tokens) < 4 * n_bytes:
-        probs, past = lm.probs([token], past)
-        token = io.code(quantize(probs[0]), 0)
+        cum, past = lm.freqs([token], past)
+        token = io.code(cum[0], 0)
         tokens.append(token)
     return lm.detokenize(tokens)
