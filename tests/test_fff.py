@@ -1,14 +1,29 @@
-"""fff/: soft mixture against Algorithm 1's recursion, hard routing, sparsity of the hard path,
-learning on a tiny set, exact resume, clear errors."""
+"""fff/: soft mixture against Algorithm 1's recursion, hard routing and what it reads, the training
+loss and the region leak against their formulas, sizes and multiply-adds against counts by hand,
+the flags at their call sites, learning on a tiny set, exact resume, clear errors."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error_line, import_folder, write_idx
+import torch.nn.functional as F
+from conftest import ROOT, import_folder, write_idx
 from torch.distributions import Bernoulli
 
 fff = import_folder("fff")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: with two threads on a busy 2-core machine, the hand-offs between them
+    cost several times the arithmetic. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny(depth=3, seed=0):
@@ -107,6 +122,70 @@ def test_the_hard_path_touches_only_its_own_leaf():
     torch.testing.assert_close(model(x, mode="hard")[0], expected)
 
 
+def path_nodes(leaf, depth):
+    """Breadth-first indices of the d nodes on the path to `leaf`: at level m, node 2^m - 1 + (leaf >> (d - m))."""
+    return [2 ** m - 1 + (leaf >> (depth - m)) for m in range(depth)]
+
+
+def test_hard_routing_reads_only_the_d_nodes_on_its_path():
+    """FORWARD_I evaluates d node neurons per sample: redrawing every other node's hyperplane at random
+    changes no sample's leaf (a descent that read one of them would go astray about half the time)."""
+    model, x = tiny(depth=5), torch.randn(64, 6)
+    leaf = model.route(x)
+    for b in range(len(x)):
+        on_path = torch.zeros(model.n_nodes, dtype=torch.bool)
+        on_path[path_nodes(leaf[b].item(), 5)] = True
+        assert on_path.sum() == 5
+        other = fff.model.FFF(6, 4, 3, depth=5)
+        with torch.no_grad():
+            other.node_weights[on_path] = model.node_weights[on_path]
+            other.node_biases[on_path] = model.node_biases[on_path]
+        assert other.route(x[b:b + 1]).item() == leaf[b]
+
+
+def test_region_leak_transposes_children_in_training_only():
+    """A leak of 1 swaps <1 - c, c> at every node and sample, which is the tree with every hyperplane
+    flipped (sigmoid(-z) = 1 - c); in evaluation the leak is off."""
+    model, x = tiny(depth=3), torch.randn(8, 6)
+    flipped = tiny(depth=3)
+    with torch.no_grad():
+        flipped.node_weights.neg_()
+        flipped.node_biases.neg_()
+    torch.testing.assert_close(model.train()(x, leak=1.0)[0], flipped(x)[0])
+    torch.testing.assert_close(model.eval()(x, leak=1.0)[0], model(x)[0])
+    torch.manual_seed(0)                                       # a leak of 0.5: some samples' paths change
+    assert not torch.allclose(model.train()(x, leak=0.5)[0], model(x, leak=0.0)[0])
+
+
+def test_the_training_loss_is_cross_entropy_plus_h_times_the_summed_node_entropies():
+    """§3: L = L_pred + h sum over the nodes of H(c_{m,n}(x)), written out with torch.distributions;
+    both terms averaged over the batch."""
+    torch.manual_seed(0)
+    model, x, y = tiny(depth=3), torch.randn(5, 6), torch.randint(0, 3, (5,))
+    logits, H = model(x, mode="soft")
+    c = torch.sigmoid(x @ model.node_weights.T + model.node_biases)              # (B, 7) node decisions
+    L_pred = -logits.log_softmax(-1)[torch.arange(5), y].mean()
+    L_harden = Bernoulli(probs=c).entropy().sum(1).mean()
+    L, got_pred, got_harden = fff.train.fff_loss(logits, y, H, 2.5)
+    torch.testing.assert_close(got_pred, L_pred)
+    torch.testing.assert_close(got_harden, L_harden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(L, L_pred + 2.5 * L_harden, rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_and_multiply_adds_are_the_papers_counts():
+    """§4: the FFF has 2^d - 1 node neurons and 2^d leaves <I, l, O>; at inference it evaluates d node
+    neurons and one leaf. The baselines have width l 2^d (training) and l (inference)."""
+    I, l, O, d = 6, 4, 3, 3
+    cfg = {"in_dim": I, "leaf_width": l, "out_dim": O, "depth": d}
+    count = {n: sum(p.numel() for p in fff.train.build(n, cfg).parameters()) for n in fff.train.MODELS}
+    assert count["fff"] == (2 ** d - 1) * (I + 1) + 2 ** d * (I * l + l + l * O + O)
+    assert count["fff"] == fff.main.fff_parameters(d, l, I, O)                   # the memory check's count
+    assert count["ff_train"] == I * l * 2 ** d + l * 2 ** d + l * 2 ** d * O + O
+    assert count["ff_infer"] == I * l + l + l * O + O
+    assert fff.train.build("fff", cfg).inference_flops() == d * I + I * l + l * O
+    assert fff.train.build("ff_train", cfg).inference_flops() == I * l * 2 ** d + l * 2 ** d * O
+
+
 def test_node_entropy_is_the_bernoulli_entropy():
     c = torch.rand(100)
     torch.testing.assert_close(fff.model.binary_entropy(c), Bernoulli(probs=c).entropy(), atol=1e-5, rtol=1e-5)
@@ -155,6 +234,7 @@ def test_the_loss_falls_and_every_model_learns_the_tiny_set(tmp_path):
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(fff.main, "sample", lambda args: None)  # the weights are compared, not the figures
     data = synthetic_mnist(tmp_path / "data", n_train=600)
     common = ["--epochs", "3", "--models", "fff", "--region-leak", "0.1"]
     fff.main.main(run_args(data, tmp_path / "straight", *common))
@@ -182,30 +262,96 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
     assert not (tmp_path / "resumed" / "ckpt_ff_train.pt").exists()  # --models fff was resumed too
 
 
-def test_speed_table_runs_and_reports_ratios(tmp_path):
-    rows = fff.sample.speed(fff.main.parse_args(["--speed", "--speed-depths", "1,2", "--device", "cpu",
-                                                 "--out-dir", str(tmp_path)]))
-    assert [(r["depth"], r["batch"]) for r in rows] == [(1, 1), (1, 1024), (2, 1), (2, 1024)]
-    assert all(r["speedup_vs_ff_train"] > 0 for r in rows)
+def test_the_speed_table_times_fff_hard_and_reports_the_papers_multiply_adds(tmp_path, monkeypatch):
+    """The table's arithmetic with a stub timer of known answers (no timing is asserted): the FFF is
+    timed in hard mode only, each row's multiply-adds are d I + I l + l O (FFF-hard) and I l 2^d + l 2^d O
+    (dense of equal training width), and the speed-up is the ratio of the two times."""
+    modes = []
+
+    def stub(fn, x, device):
+        fn(x)
+        if not isinstance(fn, torch.nn.Module):                                 # FFF-hard, through a lambda
+            return 2e-6
+        return 5e-6 if fn.fc1.out_features == 4 else 40e-6                      # dense of width l, or l 2^d
+
+    forward_hard, forward_soft = fff.model.FFF.forward_hard, fff.model.FFF.forward_soft
+    monkeypatch.setattr(fff.model.FFF, "forward_hard", lambda self, x: modes.append("hard") or forward_hard(self, x))
+    monkeypatch.setattr(fff.model.FFF, "forward_soft", lambda self, *a: modes.append("soft") or forward_soft(self, *a))
+    monkeypatch.setattr(fff.sample, "time_per_batch", stub)
+    rows = fff.sample.speed(fff.main.parse_args(["--speed", "--speed-depths", "1,3", "--leaf-width", "4", "--device",
+                                                 "cpu", "--out-dir", str(tmp_path)]))
+    assert [(r["depth"], r["batch"]) for r in rows] == [(1, 1), (1, 1024), (3, 1), (3, 1024)]
+    assert modes == ["hard"] * 4
+    for r in rows:
+        d, l, I, O = r["depth"], 4, 784, 10
+        assert r["fff_hard_multiply_adds"] == d * I + I * l + l * O
+        assert r["ff_train_multiply_adds"] == I * l * 2 ** d + l * 2 ** d * O
+        assert r["ff_infer_multiply_adds"] == I * l + l * O and r["training_width"] == l * 2 ** d
+        assert r["fff_hard_us"] == 2.0 and r["ff_infer_us"] == 5.0 and r["ff_train_us"] == 40.0
+        assert r["speedup_vs_ff_train"] == 20.0
     assert json.loads((tmp_path / "speed.json").read_text())["rows"] == rows
 
 
-def one_line_error(*args):
-    return cli_error_line("fff", *args)
+def test_the_speed_command_writes_nothing_on_stderr(tmp_path):
+    """With a CUDA build of torch on a machine without CUDA, importing torch.utils.benchmark printed a
+    warning on stderr; no fff command may (here the real timer runs, for one depth)."""
+    r = subprocess.run([sys.executable, "fff/main.py", "--speed", "--speed-depths", "1", "--device", "cpu",
+                        "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [r["fff_hard_multiply_adds"] for r in rows] == [784 + 784 * 32 + 320] * 2
+
+
+def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
+    """A real (short) FFF training with spies where the flags act: --region-leak reaches the soft forward
+    of every training step (and not the evaluations), --hardening and --hardening-ramp the loss, whose
+    h follows h min(1, progress / ramp)."""
+    data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=20)
+    seen = {"leak": [], "h": []}
+    forward_soft, loss = fff.model.FFF.forward_soft, fff.train.fff_loss
+
+    def spy_soft(self, x, leak=0.0):
+        seen["leak"].append((leak, self.training))
+        return forward_soft(self, x, leak)
+
+    monkeypatch.setattr(fff.model.FFF, "forward_soft", spy_soft)
+    monkeypatch.setattr(fff.train, "fff_loss", lambda logits, y, H, h: seen["h"].append(h) or loss(logits, y, H, h))
+    monkeypatch.setattr(fff.main, "sample", lambda args: None)                  # training only
+    fff.main.main(run_args(data, tmp_path / "run", "--epochs", "2", "--models", "fff", "--region-leak", "0.3",
+                           "--hardening", "2.5", "--hardening-ramp", "0.5"))
+    steps = 2 * 2                                                               # 100 training images, batches of 50
+    assert [leak for leak, training in seen["leak"] if training] == [0.3] * steps
+    assert [leak for leak, training in seen["leak"] if not training] == [0.0] * 2   # one validation per epoch
+    torch.testing.assert_close(seen["h"], [2.5 * min(1.0, s / steps / 0.5) for s in range(steps)])
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """main(ARGS), in this process: it must stop with exactly one line (its exit message or stderr)."""
+    def run(*args):
+        capsys.readouterr()                                      # what earlier runs printed
+        with pytest.raises(SystemExit) as e:
+            fff.main.main([str(a) for a in args])
+        assert e.value.code not in (0, None)
+        text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+        assert len(text.strip().splitlines()) == 1, text
+        return text
+    return run
 
 
 @pytest.mark.parametrize("args, says", [
     (["--depth", "0"], "depth 0: must be in 1..20"),
     (["--depth", "40"], "depth 40: must be in 1..20"),
-    (["--depth", "18"], "needs 6,877,347,055 parameters"),           # refused before allocating
+    (["--depth", "18"], "needs 6,877,347,055 parameters, about 102 GiB of memory"),   # refused before allocating
     (["--speed", "--speed-depths", "3,19"], "depth 19 with --leaf-width 32 needs"),
     (["--models", "fff,moe"], "a comma-separated subset of fff,ff_train,ff_infer"),
 ])
-def test_bad_flags_get_one_line(args, says):
+def test_bad_flags_get_one_line(args, says, one_line_error):
     assert says in one_line_error(*args)
 
 
-def test_missing_data_and_foreign_checkpoints_get_one_line(tmp_path, monkeypatch):
+def test_missing_data_and_foreign_checkpoints_get_one_line(tmp_path, monkeypatch, one_line_error):
     monkeypatch.setattr(fff.data, "download", lambda dataset, root: "URLError: no network")
     with pytest.raises(SystemExit) as e:
         fff.main.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")])
@@ -214,3 +360,13 @@ def test_missing_data_and_foreign_checkpoints_get_one_line(tmp_path, monkeypatch
     (tmp_path / "run").mkdir()
     torch.save({"folder": "vit"}, tmp_path / "run" / "ckpt_fff.pt")
     assert "is a checkpoint of vit, not of fff/" in one_line_error("--resume", "--out-dir", str(tmp_path / "run"))
+
+
+def test_missing_data_without_torchvision_says_so_and_where_the_files_come_from(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)                      # `import torchvision` fails
+    with pytest.raises(SystemExit) as e:
+        fff.data.load_split(tmp_path, "mnist", "test")
+    msg = str(e.value.code)
+    assert "torchvision could not be imported" in msg and "nothing was downloaded" in msg, msg
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in msg and "../shared" not in msg
+    assert f"{tmp_path}/MNIST/raw/" in msg and "\n" not in msg
