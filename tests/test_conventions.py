@@ -203,7 +203,7 @@ DIVERGE = {
                                        "--block-size", "16", "--batch-size", "8", "--vocab-size", "300",
                                        "--warmup-steps", "0", "--eval-interval", "20", "--eval-tokens", "0"]),
     "translator": (_tatoeba, ["--steps", "40", "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--d-ff", "32",
-                              "--vocab-size", "300", "--batch-size", "8", "--warmup-steps", "0",
+                              "--vocab-size", "300", "--batch-size", "8", "--warmup-steps", "1",
                               "--eval-interval", "20", "--eval-sentences", "2"]),
     "vit": (_mnist, [*MNIST_TINY, "--val-size", "50", "--patch-size", "7", "--dim", "16", "--depth", "1",
                      "--heads", "2", "--mlp-dim", "32", "--warmup-epochs", "0"]),

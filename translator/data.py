@@ -49,8 +49,8 @@ def find_zip(data_dir):
         print(f"downloading {URL} to {path}")
         download(URL, path)
     except (OSError, http.client.HTTPException) as e:
-        raise SystemExit(f"translator: no {path} and the download failed ({e}); pass --data-dir DIR with "
-                         f"DIR/tatoeba/fra-eng.zip (e.g. --data-dir ../shared/data)")
+        raise SystemExit(f"translator: no {path} and downloading {URL} failed ({e}); download it yourself to "
+                         f"DIR/tatoeba/fra-eng.zip (the zip holding fra.txt) and pass --data-dir DIR")
     return path
 
 

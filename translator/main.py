@@ -1,12 +1,21 @@
 """English to French with the Transformer (Vaswani et al. 2017), trained on Tatoeba's pairs.
 
-    python translator/main.py --data-dir ../shared/data                   # train (one GPU), test scores, figures
+    python translator/main.py --data-dir /path/to/datasets            # train (sized for one GPU), test scores, figures
     python translator/main.py translate "She saw a boy sitting on a bench."
-    python translator/main.py translate --beam 1 < english.txt             # greedy, one line of stdin at a time
-    python translator/main.py evaluate --data-dir ../shared/data          # sacreBLEU and chrF on the test split
-    python translator/main.py --quick --data-dir ../shared/data           # everything on CPU in < 60 s
-    torchrun --nproc_per_node=4 translator/main.py ...                    # DistributedDataParallel
+    python translator/main.py translate --beam 1 < english.txt         # greedy, one line of stdin at a time
+    python translator/main.py evaluate --data-dir /path/to/datasets   # sacreBLEU and chrF on the test split
+    python translator/main.py --quick --data-dir /path/to/datasets    # everything on CPU in < 60 s
+    torchrun --nproc_per_node=4 translator/main.py ...                # DistributedDataParallel
 
+The README's result (test BLEU 32.69 with beam 4, 31 min on 2 CPU cores; add --figures-dir images
+to redraw the README's figures):
+
+    python translator/main.py --device cpu --data-dir /path/to/datasets --out-dir runs/translator-cpu \
+        --d-model 256 --n-head 4 --d-ff 1024 --n-layer 3 --dropout 0.1 --batch-size 64 --lr 1e-3 \
+        --warmup-steps 800 --steps 5000 --eval-interval 1000 --log-interval 50
+
+Data: DIR/tatoeba/fra-eng.zip, the manythings.org/anki export (fra.txt: English<TAB>French per line),
+downloaded from https://www.manythings.org/anki/fra-eng.zip into --data-dir when missing.
 A run goes to runs/translator/: ckpt.pt (with the tokenizer), log.csv, results.json,
 test_translations.tsv, translations.txt, translator_attention.png, translator_curves.png.
 """
@@ -56,6 +65,15 @@ def positive(kind):
     return number(kind, 0, low_open=True)
 
 
+def output_folder(p, flag, path):
+    """Refuse, before anything is read or written, an output folder that is (or lies under) a file."""
+    for q in (Path(path), *Path(path).parents):
+        if q.exists():
+            if not q.is_dir():
+                p.error(f"{flag} {path}: {q} is a file, not a folder; choose another {flag}")
+            return
+
+
 def parse_args(argv=None):
     p = Parser(prog="translator/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=["train", "translate", "evaluate"], default="train",
@@ -67,7 +85,7 @@ def parse_args(argv=None):
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and dropout (>= 0); "
                                                                      "not the split, which is fixed")
-    g.add_argument("--data-dir", default="data", help="dataset root: DIR/tatoeba/fra-eng.zip (downloaded there if missing)")
+    g.add_argument("--data-dir", default="data", help="dataset root: DIR/tatoeba/fra-eng.zip (downloaded there from manythings.org if missing)")
     g.add_argument("--out-dir", default=None, help=f"the run's folder (default: runs/translator; {QUICK_OUT_DIR} with --quick)")
     g.add_argument("--figures-dir", default=None, help="where figures go (default: --out-dir); 'images' refreshes the README's")
     g.add_argument("--steps", type=positive(int), default=20_000, help="optimiser steps")
@@ -113,6 +131,9 @@ def parse_args(argv=None):
 
     # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
     args = p.parse_args(argv)
+    for flag, path in (("--out-dir", args.out_dir), ("--figures-dir", args.figures_dir)):
+        if path:
+            output_folder(p, flag, path)
     if args.quick:
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
@@ -128,8 +149,6 @@ def parse_args(argv=None):
         p.error("translate: the text is empty; give a sentence, or none to read lines from stdin")
     if args.d_model % args.n_head or args.d_model % 2:
         p.error(f"--d-model {args.d_model} must be even and divisible by --n-head {args.n_head}")
-    if args.eval_interval % args.log_interval:
-        p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
     if not args.attention_text.strip():
         p.error("--attention-text is empty; give a sentence")
     args.figures_dir = args.figures_dir or args.out_dir

@@ -55,6 +55,49 @@ def load_model(path, device):
     return model.eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
 
 
+def n_params(cfg):
+    """Parameters of Transformer(cfg), counted from the config: the shared embedding V d; per encoder layer
+    4 attention projections 4(d^2 + d), the FFN 2 d d_ff + d_ff + d and two LayerNorms 4d; per decoder layer
+    8(d^2 + d), the FFN and three LayerNorms 6d; with pre-LN, two final LayerNorms 4d."""
+    d, f, N = cfg.d_model, cfg.d_ff, cfg.n_layer
+    ffn = 2 * d * f + f + d
+    return cfg.vocab_size * d + N * (4 * (d * d + d) + ffn + 4 * d) + N * (8 * (d * d + d) + ffn + 6 * d) \
+        + (4 * d if cfg.pre_ln else 0)
+
+
+def check_memory(cfg, batch_size, device):
+    """Refuse a model that cannot fit before any data is read or anything allocated: 16 bytes per parameter
+    (float32 weights, gradients, Adam's two moments) plus, roughly, the activations one batch of
+    batch_size pairs of max_len tokens keeps for the backward pass: per token about 24 d + 4 d_ff numbers
+    per layer pair and 3 V for the logits, per head 3 numbers per attention score (encoder, decoder and
+    cross-attention); 4 bytes a number, 2 under CUDA's bf16 autocast."""
+    B, L, N = batch_size, cfg.max_len, cfg.n_layer
+    numbers = B * L * (N * (24 * cfg.d_model + 4 * cfg.d_ff) + 3 * cfg.vocab_size) + 3 * B * cfg.n_head * L * L * 3 * N
+    need = 16 * n_params(cfg) + (2 if device.startswith("cuda") else 4) * numbers
+    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        raise SystemExit(f"translator: --n-layer {N} --d-model {cfg.d_model} --d-ff {cfg.d_ff} --batch-size {B} "
+                         f"--max-len {L} needs about {need / 2**30:,.0f} GiB of memory for weights, optimiser state "
+                         f"and activations ({n_params(cfg) / 1e6:,.0f}M parameters), and {device} has "
+                         f"{have / 2**30:,.0f} GiB; choose a smaller model or --batch-size")
+
+
+def all_finite(model, optimizer):
+    """True when every weight and every tensor of the optimiser's state is finite (a host sync)."""
+    tensors = [*model.parameters(), *(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def diverged(step, loss, grad_norm, ckpt_path, last_ckpt, when, before="the update"):
+    """The one line that stops a run whose loss or gradient became non-finite."""
+    kept = f"the last good checkpoint (step {last_ckpt}) is {ckpt_path}" if ckpt_path.exists() else \
+        "no checkpoint was written yet"
+    return SystemExit(f"translator: the loss or its gradient became non-finite (loss {loss:g}, gradient norm "
+                      f"{grad_norm:g}) {when} step {step}; stopping before {before} ({kept}); "
+                      f"try a lower --lr")
+
+
 def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -142,6 +185,20 @@ def prepare_data(args, saved_tokenizer=None):
     return tok, data
 
 
+def model_config(args, vocab_size):
+    return Config(vocab_size=vocab_size, max_len=args.max_len, n_layer=args.n_layer, n_head=args.n_head,
+                  d_model=args.d_model, d_ff=args.d_ff, dropout=args.dropout, label_smoothing=args.label_smoothing,
+                  pre_ln=args.pre_ln, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+
+
+def any_rank(flag, ddp):
+    """A device flag of this process, or of any process under DDP, on the host (a sync)."""
+    if ddp:
+        flag = flag.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def train(args):
     # ---- processes and device: one per GPU under torchrun, else just this one
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -168,6 +225,8 @@ def train(args):
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"translator: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    cfg = Config(**ckpt["config"]) if ckpt else model_config(args, args.vocab_size)
+    check_memory(cfg, args.batch_size, device)  # before any data: the BPE has at most --vocab-size tokens
     if ddp and local_rank != 0:
         dist.barrier()  # local rank 0 alone downloads the data, if it has to
     tok, data = prepare_data(args, ckpt and ckpt["tokenizer"])
@@ -176,10 +235,7 @@ def train(args):
     if ckpt and ckpt["data_sha256"] != data["sha256"]:
         raise SystemExit(f"translator: {ckpt_path} was trained on another fra.txt than the one in "
                          f"{args.data_dir}/tatoeba/; --resume needs the same data")
-    cfg = Config(**ckpt["config"]) if ckpt else Config(
-        vocab_size=tok.get_vocab_size(), max_len=args.max_len, n_layer=args.n_layer, n_head=args.n_head,
-        d_model=args.d_model, d_ff=args.d_ff, dropout=args.dropout, label_smoothing=args.label_smoothing,
-        pre_ln=args.pre_ln, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    cfg = cfg if ckpt else model_config(args, tok.get_vocab_size())
     batches = Batches(data["train_src"], data["train_tgt"], args.batch_size, args.seed)
     val_batches = eval_batches(data["valid_src"], data["valid_tgt"], args.batch_size)
     bleu_groups = data["valid_groups"][:args.eval_sentences]
@@ -219,6 +275,8 @@ def train(args):
             wandb.init(project="papers-translator", config=vars(args), dir=out)
 
     def checkpoint(step, val_loss, val_bleu):
+        if not all_finite(raw, optimizer):  # never save a non-finite state
+            raise diverged(step, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, "at or before", "saving")
         save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": asdict(cfg), "tokenizer": tok.to_str(), "args": vars(args),
                      "data_sha256": data["sha256"], "val_loss": val_loss, "val_bleu": val_bleu,
@@ -226,9 +284,10 @@ def train(args):
                      "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
 
     # ---- the loop
-    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, disable=not master, desc="train",
-                dynamic_ncols=True)
+    quiet = {} if master else {"disable": True}  # on rank 0, TQDM_DISABLE=1 still turns the bar off
+    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
     t0, losses, tokens, last_ckpt = time.perf_counter(), [], 0, step
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient so far, kept on the device
     train_time, val_loss, val_bleu = ((ckpt["train_time"], ckpt["val_loss"], ckpt["val_bleu"]) if ckpt
                                       else (0.0, float("nan"), float("nan")))
     try:
@@ -245,15 +304,23 @@ def train(args):
                     with autocast:
                         _, loss = model(src, tgt_in, tgt_out)
                     (loss / args.grad_accum).backward()
+                bad |= ~torch.isfinite(loss.detach())
                 if master:
                     losses.append(loss.detach())
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            bad |= ~torch.isfinite(grad_norm)
+            done = step + 1
+            logs = done % args.log_interval == 0 or done % args.eval_interval == 0 or done == args.steps
+            # Stop before a non-finite update: every step off CUDA, where the check costs no GPU sync; on
+            # CUDA at each log line, which precedes every checkpoint (and checkpoint() checks the weights).
+            if (device_type != "cuda" or logs) and any_rank(bad, ddp):
+                when = "at" if device_type != "cuda" else "at or before"
+                raise diverged(done, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, when) if master \
+                    else SystemExit(1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            done = step + 1
-            if master and (done % args.log_interval == 0 or done == args.steps):
+            if master and logs:
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
                 train_time += dt
