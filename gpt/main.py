@@ -1,9 +1,9 @@
 """Character-level GPT on Orwell's 1984: train, then sample.
 
     python gpt/main.py                      # the default config, meant for one GPU (not measured yet)
-    python gpt/main.py --device cpu --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 8 \
+    python gpt/main.py --device cpu --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 8 \\
         --dropout 0 --lr 2e-3 --steps 9000 --eval-interval 1000 --log-interval 50 --out-dir runs/gpt-cpu
-                                            # the README's result: 1.297 nats/char in 8 min on 2 CPU cores
+                                            # the README's CPU result: 1.297 nats/char, 8 min on 2 cores
     python gpt/main.py --quick              # the whole pipeline on CPU in < 60 s
     torchrun --nproc_per_node=4 gpt/main.py ...   # DistributedDataParallel
 

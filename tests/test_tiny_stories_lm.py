@@ -289,8 +289,11 @@ def test_init_follows_gpt2_and_the_output_layer_is_the_embedding():
 def test_dropout_sits_on_the_embeddings_and_on_each_sublayer_output():
     # With p = 1 every dropout outputs zeros: the residual stream stays 0 from the embeddings on, so
     # the logits are norm_f(0) W_e^T = bias_f W_e^T everywhere (LayerNorm, whose random biases would
-    # leak through any missing dropout).
+    # leak through any missing dropout). The attention weights are not dropped here, so that each
+    # attention output reaches its residual dropout.
     m = model(std=0.3, pos="learned", norm="layernorm", dropout=1.0).train()
+    for b in m.blocks:
+        b.attn.dropout = 0.0
     logits, _ = m(torch.randint(0, 23, (2, 16)))
     torch.testing.assert_close(logits, (m.norm_f.bias @ m.wte.weight.T).expand(2, 16, 23))
 
