@@ -280,10 +280,10 @@ def train(args):
             finite &= torch.isfinite(norm)  # the same on every rank after DDP's all-reduce; nan whenever a loss is
             done = step + 1
             at_log = done % args.log_interval == 0 or done == args.steps
-            # Divergence is caught before the update: every step on CPU, at log steps on CUDA (a host sync
-            # per step would stall the GPU); a checkpoint is only written after a finite check.
-            if (device_type != "cuda" or at_log) and not finite.item():
-                when = "at" if device_type != "cuda" else "by"
+            # Divergence is caught before the update: every step on CPU, at log steps on a GPU (a host
+            # sync per step would stall it); a checkpoint is only written after a finite check.
+            if (device_type == "cpu" or at_log) and not finite.item():
+                when = "at" if device_type == "cpu" else "by"
                 raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
                                f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
             optimizer.step()
