@@ -1,15 +1,28 @@
-"""gnns/: sparse = dense, GCN normalisation by hand, attention sums, permutation symmetry,
-pixel graphs and batching, isolated nodes and empty graphs, learning, exact resume, errors."""
+"""gnns/: sparse = dense, GCN by hand, GAT written out node by node, the readout per graph,
+attention sums, permutation symmetry, pixel graphs and batching, isolated nodes and empty graphs,
+the speed table's counts, the flags at their call sites, learning, exact resume, errors."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error_line, import_folder, write_idx
+import torch.nn.functional as F
+from conftest import import_folder, write_idx
 
 gnns = import_folder("gnns")
 GNN, GNNConfig = gnns.model.GNN, gnns.model.GNNConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: with two threads on a busy 2-core machine, the hand-offs between them
+    cost several times the arithmetic. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def random_graphs(sizes, p=0.3, d=5, seed=0):
@@ -40,18 +53,53 @@ def test_sparse_and_dense_layers_and_models_agree_on_random_graphs(model):
     torch.testing.assert_close(net(x, edge_index, batch, G, dense=True), net(x, edge_index, batch, G))
 
 
-def test_gcn_normalisation_of_a_three_node_path_matches_the_hand_computation():
+def test_gcn_layer_on_a_three_node_path_matches_the_hand_computation():
     # 0 - 1 - 2: with self-loops the degrees are 2, 3, 2, so D^-1/2 (A + I) D^-1/2 is
     s6 = 1 / math.sqrt(6)
-    expected = torch.tensor([[1 / 2, s6, 0], [s6, 1 / 3, s6], [0, s6, 1 / 2]])
+    A_hat = torch.tensor([[1 / 2, s6, 0], [s6, 1 / 3, s6], [0, s6, 1 / 2]])
     edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
     layer = gnns.model.GCNLayer(3, 3)
     with torch.no_grad():
         layer.W.weight.copy_(torch.eye(3))                      # H' = A_hat H with H = I gives A_hat itself
     out, _ = layer(torch.eye(3), edge_index)
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, A_hat)
     H, adj, _ = gnns.model.to_dense(torch.eye(3), edge_index, torch.zeros(3, dtype=torch.long), 1)
-    torch.testing.assert_close(layer.forward_dense(H, adj)[0][0], expected)
+    torch.testing.assert_close(layer.forward_dense(H, adj)[0][0], A_hat)
+    torch.manual_seed(0)                                        # and eq. 2 in full: A_hat H W + b
+    layer, h = gnns.model.GCNLayer(4, 5), torch.randn(3, 4)
+    torch.nn.init.normal_(layer.b)
+    torch.testing.assert_close(layer(h, edge_index)[0], A_hat @ h @ layer.W.weight.T + layer.b)
+
+
+def test_gat_layer_is_equations_1_to_5_written_out_node_by_node():
+    """Velickovic et al.: for each node i and head k, e_ij = LeakyReLU_0.2(a_k^T [W_k h_i || W_k h_j])
+    for j in N(i) + {i}, alpha_ij = softmax over j, h_i' = ||_k sum_j alpha_ij W_k h_j (+ b)."""
+    torch.manual_seed(0)
+    x, edge_index, _, _ = random_graphs([6, 1], d=5)           # node 6 is isolated
+    layer = gnns.model.GATLayer(5, 8, heads=2)
+    torch.nn.init.normal_(layer.b)
+    Wh = layer.W(x).reshape(len(x), 2, 4)                       # W_k h, (N, K, F)
+    expected = torch.zeros(len(x), 8)
+    for i in range(len(x)):
+        N_i = [i] + edge_index[0, edge_index[1] == i].tolist()  # messages j -> i, and i itself
+        for k in range(2):
+            a = torch.cat([layer.a_dst[k], layer.a_src[k]])     # a_k, split as [for W h_i ; for W h_j]
+            e = torch.stack([F.leaky_relu(a @ torch.cat([Wh[i, k], Wh[j, k]]), 0.2) for j in N_i])
+            alpha = torch.softmax(e, 0)
+            expected[i, 4 * k:4 * k + 4] = sum(alpha[n] * Wh[j, k] for n, j in enumerate(N_i))
+    torch.testing.assert_close(layer(x, edge_index)[0], expected + layer.b)
+
+
+def test_readout_is_the_mean_and_the_max_over_each_graphs_nodes():
+    torch.manual_seed(0)
+    x, edge_index, batch, G = random_graphs([4, 0, 7])          # graph 1 is empty
+    net = GNN(GNNConfig(model="gcn", in_dim=5, hidden=8, layers=2)).eval()
+    net.head = torch.nn.Identity()                              # the readout itself: [mean || max]
+    h, _ = net.blocks(net.encoder(x), lambda layer, h: layer(h, edge_index))
+    expected = torch.stack([torch.cat([h[batch == g].mean(0), h[batch == g].amax(0)]) if (batch == g).any()
+                            else torch.zeros(16) for g in range(G)])
+    torch.testing.assert_close(net(x, edge_index, batch, G), expected)
+    torch.testing.assert_close(net(x, edge_index, batch, G, dense=True), expected)
 
 
 def test_gat_attention_over_each_neighbourhood_sums_to_one():
@@ -172,6 +220,7 @@ def test_the_loss_falls_and_the_pipeline_writes_its_figures(tmp_path, model):
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(gnns.main, "sample", lambda args: None)  # the weights are compared, not the figures
     data = synthetic_mnist(tmp_path / "data", n_train=300)
     random = ["--model", "gat", "--epochs", "3", "--dropout", "0.1"]  # batch order and dropout replayed
     gnns.main.main(run_args(data, tmp_path / "straight", *random))
@@ -202,14 +251,71 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
     assert (tmp_path / "resumed" / "log.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicate
 
 
-def test_speed_times_sparse_and_dense_and_draws_the_figure(tmp_path):
+def test_the_speed_table_counts_the_grid_edges_and_its_two_implementations_agree(tmp_path, monkeypatch):
+    """What the table computes, with a stub timer of known answers (no timing is asserted): all pixels
+    kept, a side x side digit is a graph of side^2 nodes and 4 s (s - 1) + 4 (s - 1)^2 directed
+    8-neighbour edges; dense and sparse logits agree; ratios and epochs follow from the times."""
     data = synthetic_mnist(tmp_path / "data", n_train=20, n_test=10)
+    monkeypatch.setattr(gnns.sample, "time_steps", lambda model, b, device, dense, steps: 0.012 if dense else 0.004)
     gnns.main.main(["--speed", "--data-dir", str(data), "--out-dir", str(tmp_path / "speed"), "--device", "cpu",
-                    "--speed-sides", "4,8", "--speed-batch", "4", "--speed-steps", "1", "--hidden", "8"])
+                    "--speed-sides", "4,8", "--speed-batch", "4", "--hidden", "8"])
     rows = json.loads((tmp_path / "speed" / "speed.json").read_text())["rows"]
     assert [(r["model"], r["nodes"]) for r in rows] == [("gcn", 16), ("gat", 16), ("gcn", 64), ("gat", 64)]
-    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
-    assert (tmp_path / "speed" / "gnns_speed.png").stat().st_size > 0
+    for r in rows:
+        s = math.isqrt(r["nodes"])
+        assert r["edges_per_graph"] == 4 * s * (s - 1) + 4 * (s - 1) ** 2 and r["batch"] == 4
+        assert r["max_logit_difference"] < 1e-4
+        assert (r["sparse_ms"], r["dense_ms"], r["dense_over_sparse"]) == (4.0, 12.0, 3.0)
+        assert (r["sparse_epoch_s"], r["dense_epoch_s"]) == (55, 165)             # 0.004 s x 55,000 / 4
+
+
+def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
+    """A real (short) GAT training with spies where the flags act: --heads reaches the attention
+    softmax (K scores per edge), --dropout every dropout of a training step, --weight-decay AdamW,
+    --grad-clip the clipping (the gradient then has that norm)."""
+    data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=20)
+    seen = {"heads": [], "dropout": [], "clip": [], "opt": []}
+    softmax, dropout, clip = gnns.model.segment_softmax, F.dropout, torch.nn.utils.clip_grad_norm_
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen["opt"].append(self)
+
+    def spy_clip(params, max_norm, **kw):
+        params = list(params)
+        norm = clip(params, max_norm, **kw)
+        seen["clip"].append((max_norm, norm, torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        return norm
+
+    monkeypatch.setattr(gnns.model, "segment_softmax", lambda e, i, n: seen["heads"].append(e.shape[1]) or softmax(e, i, n))
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False:
+                        seen["dropout"].append((p, training)) or dropout(x, p, training, inplace))
+    monkeypatch.setattr(gnns.train.torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(gnns.train.torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(gnns.main, "sample", lambda args: None)                 # training only
+    gnns.main.main(run_args(data, tmp_path / "runs" / "gat", "--model", "gat", "--epochs", "1", "--hidden", "16",
+                            "--heads", "4", "--dropout", "0.3", "--weight-decay", "0.05", "--grad-clip", "0.01"))
+    steps, layers = 200 // 50, 2
+    assert seen["heads"][:steps * layers] == [4] * (steps * layers)               # training, then validation
+    in_training = [p for p, training in seen["dropout"] if training]
+    assert len(in_training) == steps * (layers + 1) and set(in_training) == {0.3}  # each block, and the head
+    (opt,) = seen["opt"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05]
+    assert len(seen["clip"]) == steps
+    for max_norm, norm, after in seen["clip"]:
+        assert max_norm == 0.01 and norm > 0.01 and abs(after - 0.01) < 1e-4
+
+
+def test_the_memory_estimate_counts_the_parameters_of_the_model_it_refuses(monkeypatch):
+    for flags in (["--model", "gcn"], ["--model", "gat"], ["--model", "gat", "--hidden", "24", "--layers", "3",
+                                                             "--heads", "3"]):
+        args = gnns.main.parse_args(["--device", "cpu", *flags])
+        params, need = gnns.main.memory_needed(args)
+        assert params == GNN(gnns.train.model_config(args)).num_params() and need > 16 * params
+    monkeypatch.setattr(gnns.main, "device_memory", lambda device: 2 ** 30)    # a 1 GiB device
+    with pytest.raises(SystemExit):
+        gnns.main.parse_args(["--device", "cpu", "--hidden", "2048"])           # ~17M parameters, big activations
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])
@@ -232,8 +338,18 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_checkpoi
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-def one_line_error(*args):
-    return cli_error_line("gnns", *args)
+@pytest.fixture
+def one_line_error(capsys):
+    """main(ARGS), in this process: it must stop with exactly one line (its exit message or stderr)."""
+    def run(*args):
+        capsys.readouterr()                                      # what earlier runs printed
+        with pytest.raises(SystemExit) as e:
+            gnns.main.main([str(a) for a in args])
+        assert e.value.code not in (0, None)
+        text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+        assert len(text.strip().splitlines()) == 1, text
+        return text
+    return run
 
 
 @pytest.mark.parametrize("args, says", [
@@ -241,7 +357,7 @@ def one_line_error(*args):
     (["--model", "gat", "--hidden", "30", "--heads", "4"], "--hidden 30 is not divisible by --heads 4"),
     (["--speed-sides", "7,40"], "each side must be in [2, 28]"),
 ])
-def test_bad_flags_get_one_line(args, says):
+def test_bad_flags_get_one_line(args, says, one_line_error):
     assert says in one_line_error(*args)
 
 
@@ -256,7 +372,8 @@ def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path):
+def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path, monkeypatch, one_line_error):
+    monkeypatch.setattr(gnns.main, "sample", lambda args: None)
     data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=20)
     out = tmp_path / "runs" / "gcn"
     gnns.main.main(run_args(data, out, "--epochs", "1"))
@@ -266,3 +383,13 @@ def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path):
     assert "exists; pass --resume" in one_line_error(*run_args(data, out))
     torch.save({"folder": "vit"}, out / "ckpt.pt")
     assert "is a checkpoint of vit, not of gnns/" in one_line_error("--resume", "--out-dir", str(out))
+
+
+def test_missing_data_without_torchvision_says_so_and_where_the_files_come_from(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)                      # `import torchvision` fails
+    with pytest.raises(SystemExit) as e:
+        gnns.data.load_images(tmp_path, "mnist", "train")
+    msg = str(e.value.code)
+    assert "torchvision could not be imported" in msg and "nothing was downloaded" in msg, msg
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in msg and "../shared" not in msg
+    assert f"{tmp_path}/MNIST/raw/" in msg and "\n" not in msg
