@@ -9,7 +9,7 @@ words), makemore's names and any text, character by character.
     python sequence_models/main.py interact --task imdb                                   # type reviews, get sentiment
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
-    python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the whole pipeline, CPU, < 60 s
+    python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the pipeline, CPU, < 60 s
 
 --data-dir holds imdb/aclImdb_v1.tar.gz (IMDb's archive, as Stanford serves it) and names/names.txt
 (makemore's names, one per line); either is downloaded there when missing.
@@ -208,7 +208,8 @@ def parse_args(argv=None):
         args.prompt = NUMBERS_PROMPT
     for flag in ("out_dir", "figures_dir"):
         if getattr(args, flag) and (blocker := not_a_folder(getattr(args, flag))) is not None:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {blocker} is a file, not a folder; give a folder")
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {blocker} is a file, not a folder; "
+                    f"give a folder")
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 

@@ -201,9 +201,9 @@ class MLPLanguageModel(nn.Module):
     """Bengio, Ducharme, Vincent & Jauvin (2003), section 2: the previous n tokens' feature
     vectors, concatenated, through one tanh layer (makemore part 2 is this model on names).
 
-        x = (C(w_{t-1}), ..., C(w_{t-n}))           (n m)
-        y = b + W x + U tanh(d + H x)               (V)    with W, the direct connections, optional
-        P(w_t | context) = softmax(y)
+        x = (C(w_{t-n}), ..., C(w_{t-1}))           (n m)  oldest first; the paper lists them newest
+        y = b + W x + U tanh(d + H x)               (V)    first, which only permutes H's and W's columns;
+        P(w_t | context) = softmax(y)                      W, the direct connections, optional
     """
 
     def __init__(self, vocab_size, context=3, emb_size=10, hidden_size=200, direct=False):

@@ -267,7 +267,8 @@ class StopOnNonFinite(Callback):
     def after_loss(self):
         L = self.learner
         if L.training and not torch.isfinite(L.loss):
-            raise Diverged(f"the loss became non-finite ({L.loss.item()}) at step {L.step + 1}; stopped before the update")
+            raise Diverged(f"the loss became non-finite ({L.loss.item()}) at step {L.step + 1}; "
+                           f"stopped before the update")
 
     def before_step(self):
         L = self.learner
@@ -281,7 +282,8 @@ class ARTAR(Callback):
     """Merity et al. 2017's activation regularisation on the LM's last layer, added to the training
     loss after Metrics has recorded the plain cross-entropy:
     AR = alpha * mean(dropout(h_t)^2) keeps activations small, TAR = beta * mean((h_t - h_{t-1})^2)
-    keeps them from jumping between time steps."""
+    on the undropped h_t keeps them from jumping between time steps. The means run over every step
+    of the batch (for names, the padded steps after a name's end too)."""
 
     def __init__(self, alpha, beta):
         self.alpha, self.beta = alpha, beta
@@ -290,8 +292,8 @@ class ARTAR(Callback):
         L = self.learner
         if L.training:
             h = L.model.outputs
-            L.loss = (L.loss + self.alpha * L.model.dropped.pow(2).mean()
-                      + self.beta * (h[:, 1:] - h[:, :-1]).pow(2).mean())
+            L.loss = (L.loss + self.alpha * L.model.dropped.pow(2).mean()          # AR
+                      + self.beta * (h[:, 1:] - h[:, :-1]).pow(2).mean())      # TAR; h (N, L, H)
 
 
 class ResetState(Callback):
@@ -645,9 +647,9 @@ def check_memory(args, device):
     if need > have:
         size = (f"--context {args.context} --emb-size {E} --hidden-size {H}" if args.cell == "mlp"
                 else f"--emb-size {E} --hidden-size {H} --layers {args.layers}")
-        raise SystemExit(f"sequence_models: --model {args.cell} with {size} needs about {need / 2 ** 30:,.1f} GiB of memory "
-                         f"for weights, optimiser state and activations ({device} has {have / 2 ** 30:,.1f} GiB); "
-                         f"choose a smaller model")
+        raise SystemExit(f"sequence_models: --model {args.cell} with {size} needs about {need / 2 ** 30:,.1f} GiB "
+                         f"of memory for weights, optimiser state and activations ({device} has "
+                         f"{have / 2 ** 30:,.1f} GiB); choose a smaller model")
 
 
 def depth(name):
@@ -666,7 +668,7 @@ def param_groups(model, args):
     if args.task != "imdb" or args.lr_decay == 1:
         return [{"params": list(model.parameters()), "lr": args.lr}]
     groups = [[p for name, p in model.named_parameters() if depth(name) == d] for d in range(3)]
-    return [{"params": g, "lr": args.lr / args.lr_decay ** d} for d, g in enumerate(groups)]
+    return [{"params": g, "lr": args.lr / args.lr_decay ** d} for d, g in enumerate(groups)]  # lr / D^depth
 
 
 @contextlib.contextmanager

@@ -2,11 +2,13 @@
 stops, masked pooling, the data layouts, resume, and the CLI on synthetic IMDb archives."""
 import io
 import json
+import math
 import tarfile
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import cli_error_line, import_folder
 
 sm = import_folder("sequence_models")
@@ -66,6 +68,31 @@ def test_weights_load_back_into_torch_and_unbatched_input(cell):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_stacked_layers_with_dropout_between_them_match_torch_layer_by_layer(cell):
+    """Eval: a 2-layer cell with dropout 0.5 is torch's. Training: layer 2 reads dropout(layer 1's
+    outputs) and the last layer's outputs are not dropped, rebuilt from two 1-layer torch modules
+    and F.dropout drawing the same mask (same seed, same shape)."""
+    torch.manual_seed(12)
+    ref = TORCH[cell](5, 7, 2, dropout=0.5)
+    ours = sm.model.CELLS[cell](5, 7, 2, dropout=0.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5)
+    torch.testing.assert_close(ours.eval()(x)[0], ref.eval()(x)[0], atol=1e-5, rtol=0)
+    layers = [TORCH[cell](5 if k == 0 else 7, 7) for k in range(2)]
+    for k, layer in enumerate(layers):
+        layer.load_state_dict({f"{n}_l0": ref.state_dict()[f"{n}_l{k}"]
+                               for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+    torch.manual_seed(13)
+    out, state = ours.train()(x)
+    torch.manual_seed(13)
+    h1, s1 = layers[0](x)
+    h2, s2 = layers[1](F.dropout(h1, 0.5))
+    torch.testing.assert_close(out, h2, atol=1e-5, rtol=0)
+    for a, b1, b2 in zip(as_tuple(state), as_tuple(s1), as_tuple(s2), strict=True):
+        torch.testing.assert_close(a, torch.cat([b1, b2]), atol=1e-5, rtol=0)
+
+
 def test_masked_pool_ignores_padding():
     torch.manual_seed(2)
     outputs = torch.randn(2, 5, 3)
@@ -75,6 +102,9 @@ def test_masked_pool_ignores_padding():
     pooled = sm.model.masked_pool(garbage, mask)
     torch.testing.assert_close(pooled[0], torch.cat([outputs[0, :3].mean(0), outputs[0, :3].amax(0)]))
     torch.testing.assert_close(pooled[1], torch.cat([outputs[1].mean(0), outputs[1].amax(0)]))
+    hand = torch.tensor([[[1., 2.], [3., -4.], [-9., 50.]]])  # two real steps, then padding
+    # mean over the real steps (1+3)/2, (2-4)/2; max over them 3, 2 (not the padding's 50)
+    assert sm.model.masked_pool(hand, torch.tensor([[True, True, False]])).tolist() == [[2., -1., 3., 2.]]
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru"])
@@ -136,30 +166,94 @@ def test_early_stopping_when_validation_does_not_improve():
     assert len(learner.history) == 3
 
 
-def test_artar_adds_to_the_training_loss_but_not_to_the_recorded_metric():
+class Tap(sm.train.Callback):
+    """Calls fn(learner, event) at the given events, at the given place in the callback order."""
+
+    def __init__(self, order, fn, *events):
+        self.order = order
+        for e in events:
+            setattr(self, e, lambda e=e: fn(self.learner, e))
+
+
+def tar_written_out(h):
+    """Merity et al.'s TAR term: the mean over batch, steps t >= 1 and units of (h_t - h_{t-1})^2."""
+    N, L, H = h.shape
+    return sum(((h[:, t] - h[:, t - 1]) ** 2).sum() for t in range(1, L)) / (N * (L - 1) * H)
+
+
+def test_artar_is_merity_formula_on_dropped_and_raw_outputs_and_is_not_in_the_recorded_metric():
+    """AR = alpha * mean(dropout(h)^2) on the dropped outputs, TAR = beta * mean((h_t - h_{t-1})^2)
+    over time on the raw ones; alpha != beta and dropout 0.5 so that a swap or a wrong tensor shows."""
     torch.manual_seed(7)
-    model = sm.model.LanguageModel(10, "gru", emb_size=8, hidden_size=8, num_layers=1, dropout=0.0)
-    x, y = torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 5))
-    seen = []
-
-    class Spy(sm.train.Callback):
-        order = 200
-
-        def after_loss(self):
-            if self.learner.training:
-                seen.append(self.learner.loss.item())
-
+    model = sm.model.LanguageModel(10, "gru", emb_size=8, hidden_size=8, num_layers=1, dropout=0.5)
+    x, y = torch.randint(0, 10, (3, 6)), torch.randint(0, 10, (3, 6))
+    seen = {}
+    record = lambda key: lambda L, e: L.training and seen.setdefault(key, (
+        L.loss.item(), L.model.dropped.detach(), L.model.outputs.detach()))
     t = sm.train
     learner = t.Learner(model, t.SimpleNamespace(train=[(x, y)], valid=[(x, y)]), t.cross_entropy,
-                        torch.optim.SGD(model.parameters(), lr=0.0), [t.Metrics(), t.ARTAR(2.0, 1.0), Spy()])
+                        torch.optim.SGD(model.parameters(), lr=0.0),
+                        [t.Metrics(), t.ARTAR(2.0, 3.0), Tap(-5, record("before"), "after_loss"),
+                         Tap(200, record("after"), "after_loss")])
     learner.fit(1)
-    model.reset()
-    with torch.no_grad():
-        ce = t.cross_entropy(model(x), y).item()
-        h = model.outputs
-        penalty = 2.0 * h.pow(2).mean() + 1.0 * (h[:, 1:] - h[:, :-1]).pow(2).mean()
-    assert learner.history[0]["train_loss"] == pytest.approx(ce, abs=1e-5)
-    assert seen == [pytest.approx(ce + penalty.item(), abs=1e-5)]
+    ce, dropped, h = seen["before"]
+    assert not torch.equal(dropped, h)  # dropout acted, so AR on the wrong tensor would show
+    expected = ce + 2.0 * (dropped ** 2).sum() / dropped.numel() + 3.0 * tar_written_out(h)
+    assert seen["after"][0] == pytest.approx(expected.item(), abs=1e-5)
+    assert learner.history[0]["train_loss"] == pytest.approx(ce, abs=1e-6)  # Metrics saw the plain loss
+
+
+def test_one_cycle_is_smith_schedule_written_out_per_group_and_step():
+    """torch's OneCycleLR defaults, written out: over T = epochs x batches steps, cosine from
+    peak/25 up to the peak by step 0.3 T - 1, then down to peak/25/1e4 at step T - 1; beta_1 goes
+    0.95 -> 0.85 -> 0.95. Each ULMFiT group (head, LSTM, embedding) peaks at lr, lr/D, lr/D^2."""
+    torch.manual_seed(16)
+    model = sm.model.SentimentClassifier(30, "lstm", emb_size=4, hidden_size=4, dropout=0.0)
+    groups = sm.train.param_groups(model, sm.train.SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.6))
+    rows = [(torch.randint(2, 30, (3,)).tolist(), i % 2) for i in range(20)]
+    data = sm.train.SimpleNamespace(train=sm.data.ReviewLoader(rows, 4), valid=sm.data.ReviewLoader(rows[:4], 4))
+    seen = []
+    tap = Tap(5, lambda L, e: seen.append([(g["lr"], g["betas"][0]) for g in L.opt.param_groups]), "before_step")
+    sm.train.Learner(model, data, sm.train.cross_entropy, torch.optim.AdamW(groups),
+                     [sm.train.Metrics(), sm.train.OneCycle(), tap]).fit(2)
+    T = 2 * 5
+    anneal = lambda a, b, pct: b + (a - b) / 2 * (1 + math.cos(math.pi * pct))
+    top = 0.3 * T - 1
+    for i, step in enumerate(seen):
+        for (lr, beta1), peak in zip(step, [1e-2, 1e-2 / 2.6, 1e-2 / 2.6 ** 2], strict=True):
+            up = i <= top
+            pct = i / top if up else (i - top) / (T - 1 - top)
+            assert lr == pytest.approx(anneal(peak / 25, peak, pct) if up else anneal(peak, peak / 25 / 1e4, pct))
+            assert beta1 == pytest.approx(anneal(0.95, 0.85, pct) if up else anneal(0.85, 0.95, pct))
+    assert len(seen) == T
+
+
+def test_metrics_are_nats_and_accuracy_per_real_target_over_the_whole_split():
+    """Two validation batches with different numbers of real targets: the loss is the sum of
+    -log p(target) over every real target of the split divided by their number (not a mean of
+    batch means), padding (IGNORE) left out, and so is the accuracy."""
+    g = torch.Generator().manual_seed(17)
+    logits = [torch.randn(1, 4, 5, generator=g), torch.randn(1, 3, 5, generator=g)]
+    I = sm.data.IGNORE
+    targets = [torch.tensor([[3, I, 0, I]]), torch.tensor([[1, 4, 2]])]  # 2 and 3 real targets
+
+    class Stub(nn.Module):  # returns the stored logits of batch x
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return logits[int(x)] + self.w
+
+    batches = [(torch.tensor(i), targets[i]) for i in range(2)]
+    learner = sm.train.Learner(Stub(), sm.train.SimpleNamespace(train=[], valid=batches), sm.train.cross_entropy,
+                               torch.optim.SGD(Stub().parameters(), lr=0.0), [sm.train.Metrics()])
+    learner.callback("before_fit")
+    m = learner.validate()
+    real = [(b, t, int(targets[b][0, t])) for b in range(2) for t in range(targets[b].size(1)) if targets[b][0, t] != I]
+    nats = [float(logits[b][0, t].exp().sum().log() - logits[b][0, t, y]) for b, t, y in real]
+    hits = [int(logits[b][0, t].argmax()) == y for b, t, y in real]
+    assert m["valid_loss"] == pytest.approx(sum(nats) / 5) and m["valid_accuracy"] == pytest.approx(sum(hits) / 5)
 
 
 def test_number_words_and_split():
@@ -212,8 +306,11 @@ def test_ulmfit_fine_tuning_freezes_then_unfreezes_with_discriminative_rates():
     model = sm.model.SentimentClassifier(30, "lstm", emb_size=8, hidden_size=8, dropout=0.0)
     args = sm.train.SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.0)
     groups = sm.train.param_groups(model, args)
-    assert [g["lr"] for g in groups] == [1e-2, 5e-3, 2.5e-3]
-    assert [len(g["params"]) for g in groups] == [2, 4, 1]  # head; LSTM weights and biases; embedding
+    name = {id(p): n for n, p in model.named_parameters()}
+    assert [sorted(name[id(p)] for p in g["params"]) for g in groups] == [
+        ["head.bias", "head.weight"], ["rnn.bias_hh_l0", "rnn.bias_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0"],
+        ["embedding.weight"]]
+    assert [g["lr"] for g in groups] == [1e-2, 1e-2 / 2.0, 1e-2 / 2.0 ** 2]  # lr, lr / D, lr / D^2
     rows = [(torch.randint(1, 30, (6,)).tolist(), i % 2) for i in range(16)]
     data = sm.train.SimpleNamespace(train=sm.data.ReviewLoader(rows, 8), valid=sm.data.ReviewLoader(rows, 8))
     opt = torch.optim.AdamW(groups, weight_decay=0.1)
@@ -229,7 +326,7 @@ def test_ulmfit_fine_tuning_freezes_then_unfreezes_with_discriminative_rates():
 
 
 NUMBERS = ["--task", "numbers", "--device", "cpu", "--epochs", "2", "--emb-size", "8", "--hidden-size", "8",
-           "--batch-size", "16", "--bptt", "8", "--dropout", "0.2"]
+           "--batch-size", "64", "--bptt", "16", "--dropout", "0.2"]
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
@@ -321,6 +418,55 @@ def test_mlp_lm_shape_and_context_window():
     assert not torch.allclose(predict(inside), predict(stream))
 
 
+def test_mlp_lm_is_bengio_formula_written_out():
+    """y = b + W x + U tanh(d + H x), x the context's feature vectors C(w) concatenated, oldest first
+    (the paper lists them newest first, which only permutes the columns of H and W); W optional."""
+    torch.manual_seed(14)
+    model = sm.model.MLPLanguageModel(vocab_size=6, context=3, emb_size=2, hidden_size=4, direct=True)
+    C, H, d, U, b, W = (model.C.weight, model.H.weight, model.H.bias, model.U.weight, model.U.bias, model.W.weight)
+    window = [4, 0, 5]                                     # w_{t-3}, w_{t-2}, w_{t-1}
+    x = torch.cat([C[4], C[0], C[5]])                      # (n m,) = (6,)
+    torch.testing.assert_close(model(torch.tensor([window]))[0], b + W @ x + U @ torch.tanh(d + H @ x))
+    model.W = None                                         # without the direct connections
+    torch.testing.assert_close(model(torch.tensor([window]))[0], b + U @ torch.tanh(d + H @ x))
+
+
+def test_language_model_ties_weights_and_carries_its_state_detached():
+    """Against torch.nn.LSTM over the whole sequence: a stateful LM fed two windows in turn gives the
+    same logits as one pass (the state carries over) with the state detached at the edge; logits are
+    h E^T + b with E the input embedding (weight tying). A names LM (stateful=False) starts each
+    window from zeros."""
+    torch.manual_seed(15)
+    lm = sm.model.LanguageModel(9, "lstm", emb_size=6, hidden_size=6, num_layers=2, dropout=0.0).eval()
+    ref = nn.LSTM(6, 6, 2, batch_first=True)
+    ref.load_state_dict(lm.rnn.state_dict())
+    E, bias = lm.embedding.weight, lm.head.bias
+    x = torch.randint(0, 9, (2, 8))
+    with torch.no_grad():
+        full = ref(E[x])[0] @ E.T + bias                    # (N, L, V)
+        alone = ref(E[x[:, 5:]])[0] @ E.T + bias
+    first, second = lm(x[:, :5]), lm(x[:, 5:])
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=0)
+    assert not any(s.requires_grad for s in lm.state)     # truncated BPTT: no graph into the last window
+    lm.stateful = False
+    torch.testing.assert_close(lm(x[:, 5:]), alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task,config", [
+    ("imdb", dict(vocab_size=50, cell="lstm", emb_size=6, hidden_size=5, num_layers=2, dropout=0.1)),
+    ("imdb", dict(vocab_size=50, cell="rnn", emb_size=6, hidden_size=5, num_layers=1, dropout=0.1)),
+    ("numbers", dict(vocab_size=30, cell="gru", emb_size=7, hidden_size=7, num_layers=2, dropout=0.1, stateful=True,
+                     out_size=None)),
+    ("imdb-lm", dict(vocab_size=30, cell="lstm", emb_size=7, hidden_size=7, num_layers=1, dropout=0.1,
+                     stateful=True, out_size=12)),
+    ("names", dict(vocab_size=30, cell="mlp", context=3, emb_size=4, hidden_size=9, direct=True))])
+def test_the_memory_estimate_counts_the_parameters_the_model_will_have(task, config):
+    """The size check before any data is read counts parameters from the config alone (tied weights
+    once); here against the built model."""
+    model = sm.train.build_model(task, config)
+    assert sm.train.n_parameters(task, config) == sum(p.numel() for p in model.parameters())
+
+
 def test_names_examples_and_padding_are_ignored():
     vocab = sm.data.char_vocab("abc")
     dot = vocab.stoi["."]
@@ -339,12 +485,16 @@ def test_names_examples_and_padding_are_ignored():
     assert acc == (logits[:1].argmax(-1) == y[:1]).sum().add((logits[1, :2].argmax(-1) == y[1, :2]).sum()) / 5
 
 
-def test_sweep_records_every_config_and_picks_the_lowest_validation_loss(tmp_path):
-    names = tmp_path / "data" / "names" / "names.txt"
+def write_names(root, n):
+    names = root / "names" / "names.txt"
     names.parent.mkdir(parents=True)
     g = torch.Generator().manual_seed(9)
-    names.write_text("\n".join("".join("abcde"[i] for i in torch.randint(0, 5, (int(n),), generator=g))
-                               for n in torch.randint(2, 7, (200,), generator=g)) + "\n")
+    names.write_text("\n".join("".join("abcde"[i] for i in torch.randint(0, 5, (int(k),), generator=g))
+                               for k in torch.randint(2, 7, (n,), generator=g)) + "\n")
+
+
+def test_sweep_records_every_config_and_picks_the_lowest_validation_loss(tmp_path):
+    write_names(tmp_path / "data", 200)
     argv = ["sweep", "--task", "names", "--model", "mlp", "--data-dir", str(tmp_path / "data"), "--out-dir",
             str(tmp_path / "runs"), "--device", "cpu", "--epochs", "2", "--emb-size", "4", "--batch-size", "64",
             "--grid", "hidden_size=2,16", "context=1,3"]
@@ -392,14 +542,62 @@ def test_a_pretrained_encoder_is_really_loaded_into_the_classifier(tmp_path):
         sm.train.load_encoder(sm.model.SentimentClassifier(20, "gru", 8, 12), pretrained, vocab, tmp_path / "best.pt")
 
 
-def test_transfer_compares_pretrained_and_scratch_classifiers(tmp_path):
+def accuracy_written_out(ckpt, reviews):
+    """A saved classifier's accuracy, one review at a time (no batching, padding or masks)."""
+    model = sm.model.SentimentClassifier(**ckpt["config"]).eval()
+    model.load_state_dict(ckpt["model"])
+    vocab, max_len = sm.data.Vocab(ckpt["vocab"]), ckpt["args"]["max_len"]
+    hits = 0
+    with torch.no_grad():
+        for text, label in reviews:
+            x = torch.tensor([vocab.encode(sm.data.tokenize(text))[-max_len:]])
+            hits += int(model(x, torch.ones_like(x, dtype=torch.bool)).argmax()) == label
+    return hits / len(reviews)
+
+
+def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretrained_encoder(tmp_path, monkeypatch):
+    """Each kind's test accuracy in the table is what its saved best.pt scores, evaluated here review
+    by review; the pretrained and ulmfit runs start from the language model's embedding and LSTM
+    (and scratch runs do not), on N labelled reviews, half of each class, with each kind's recipe."""
     write_imdb(tmp_path)
-    common = ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--emb-size", "16",
+    runs = tmp_path / "runs"
+    common = ["--data-dir", str(tmp_path), "--out-dir", str(runs), "--device", "cpu", "--emb-size", "16",
               "--hidden-size", "16", "--batch-size", "8", "--epochs", "2"]
     sm.main.main(["--task", "imdb-lm", "--lm-vocab", "20", "--bptt", "8"] + common)
+    lm = torch.load(runs / "imdb-lm-lstm" / "best.pt", weights_only=True)["model"]
+    started, load_encoder, imdb_data = [], sm.train.load_encoder, sm.train.DATA["imdb"]
+
+    def spy_encoder(model, *a):
+        load_encoder(model, *a)
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    def spy_data(args, vocab=None):
+        data, vocab = imdb_data(args, vocab)
+        labels = [label for _, label in data.train.encoded]
+        started.append((args.labels, len(labels), sum(labels), args.pretrained is not None, args.lr_decay,
+                        args.freeze_epochs))
+        return data, vocab
+
+    monkeypatch.setattr(sm.train, "load_encoder", spy_encoder)
+    monkeypatch.setitem(sm.train.DATA, "imdb", spy_data)
     rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
-    assert set(rows) == {"scratch", "pretrained", "ulmfit"} and all(set(r) == {8, 32} for r in rows.values())
-    assert (tmp_path / "runs" / "sequence_models_transfer.png").is_file()
+    recipe = {"scratch": (False, 1.0), "pretrained": (True, 1.0), "ulmfit": (True, 2.6)}
+    expected = [(n, n, n // 2, *recipe[kind], round(0.25 * 2) if kind == "ulmfit" else 0)
+                for n in (8, 32) for kind in recipe]
+    assert [s for s in started if isinstance(s, tuple)] == expected
+    loaded = [s for s in started if isinstance(s, dict)]
+    assert len(loaded) == 4  # pretrained and ulmfit, at 8 and 32 labels
+    for state in loaded:
+        for k, v in lm.items():
+            if k.startswith(("embedding.", "rnn.")):
+                assert torch.equal(state[k], v), k
+    with tarfile.open(tmp_path / "imdb" / "aclImdb_v1.tar.gz") as tar:
+        test = [(tar.extractfile(m).read().decode(), int(m.name.split("/")[2] == "pos"))
+                for m in tar if m.name.startswith("aclImdb/test/")]
+    for kind in recipe:
+        for n in (8, 32):
+            ckpt = torch.load(runs / "transfer" / f"{kind}-{n}" / "imdb-lstm" / "best.pt", weights_only=True)
+            assert rows[kind][n] == pytest.approx(accuracy_written_out(ckpt, test), abs=1e-9), (kind, n)
 
 
 def one_line_exit(fn, *args):
@@ -424,3 +622,87 @@ def test_names_and_text_files_must_be_utf8_text(tmp_path):
     assert f"{path} line 5 is not a name ('x2y')" in one_line_exit(sm.data.read_names, tmp_path)
     path.write_text("\r\n".join(names) + "\r\n\r\n")
     assert sm.data.read_names(tmp_path) == names
+
+
+def one_real_step(monkeypatch, argv, check):
+    """Parse argv as the command line does and train: check(learner, seen) runs after the first
+    optimiser step, with what taps around the callbacks saw in it; then the run stops."""
+    seen = {}
+
+    def tap(key, what):
+        return lambda L, e: L.training and L.step == 0 and seen.setdefault(key, what(L))
+
+    def stop(L, e):
+        check(L, seen)
+        raise sm.train.CancelFit
+
+    params = lambda L: {n: p.detach().clone() for n, p in L.model.named_parameters()}
+    grads = lambda L: {n: p.grad.clone() for n, p in L.model.named_parameters() if p.grad is not None}
+    norm = lambda L: float(torch.stack([g.norm() for g in grads(L).values()]).norm())
+    taps = [Tap(-5, tap("ce", lambda L: (L.loss.item(), getattr(L.model, "dropped", None),
+                                         getattr(L.model, "outputs", None))), "after_loss"),
+            Tap(5, tap("penalised", lambda L: L.loss.item()), "after_loss"),
+            Tap(-1, tap("norm", norm), "before_step"),                     # before GradientClipping
+            Tap(5, tap("step", lambda L: (norm(L), params(L), grads(L), [g["lr"] for g in L.opt.param_groups])),
+                "before_step"),                                            # after it
+            Tap(200, stop, "after_step")]
+    with_taps = sm.train.callbacks_for
+    monkeypatch.setattr(sm.train, "callbacks_for", lambda *a: with_taps(*a) + taps)
+    monkeypatch.setattr(sm.train, "evaluate", lambda *a: None)
+    sm.train.train(sm.main.parse_args(argv))
+
+
+def test_flags_reach_the_math_of_a_real_training_step_of_the_names_lm(tmp_path, monkeypatch):
+    """--ar, --tar: the loss of the step grows by Merity's terms with these values; --grad-clip: the
+    step's gradient norm is min(norm, clip); --weight-decay and --lr: the first AdamW step is written
+    out, p' = p (1 - lr_0 wd) - lr_0 g / (|g| + eps) (bias-corrected moments of one step: m = g,
+    v = g^2), with lr_0 = lr / 25, where one-cycle starts."""
+    write_names(tmp_path / "data", 120)
+    argv = ["--task", "names", "--model", "gru", "--data-dir", str(tmp_path / "data"), "--out-dir",
+            str(tmp_path / "runs"), "--device", "cpu", "--epochs", "1", "--emb-size", "8", "--hidden-size", "12",
+            "--batch-size", "16", "--dropout", "0.5", "--ar", "1.5", "--tar", "0.7", "--grad-clip", "0.05",
+            "--weight-decay", "0.3", "--lr", "2e-3"]
+    done = []
+
+    def check(L, seen):
+        ce, dropped, h = seen["ce"]  # AR and TAR take every step of the padded batch, as ARTAR does
+        assert seen["penalised"] == pytest.approx(ce + 1.5 * dropped.pow(2).mean().item()
+                                                  + 0.7 * tar_written_out(h).item(), rel=1e-5)
+        clipped, before, g, _ = seen["step"]
+        assert clipped == pytest.approx(min(seen["norm"], 0.05), rel=1e-4)
+        lr0 = 2e-3 / 25
+        for n, p in L.model.named_parameters():
+            expected = before[n] * (1 - lr0 * 0.3) - lr0 * g[n] / (g[n].abs() + 1e-8)
+            torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=1e-5)
+        done.append(True)
+
+    one_real_step(monkeypatch, argv, check)
+    assert done
+
+
+def test_flags_reach_the_math_of_a_real_training_step_of_the_classifier(tmp_path, monkeypatch):
+    """--lr-decay: the head, the LSTM and the embedding peak at lr, lr/D, lr/D^2 and start the step
+    at a 25th of that; --freeze-epochs: in the first epoch only the head has gradients and moves;
+    --weight-decay reaches every group."""
+    write_imdb(tmp_path, n=12)
+    argv = ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--epochs", "2",
+            "--emb-size", "8", "--hidden-size", "8", "--batch-size", "8", "--lr", "1e-2", "--lr-decay", "3",
+            "--freeze-epochs", "1", "--weight-decay", "0.2"]
+    done = []
+
+    def check(L, seen):
+        name = {id(p): n.split(".")[0] for n, p in L.model.named_parameters()}
+        _, before, g, lrs = seen["step"]
+        groups = [({name[id(p)] for p in group["params"]}, group["max_lr"], group["weight_decay"])
+                  for group in L.opt.param_groups]
+        assert [parts for parts, *_ in groups] == [{"head"}, {"rnn"}, {"embedding"}]
+        assert [peak for _, peak, _ in groups] == pytest.approx([1e-2, 1e-2 / 3, 1e-2 / 9])  # lr / D^depth
+        assert lrs == pytest.approx([1e-2 / 25, 1e-2 / 3 / 25, 1e-2 / 9 / 25])              # one-cycle's start
+        assert all(wd == 0.2 for *_, wd in groups)
+        assert {n.split(".")[0] for n in g} == {"head"}
+        moved = {n.split(".")[0] for n, p in L.model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == {"head"}
+        done.append(True)
+
+    one_real_step(monkeypatch, argv, check)
+    assert done
