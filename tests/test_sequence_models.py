@@ -181,6 +181,24 @@ def tar_written_out(h):
     return sum(((h[:, t] - h[:, t - 1]) ** 2).sum() for t in range(1, L)) / (N * (L - 1) * H)
 
 
+def test_a_non_finite_gradient_stops_before_the_update_and_a_non_finite_model_is_not_saved(tmp_path):
+    class Poison(sm.train.Callback):
+        def after_backward(self):
+            self.learner.model.weight.grad[0, 0] = float("inf")
+
+    learner = tiny_learner([sm.train.StopOnNonFinite(), Poison()])
+    before = learner.model.weight.detach().clone()
+    with pytest.raises(sm.train.Diverged, match="gradient norm became non-finite .* step 1; stopped before"):
+        learner.fit(1)
+    assert torch.equal(learner.model.weight, before)
+    learner = tiny_learner([sm.train.Checkpoint(tmp_path, {}, "valid_loss")])
+    with torch.no_grad():
+        learner.model.bias[0] = float("nan")
+    with pytest.raises(sm.train.Diverged, match="not saved"):
+        learner.fit(1)
+    assert not list(tmp_path.iterdir())
+
+
 def test_artar_is_merity_formula_on_dropped_and_raw_outputs_and_is_not_in_the_recorded_metric():
     """AR = alpha * mean(dropout(h)^2) on the dropped outputs, TAR = beta * mean((h_t - h_{t-1})^2)
     over time on the raw ones; alpha != beta and dropout 0.5 so that a swap or a wrong tensor shows."""
@@ -384,11 +402,12 @@ def test_imdb_pipeline_and_interact(tmp_path, capsys):
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["positive", "negative"]
 
 
-def test_missing_imdb_offline_names_the_data_dir(tmp_path, monkeypatch):
+def test_missing_imdb_offline_names_the_data_dir_and_leaves_no_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sm.data, "IMDB_URL", (tmp_path / "no-such-file").as_uri())
     with pytest.raises(SystemExit, match=r"imdb/aclImdb_v1\.tar\.gz.*--data-dir"):
-        sm.data.read_imdb(tmp_path / "data")
+        sm.main.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--device", "cpu"])
     assert not (tmp_path / "data" / "imdb").exists() or not any((tmp_path / "data" / "imdb").iterdir())
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_checkpoint_and_prompt_are_one_line_errors(tmp_path):
