@@ -1,5 +1,8 @@
-"""ppo/: GAE, the clipped objective's gradient, the Gaussian policy, learning, and clear errors."""
+"""ppo/: the paper's math against the formulas written out and torch.distributions (the clipped surrogate
+inside and just outside 1 +- eps, the value loss, GAE, entropies, advantage normalisation, LR annealing),
+a spy on that math inside a real update (the flags reach it), learning, and clear errors."""
 import csv
+import math
 import subprocess
 import sys
 
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, import_folder
-from torch.distributions import Independent, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 ppo = import_folder("ppo")
 
@@ -39,18 +42,50 @@ def test_gae_matches_the_sum_of_discounted_deltas_with_termination_and_truncatio
     torch.testing.assert_close(ret, adv + values)
 
 
-@pytest.mark.parametrize("ratio, advantage, clipped", [
-    (1.5, 2.0, True),    # above 1 + eps with A > 0: no incentive to move further
-    (0.5, -2.0, True),   # below 1 - eps with A < 0: likewise
-    (0.5, 2.0, False),   # outside, but against the advantage: the unclipped term still pulls back
-    (1.5, -2.0, False),
-    (1.1, 2.0, False),   # inside the trust region
-    (0.9, -2.0, False),
-])
-def test_clipped_objective_gradient(ratio, advantage, clipped):
-    r = torch.tensor([ratio], requires_grad=True)
-    ppo.train.clipped_surrogate(r, torch.tensor([advantage]), clip_coef=0.2).sum().backward()
-    assert r.grad.item() == (0.0 if clipped else pytest.approx(-advantage))  # d(-r A)/dr = -A
+def surrogate_written_out(r, A, eps):
+    """-L^CLIP for one sample (eq. 7) and its derivative in r, in plain floats."""
+    clipped = min(max(r, 1 - eps), 1 + eps)
+    unclipped_term_chosen = r * A < clipped * A or 1 - eps < r < 1 + eps  # inside, both terms are r A
+    return -min(r * A, clipped * A), (-A if unclipped_term_chosen else 0.0)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2])
+@pytest.mark.parametrize("A", [2.0, -2.0], ids=["A>0", "A<0"])
+def test_clipped_surrogate_inside_and_just_outside_the_clip_range(eps, A):
+    # just inside and just outside 1 - eps and 1 + eps, and 1: a wrong eps or a min/max swap changes a value
+    ratios = [1 - eps - 0.01, 1 - eps + 0.01, 1.0, 1 + eps - 0.01, 1 + eps + 0.01, 0.5, 1.5]
+    r = torch.tensor(ratios, dtype=torch.float64, requires_grad=True)
+    loss = ppo.train.clipped_surrogate(r, torch.full_like(r, A), clip_coef=eps)
+    loss.sum().backward()
+    for i, ratio in enumerate(ratios):
+        value, grad = surrogate_written_out(ratio, A, eps)
+        assert loss[i].item() == pytest.approx(value, abs=1e-12), ratio
+        assert r.grad[i].item() == pytest.approx(grad, abs=1e-12), ratio
+    # the clipped side: A > 0 stops pulling above 1 + eps, A < 0 below 1 - eps
+    assert r.grad[4 if A > 0 else 0].item() == 0.0 and r.grad[0 if A > 0 else 4].item() == -A
+
+
+def test_value_loss_against_the_formula():
+    new, old, ret = [1.0, 2.0, -0.5, 0.5], [0.8, 1.0, 0.0, 0.0], [1.5, 0.0, 1.0, 1.0]
+    eps = 0.2
+    t = lambda x: torch.tensor(x, dtype=torch.float64)
+    unclipped = 0.5 * sum((v - R) ** 2 for v, R in zip(new, ret)) / 4  # L^VF = (V - V^targ)^2 / 2
+    assert ppo.train.value_loss(t(new), t(old), t(ret), eps, clip=False).item() == pytest.approx(unclipped)
+    # clipped: V_old + clip(V - V_old, -eps, eps) = 1.0, 1.2, -0.2, 0.2; the larger of the two squares per sample
+    terms = [max((v - R) ** 2, (o + min(max(v - o, -eps), eps) - R) ** 2) for v, o, R in zip(new, old, ret)]
+    assert terms == pytest.approx([0.25, 4.0, 2.25, 0.64])  # the last one: the clipped square is the larger
+    assert ppo.train.value_loss(t(new), t(old), t(ret), eps, clip=True).item() == pytest.approx(0.5 * sum(terms) / 4)
+
+
+def test_advantage_normalisation_loss_and_lr_annealing_against_numbers():
+    adv = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, sample std sqrt(14 / 3)
+    expected = [(a - 3.0) / (math.sqrt(14 / 3) + 1e-8) for a in [1.0, 2.0, 3.0, 6.0]]
+    assert ppo.train.normalize_advantages(adv).tolist() == pytest.approx(expected)
+    # -L^{CLIP+VF+S} = -L^CLIP + c1 L^VF - c2 S: 0.3 + 0.7 * 2 - 0.03 * 0.5
+    assert ppo.train.ppo_loss(0.3, 2.0, 0.5, vf_coef=0.7, ent_coef=0.03) == pytest.approx(1.685)
+    # linear to 0 over 4 iterations, and constant without annealing
+    assert [ppo.train.annealed_lr(1e-3, i, 4, True) for i in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [ppo.train.annealed_lr(1e-3, i, 4, False) for i in range(4)] == [1e-3] * 4
 
 
 def test_gaussian_log_prob_and_entropy_match_torch_distributions():
@@ -65,6 +100,102 @@ def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     dist = Independent(Normal(agent.actor(obs), agent.log_std.exp().expand(5, 3)), 1)
     torch.testing.assert_close(logp, dist.log_prob(a))
     torch.testing.assert_close(ent, dist.entropy())
+
+
+def test_categorical_log_prob_and_entropy_match_torch_distributions_and_the_sums():
+    torch.manual_seed(0)
+    agent = ppo.model.Agent(obs_dim=4, n_actions=3, continuous=False)
+    with torch.no_grad():  # a policy far from uniform, so that a wrong entropy shows
+        agent.actor[-1].weight.mul_(300)
+    obs, a = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    _, logp, ent, value = agent.get_action_and_value(obs, a)
+    logits = agent.actor(obs)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1))  # S = -sum_a pi(a|s) log pi(a|s)
+    torch.testing.assert_close(ent, Categorical(logits=logits).entropy())
+    torch.testing.assert_close(logp, p.log()[torch.arange(6), a])
+    torch.testing.assert_close(value, agent.critic(obs)[:, 0])
+    assert ent.min() < 0.9 * math.log(3)  # not all uniform
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-norm-adv", "--no-anneal-lr"]], ids=["defaults", "no-norm-no-anneal"])
+def test_the_flags_reach_the_math_inside_a_real_update(flags, tmp_path, monkeypatch):
+    """Spies on the math functions during a real run: the flags' values reach them, the first
+    minibatch's ratio is 1 (pi_theta = pi_old before any step), the advantages are the GAE ones
+    (normalised or not), and each Adam step uses the annealed learning rate."""
+    calls = {name: [] for name in ["gae", "surrogate", "value", "loss", "normalize"]}
+
+    def spy(name, fn):
+        def wrapper(*args, **kw):
+            out = fn(*args, **kw)
+            calls[name].append((args, kw, out))
+            return out
+        monkeypatch.setattr(ppo.train, fn.__name__, wrapper)
+
+    for name, fn in [("gae", ppo.train.compute_gae), ("surrogate", ppo.train.clipped_surrogate),
+                     ("value", ppo.train.value_loss), ("loss", ppo.train.ppo_loss),
+                     ("normalize", ppo.train.normalize_advantages)]:
+        spy(name, fn)
+    logps, act = [], ppo.model.Agent.get_action_and_value
+
+    def get_action_and_value(self, obs, action=None, greedy=False):
+        out = act(self, obs, action, greedy)
+        if not greedy:  # the rollout (no action given) and the updates (the rollout's actions scored)
+            logps.append((action is None, out[1].detach()))
+        return out
+
+    monkeypatch.setattr(ppo.model.Agent, "get_action_and_value", get_action_and_value)
+    lrs, step = [], torch.optim.Adam.step
+
+    def adam_step(self, *args, **kw):
+        lrs.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_step)
+    ppo.train.train(ppo.main.parse_args([
+        "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "2",
+        "--total-timesteps", "64", "--lr", "1e-3", "--gamma", "0.9", "--gae-lambda", "0.7", "--clip-coef", "0.15",
+        "--ent-coef", "0.03", "--vf-coef", "0.7", "--clip-vloss", "--eval-episodes", "1", "--out-dir", str(tmp_path),
+        *flags]))
+    iterations, updates = 4, 2 * 2  # 64 / (2 x 8) rollouts; 2 epochs of 2 minibatches each
+    assert [c[0][5:] for c in calls["gae"]] == [(0.9, 0.7)] * iterations  # gamma, lambda
+    assert len(calls["surrogate"]) == len(calls["value"]) == len(calls["loss"]) == iterations * updates
+    for (ratio, adv, eps), _, _ in calls["surrogate"]:
+        assert eps == 0.15
+    for args, kw, _ in calls["value"]:
+        assert args[3:] == (0.15, True)  # clip_coef, --clip-vloss
+    for args, kw, _ in calls["loss"]:
+        assert args[3:] == (0.7, 0.03)  # c1, c2
+    for i in range(iterations):  # each rollout's first minibatch: the policy has not moved yet
+        torch.testing.assert_close(calls["surrogate"][i * updates][0][0], torch.ones(8), atol=1e-6, rtol=0)
+    # r_t = pi_theta / pi_theta_old: log pi_theta - log r_t must be log-probabilities the rollout recorded
+    old = torch.cat([logp for rollout, logp in logps if rollout])
+    new = [logp for rollout, logp in logps if not rollout]
+    assert len(new) == len(calls["surrogate"])
+    for new_logp, ((ratio, _, _), _, _) in zip(new, calls["surrogate"]):
+        implied_old = new_logp - ratio.detach().log()
+        assert torch.isclose(implied_old[:, None], old[None, :], atol=1e-5).any(1).all()
+    gae_adv = torch.cat([out[0].flatten() for _, _, out in calls["gae"]])
+    for (_, adv, _), _, _ in calls["surrogate"]:
+        if flags:  # --no-norm-adv: the GAE advantages themselves
+            assert torch.isin(adv, gae_adv).all()
+        else:  # normalised per minibatch: mean 0, sample std 1
+            assert abs(adv.mean()) < 1e-5 and abs(adv.std() - 1) < 1e-5
+    assert len(calls["normalize"]) == (0 if flags else iterations * updates)
+    anneal = [1e-3] * 4 if flags else [1e-3, 7.5e-4, 5e-4, 2.5e-4]  # linear to 0 over the 4 iterations
+    assert lrs == pytest.approx([lr for lr in anneal for _ in range(updates)])
+
+
+def test_orthogonal_initialisation_with_a_small_last_actor_layer():
+    torch.manual_seed(0)
+    agent = ppo.model.Agent(obs_dim=4, n_actions=3, continuous=False)
+    for net, last_std in [(agent.critic, 1.0), (agent.actor, 0.01)]:
+        first, hidden, last = net[0].weight, net[2].weight, net[4].weight  # (64, 4), (64, 64), (out, 64)
+        # orthogonal with gain g: the narrower side's Gram matrix is g^2 I
+        torch.testing.assert_close(first.T @ first, 2.0 * torch.eye(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden @ hidden.T, 2.0 * torch.eye(64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(last @ last.T, last_std ** 2 * torch.eye(last.size(0)), atol=1e-6, rtol=0)
+        assert all(torch.all(net[i].bias == 0) for i in (0, 2, 4))
 
 
 def returns_logged(out_dir):
