@@ -34,7 +34,7 @@ def grid(x, rows):
 @torch.no_grad()
 def ranked_samples(model, n, temperature, dataset, path):
     """n samples at `temperature`, sorted from the most to the least likely under the model;
-    each labelled with its bits/dim (the seed's figure)."""
+    each labelled with its bits/dim (the seed's figure). Returns them and their bits/dim, in that order."""
     x, log_prob = model.sample(n, temperature, return_log_prob=True)
     bpd = model.bits(log_prob)
     order = bpd.argsort()
@@ -51,11 +51,12 @@ def ranked_samples(model, n, temperature, dataset, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return x[order], bpd[order]
 
 
 @torch.no_grad()
 def temperatures(model, temps, n, path):
-    """The same latents z scaled by each temperature T: x = f^-1(T z), one row per T."""
+    """The same latents z scaled by each temperature T: x = f^-1(T z), one row per T. Returns z and the rows."""
     cfg = model.cfg
     z = torch.randn(n, cfg.channels, cfg.side, cfg.side, device=next(model.parameters()).device)
     rows = [model.inverse(t * z) for t in temps]
@@ -67,13 +68,14 @@ def temperatures(model, temps, n, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return z, rows
 
 
 @torch.no_grad()
 def interpolate(model, test, pairs, steps, path):
     """Between the latents of two test digits: z(l) = ((1 - l) z_a + l z_b) / sqrt((1 - l)^2 + l^2),
     which keeps a Gaussian z's scale (a plain average of two independent N(0, I) vectors is
-    shrunk by up to 1/sqrt 2 and looks like a low-temperature sample)."""
+    shrunk by up to 1/sqrt 2 and looks like a low-temperature sample). Returns the images (pairs, steps, C, H, W)."""
     device = next(model.parameters()).device
     x = (test[:2 * pairs].float() + 0.5) / 256                  # the pixel centres: no noise
     z, _ = model(x.to(device))
@@ -88,6 +90,7 @@ def interpolate(model, test, pairs, steps, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return rearrange(x_l, "(p s) c h w -> p s c h w", p=pairs)
 
 
 def plot_curve(log_path, path):
