@@ -5,6 +5,7 @@
         --dropout 0 --lr 2e-3 --steps 9000 --eval-interval 1000 --log-interval 50 --out-dir runs/gpt-cpu
                                             # the README's CPU result: 1.297 nats/char, 8 min on 2 cores
     python gpt/main.py --quick              # the whole pipeline on CPU in < 60 s
+    python gpt/main.py --benchmark [--quick] # one JSON line: tokens/s, step time, TFLOP/s, MFU (writes nothing)
     torchrun --nproc_per_node=4 gpt/main.py ...   # DistributedDataParallel
 
 The novel is DIR/text/1984.txt for --data-dir DIR (default data/), downloaded there from
@@ -18,12 +19,12 @@ import re
 from pathlib import Path
 
 from sample import sample
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
 # --quick: a tiny model and a short run; flags given explicitly still win.
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_size=16, steps=300, lr=3e-3,
              warmup_steps=20, eval_interval=100, log_interval=10, num_samples=2, max_new_tokens=200,
-             out_dir=QUICK_OUT_DIR)
+             benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "prompt",
                "num_samples", "max_new_tokens", "temperature", "top_k"}
@@ -104,6 +105,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-interval", type=positive(int), default=250, help="steps between validation + checkpoint")
     g.add_argument("--log-interval", type=positive(int), default=10, help="steps between log lines")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--benchmark", action="store_true", help="time training steps of this config and print one JSON "
+                                                            "line (tokens/s, step time, TFLOP/s, MFU); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default=None, help="text to continue (default: a newline, as if at a paragraph start)")
@@ -124,6 +128,8 @@ def parse_args(argv=None):
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt", "cpu")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
+    if args.benchmark and (args.resume or args.sample_only):
+        p.error("--benchmark times a fresh model; leave out --resume and --sample-only")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.prompt == "":
@@ -136,6 +142,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if not args.sample_only:
         train(args)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone samples

@@ -3,8 +3,12 @@ evaluation and atomic checkpoints. Several GPUs or nodes: launch with torchrun, 
 DistributedDataParallel averages the gradients; rank 0 alone logs and checkpoints."""
 import csv
 import hashlib
+import json
 import math
 import os
+import re
+import resource
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -15,14 +19,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CharTokenizer, get_batch, load_text, train_val_split, val_windows
+from data import CharTokenizer, get_batch, load_text, text_path, train_val_split, val_windows
 from model import GPT, GPTConfig
 
 FOLDER = "gpt"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/gpt-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense
 LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
 VOCAB_GUESS = 256  # characters: the memory check runs before the text (and its vocabulary) is read
+VOCAB_RANDOM = 80  # --benchmark without the text: random characters from a vocabulary the size of 1984's
 
 
 def resolve_device(name):
@@ -40,6 +45,12 @@ def n_params(cfg):
     c_attn 3C^2 + 3C, c_proj C^2 + C, c_fc 4C^2 + 4C, c_proj 4C^2 + C, two LayerNorms 4C; ln_f 2C."""
     C = cfg.n_embd
     return cfg.vocab_size * C + cfg.block_size * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((f for k, f in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
 
 
 def check_memory(args, device):
@@ -109,6 +120,31 @@ def evaluate(model, windows, device, autocast):
         total, n = total + loss.item() * y.numel(), n + y.numel()
     model.train()
     return total / n
+
+
+def train_step(model, optimizer, batches, lr, args, autocast, ddp=False, before_update=None):
+    """One optimiser step, the same in training and in --benchmark: the step's learning rate, forward
+    and backward over the micro-batches [(x, y), ...] (DDP all-reduces the gradients on the last
+    one only), the global gradient norm clipped to --grad-clip, AdamW's update. before_update(norm)
+    runs between the clipping and the update (training's divergence check). Returns the mean loss
+    and the gradient norm before clipping as device tensors: nothing here waits for a GPU."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    mean_loss = 0.0
+    for micro, (x, y) in enumerate(batches):
+        sync = model.no_sync() if ddp and micro < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            (loss / len(batches)).backward()
+        mean_loss = mean_loss + loss.detach() / len(batches)
+    # --grad-clip 0: an infinite bound leaves the gradients as they are
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+    if before_update:
+        before_update(norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, norm
 
 
 def open_log(path, resume_step):
@@ -190,8 +226,7 @@ def train(args):
     eval_model = model.module if ddp else model
 
     tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world
-    peak = next((f for k, f in PEAK_BF16_FLOPS.items()
-                 if device_type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_flops(device)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{raw.num_params() / 1e6:.2f}M parameters, vocabulary {len(tok)}, "
@@ -218,35 +253,27 @@ def train(args):
     resumed_time = train_time
     if master and start >= args.steps:
         print(f"{ckpt_path} is at step {start}, which is not below --steps {args.steps}: nothing to train")
+
+    def check_finite(norm):
+        """Divergence is caught before the update (of step `done`): every step on CPU, at log steps on a
+        GPU (a host sync per step would stall it); a checkpoint is only written after a finite check."""
+        finite.logical_and_(torch.isfinite(norm))  # the same on every rank after DDP's all-reduce
+        if (device_type == "cpu" or at_log) and not finite.item():
+            when = "at" if device_type == "cpu" else "by"
+            raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
+                           f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
+
     try:
         for step in pbar:
-            lr = get_lr(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(args.grad_accum):
-                x, y = get_batch(train_data, args.batch_size, cfg.block_size, (args.seed, step, rank, micro))
-                x, y = x.to(device), y.to(device)
-                # DDP: all-reduce the gradients only on the last micro-step
-                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
-                with sync:
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / args.grad_accum).backward()
-                if master:
-                    losses.append(loss.detach())
-            # the gradient norm before clipping (--grad-clip 0: an infinite bound leaves the gradients as they are)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            finite &= torch.isfinite(norm)  # the same on every rank after DDP's all-reduce; nan whenever a loss is
             done = step + 1
             at_log = done % args.log_interval == 0 or done == args.steps
-            # Divergence is caught before the update: every step on CPU, at log steps on a GPU (a host
-            # sync per step would stall it); a checkpoint is only written after a finite check.
-            if (device_type == "cpu" or at_log) and not finite.item():
-                when = "at" if device_type == "cpu" else "by"
-                raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
-                               f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [tuple(t.to(device) for t in get_batch(train_data, args.batch_size, cfg.block_size,
+                                                             (args.seed, step, rank, micro)))
+                       for micro in range(args.grad_accum)]
+            lr = get_lr(step, args)
+            loss, _ = train_step(model, optimizer, batches, lr, args, autocast, ddp, check_finite)
+            if master:
+                losses.append(loss)
             if (done % args.eval_interval == 0 or done == args.steps) and not all_finite(raw):
                 raise diverged(args, f"the weights became non-finite at step {done}; they are not saved", ckpt_path,
                                last_ckpt, master)
@@ -255,7 +282,7 @@ def train(args):
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
                 train_time += dt
-                tps = len(losses) / args.grad_accum * tokens_per_step / dt
+                tps = len(losses) * tokens_per_step / dt
                 losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
                 if done % args.eval_interval == 0 or done == args.steps:
                     row["val_loss"] = val_loss = evaluate(eval_model, windows, device, autocast)
@@ -291,3 +318,62 @@ def train(args):
         if args.wandb:
             wandb.finish()
     return raw
+
+
+def benchmark(args):
+    """--benchmark: the model, optimiser and step of training (same autocast and compile), a few warm-up
+    steps, then the median of --benchmark-steps timed optimiser steps, each fetching its batches as
+    training does. Real windows of the text when it is already there (nothing is downloaded), else
+    random characters. Prints one JSON line; writes nothing."""
+    device = resolve_device(args.device)
+    check_memory(args, device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    real = text_path(args).is_file()
+    if real:
+        text = load_text(args)
+        tok = CharTokenizer.from_text(text)
+        train_data, _ = train_val_split(tok.encode(text), args.block_size)
+    cfg = GPTConfig(len(tok) if real else VOCAB_RANDOM, args.block_size, args.n_layer, args.n_head, args.n_embd,
+                    args.dropout)
+    torch.manual_seed(args.seed)
+    raw = GPT(cfg).to(device)
+    optimizer = raw.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
+    model = torch.compile(raw) if args.compile else raw
+
+    def batches(step):
+        if real:
+            return [get_batch(train_data, args.batch_size, cfg.block_size, (args.seed, step, 0, micro))
+                    for micro in range(args.grad_accum)]
+        w = torch.randint(cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1))
+        return [(m[:, :-1], m[:, 1:]) for m in w]
+
+    def synchronize():
+        if device_type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device_type == "mps":
+            torch.mps.synchronize()
+
+    warmup, times = 3, []
+    for step in range(warmup + args.benchmark_steps):
+        synchronize()
+        t0 = time.perf_counter()
+        micro = [tuple(t.to(device) for t in b) for b in batches(step)]
+        train_step(model, optimizer, micro, get_lr(step, args), args, autocast)
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[warmup:])
+    tokens = args.batch_size * cfg.block_size * args.grad_accum
+    flops, peak = raw.flops_per_token(), peak_flops(device)
+    cuda = device_type == "cuda"
+    print(json.dumps({
+        "folder": FOLDER, "torch": torch.__version__, "params": sum(p.numel() for p in raw.parameters()),
+        "device": f"cuda:{torch.device(device).index or 0} {torch.cuda.get_device_name(device)}" if cuda else device,
+        "batch_size": tokens, "unit": "tokens", "samples_per_s": tokens / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * tokens / step_s / 1e12,
+        "mfu": flops * tokens / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": bool(args.compile), "data": "real" if real else "random"}))

@@ -3,6 +3,7 @@
 temperature), the flags reaching that math in a real step, the KV cache, learning, exact resume,
 DDP and clear errors. Synthetic text only."""
 import csv
+import json
 import math
 import os
 import re
@@ -13,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, import_folder
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 gpt = import_folder("gpt")
 CFG = gpt.model.GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -456,3 +459,32 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint(trained, quick, capsys):
     line = error_line([*TINY, *quick, "--data", trained / "text.txt", "--out-dir", trained], capsys)
     assert "--resume" in line
     assert (trained / "ckpt.pt").read_bytes() == before
+
+
+# ---- --benchmark
+
+@pytest.mark.parametrize("data", ["random", "real"])
+def test_benchmark_prints_one_json_line_of_the_quick_config(data, tmp_path, capsys):
+    text = "the quick brown fox jumps over the lazy dog. " * 80
+    source = ["--data", text_file(tmp_path, text)] if data == "real" else ["--data-dir", tmp_path / "nothing"]
+    gpt.main.main([str(a) for a in ["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2",
+                                    "--out-dir", tmp_path / "run", *source]])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # --quick: 2 layers, 2 heads, width 64, context 64, batch 16; random data: a vocabulary of 80
+    V, L, C, T, B = len(set(text)) if data == "real" else 80, 2, 64, 64, 16
+    m = gpt.model.GPT(gpt.model.GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=2, n_embd=C, dropout=0.0))
+    params = sum(p.numel() for p in m.parameters())
+    assert (row["folder"], row["device"], row["data"], row["unit"], row["compile"]) == ("gpt", "cpu", data, "tokens", False)
+    assert row["params"] == params and row["batch_size"] == B * T and row["torch"] == torch.__version__
+    # 6 N (N without the position table, which is a lookup) + 12 L T C for QK^T and AV (PaLM, appendix B)
+    assert row["flops_per_sample"] == 6 * (params - T * C) + 12 * L * T * C
+    # ... which is within 2% of what FlopCounterMode counts in one forward and backward (biases and
+    # LayerNorms are not matmuls); the math attention backend makes the attention products countable
+    x = torch.randint(V, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        m(x, x)[1].backward()
+    assert row["flops_per_sample"] == pytest.approx(counter.get_total_flops() / (B * T), rel=0.02)
+    assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
+    assert row["mfu"] is None and row["peak_mem_mb"] > 0
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import ROOT, import_folder
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 ts = import_folder("tiny_stories_lm")
 M = ts.model
@@ -580,3 +582,36 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"precious")
     assert "--resume" in error_line(["--data-dir", data_dir(tmp_path), "--out-dir", tmp_path, *TINY], capsys)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"precious"
+
+
+# ---- --benchmark
+
+@pytest.mark.parametrize("kind, data", [("transformer", "random"), ("bag", "random"), ("transformer", "real")])
+def test_benchmark_prints_one_json_line_of_the_quick_config(kind, data, tmp_path, capsys):
+    root = data_dir(tmp_path) if data == "real" else tmp_path / "nothing"
+    ts.main.main([str(a) for a in ["--benchmark", "--quick", "--model", kind, "--device", "cpu", "--benchmark-steps", "2",
+                                   "--data-dir", root, "--out-dir", tmp_path / "run"]])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # --quick: width 64, 2 layers, 2 heads, the bag's hidden 128, sequences of 64, batch 16, 512 tokens
+    V = 512 if data == "random" else len(ts.data.train_tokenizer("bpe", ts.data.read_stories(root, "train"), 512))
+    C, L, H, T, B = 64, 2, 128, 64, 16
+    m = M.build_model(M.Config(vocab_size=V, model=kind, block_size=T, n_layer=L, n_head=2, n_embd=C, hidden=H,
+                               dropout=0.0))
+    params = sum(p.numel() for p in m.parameters())
+    assert (row["folder"], row["device"], row["data"], row["unit"], row["compile"]) == (
+        "tiny_stories_lm", "cpu", data, "tokens", False)
+    assert row["params"] == params and row["batch_size"] == B * T and row["torch"] == torch.__version__
+    # 6 per matmul weight (the embedding is a lookup, counted once as the tied output layer), plus
+    # 12 L T C for the Transformer's QK^T and AV (PaLM, appendix B)
+    expected = 6 * (params - V * C) if kind == "bag" else 6 * params + 12 * L * T * C
+    assert row["flops_per_sample"] == expected
+    # ... within 2% of FlopCounterMode's count of one forward and backward (norms and biases are
+    # not matmuls); the math attention backend makes the attention products countable
+    x = torch.randint(V, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        m(x, x)[1].backward()
+    assert row["flops_per_sample"] == pytest.approx(counter.get_total_flops() / (B * T), rel=0.02)
+    assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
+    assert row["mfu"] is None and row["peak_mem_mb"] > 0
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -70,8 +70,8 @@ def read_stories(data_dir, split, max_chars=0):
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read(max_chars) if max_chars else f.read()
     stories = split_stories(text)
-    if max_chars and len(stories) > 1:
-        stories = stories[:-1]  # the last one was cut
+    if max_chars and len(text) == max_chars and len(stories) > 1:
+        stories = stories[:-1]  # the last one was (probably) cut
     if not stories:
         raise SystemExit(f"tiny_stories_lm: {path} holds no story")
     return stories

@@ -6,6 +6,7 @@
     python tiny_stories_lm/main.py sample --prompt "Once upon a time"                    # stories from a checkpoint
     python tiny_stories_lm/main.py attention --layer 1 --attention-prompt "..."          # attention heatmaps
     python tiny_stories_lm/main.py --quick                                               # everything on CPU in < 60 s
+    python tiny_stories_lm/main.py --benchmark [--quick]     # one JSON line: tokens/s, step time, TFLOP/s (writes nothing)
     torchrun --nproc_per_node=4 tiny_stories_lm/main.py ...                              # DistributedDataParallel
 
 Data: --data-dir DIR (default data/) holds DIR/tinystories/TinyStoriesV2-GPT4-train.txt and
@@ -25,7 +26,7 @@ import re
 from pathlib import Path
 
 from sample import attention, sample, show_tokens
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
 # Per model: the defaults of the README's runs (CPU); flags given explicitly win.
 DEFAULTS = {
@@ -37,7 +38,7 @@ DEFAULTS = {
 # --quick: a slice of the text, a tiny model, a short run: the whole pipeline on CPU in under a minute.
 QUICK = dict(max_train_chars=300_000, max_valid_chars=30_000, vocab_size=512, n_layer=2, n_head=2, n_embd=64,
              hidden=128, block_size=64, batch_size=16, steps=500, warmup_steps=20, eval_interval=100,
-             log_interval=10, num_samples=1, max_new_tokens=60)
+             log_interval=10, num_samples=1, max_new_tokens=60, benchmark_steps=5)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
 NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",
                "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "layer", "attention_prompt"}
@@ -142,6 +143,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-tokens", type=number(int, 0), default=65_536, help="validation tokens scored at each "
                                                                                "eval (0: all; the final score uses all)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--benchmark", action="store_true", help="time training steps of this config and print one JSON "
+                                                            "line (tokens/s, step time, TFLOP/s, MFU); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=20,
+                   help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
     g = p.add_argument_group("sampling and attention")
     g.add_argument("--prompt", default="Once upon a time", help="how the stories start")
@@ -169,6 +174,8 @@ def parse_args(argv=None):
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         out_dir, args = args.out_dir, p.parse_args(argv)
         args.out_dir = out_dir
+    if args.benchmark and (args.command != "train" or args.resume or args.sample_only):
+        p.error("--benchmark times a fresh model's training; leave out the command, --resume and --sample-only")
     if args.command == "tokenize" and not args.text:
         p.error('tokenize needs a text: tiny_stories_lm/main.py tokenize "Once upon a time"')
     if args.command != "tokenize" and args.text is not None:
@@ -187,6 +194,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if args.command == "tokenize":
         return show_tokens(args)
     if args.command == "attention":

@@ -6,6 +6,9 @@ import csv
 import json
 import math
 import os
+import re
+import resource
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -16,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (characters, encode_stories, eval_windows, get_batch, load_tokenizer, read_stories,
+from data import (FILES, characters, encode_stories, eval_windows, get_batch, load_tokenizer, read_stories,
                   train_tokenizer)
 from model import Config, build_model, num_params
 
@@ -24,6 +27,8 @@ FOLDER = "tiny_stories_lm"  # stamped into checkpoints, so that another folder's
 QUICK_OUT_DIR = "runs/tiny_stories_lm-quick"  # the one place (/<model>) a fresh --quick run may overwrite a checkpoint
 LOG_FIELDS = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
 TOKENIZER_CHARS = 20_000_000  # the BPE and word vocabularies are learned on this much training text
+BENCHMARK_CHARS = 1_000_000  # --benchmark with the corpus there: batches (and the tokenizer) from this much of it
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense, for MFU
 
 
 def resolve_device(name):
@@ -45,6 +50,24 @@ def n_params(cfg):
         return V * C + C * cfg.hidden + cfg.hidden + cfg.hidden * V + V
     norm = C if cfg.norm == "rmsnorm" else 2 * C
     return V * C + (cfg.block_size * C if cfg.pos == "learned" else 0) + cfg.n_layer * (12 * C * C + 2 * norm) + norm
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token, forward and backward: 6 per weight of a matmul (2 forward, 4 backward),
+    plus, in the Transformer, 12 L T C for QK^T and AV (PaLM, appendix B). The embedding table is a
+    lookup: it counts once, as the tied output layer (Transformer), or not at all (bag; its window
+    mean is O(C) per token)."""
+    C = cfg.n_embd
+    if cfg.model == "bag":
+        return 6 * (n_params(cfg) - cfg.vocab_size * C)
+    wpe = cfg.block_size * C if cfg.pos == "learned" else 0
+    return 6 * (n_params(cfg) - wpe) + 12 * cfg.n_layer * cfg.block_size * C
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((f for k, f in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
 
 
 def check_memory(args, device):
@@ -136,6 +159,32 @@ def evaluate(model, batches, device, autocast):
         total, n = total + loss.item() * y.numel(), n + y.numel()
     model.train()
     return total, n
+
+
+def train_step(model, optimizer, batches, lr, args, autocast, ddp=False, before_update=None):
+    """One optimiser step, the same in training and in --benchmark: the step's learning rate, forward
+    and backward over the micro-batches [(x, y), ...] (DDP all-reduces the gradients on the last
+    one only), the global gradient norm clipped to --grad-clip, the optimiser's update.
+    before_update(norm) runs between the clipping and the update (training's divergence check).
+    Returns the mean loss and the gradient norm before clipping as device tensors: nothing here
+    waits for a GPU."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    mean_loss = 0.0
+    for micro, (x, y) in enumerate(batches):
+        sync = model.no_sync() if ddp and micro < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            (loss / len(batches)).backward()
+        mean_loss = mean_loss + loss.detach() / len(batches)
+    # --grad-clip 0: an infinite bound leaves the gradients as they are
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+    if before_update:
+        before_update(norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, norm
 
 
 def open_log(path, resume_step):
@@ -260,34 +309,27 @@ def train(args):
     start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
     finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite gradient norm so far
     train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
+
+    def check_finite(norm):
+        """Divergence is caught before the update (of step `done`): every step on CPU, at log steps on a
+        GPU (a host sync per step would stall it); a checkpoint is only written after a finite check."""
+        finite.logical_and_(torch.isfinite(norm))  # the same on every rank after DDP's all-reduce
+        if (device_type == "cpu" or at_log) and not finite.item():
+            when = "at" if device_type == "cpu" else "by"
+            raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
+                           f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
+
     try:
         for step in pbar:
-            lr = get_lr(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(args.grad_accum):
-                x, y = get_batch(train_ids, args.batch_size, cfg.block_size, (args.seed, step, rank, micro))
-                x, y = x.to(device), y.to(device)
-                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
-                with sync:  # DDP: all-reduce the gradients only on the last micro-step
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / args.grad_accum).backward()
-                if master:
-                    losses.append(loss.detach())
-            # the gradient norm before clipping (--grad-clip 0: an infinite bound leaves the gradients as they are)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            finite &= torch.isfinite(norm)  # the same on every rank after DDP's all-reduce; nan whenever a loss is
             done = step + 1
             at_log = done % args.log_interval == 0 or done == args.steps
-            # Divergence is caught before the update: every step on CPU, at log steps on a GPU (a host
-            # sync per step would stall it); a checkpoint is only written after a finite check.
-            if (device_type == "cpu" or at_log) and not finite.item():
-                when = "at" if device_type == "cpu" else "by"
-                raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
-                               f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [tuple(t.to(device) for t in get_batch(train_ids, args.batch_size, cfg.block_size,
+                                                             (args.seed, step, rank, micro)))
+                       for micro in range(args.grad_accum)]
+            lr = get_lr(step, args)
+            loss, _ = train_step(model, optimizer, batches, lr, args, autocast, ddp, check_finite)
+            if master:
+                losses.append(loss)
             if (done % args.eval_interval == 0 or done == args.steps) and not all_finite(raw):
                 raise diverged(args, f"the weights became non-finite at step {done}; they are not saved", ckpt_path,
                                last_ckpt, master)
@@ -296,7 +338,7 @@ def train(args):
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
                 train_time += dt
-                tps = len(losses) / args.grad_accum * tokens_per_step / dt
+                tps = len(losses) * tokens_per_step / dt
                 losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
                 if done % args.eval_interval == 0 or done == args.steps:
                     nats, n = evaluate(raw, val_batches, device, autocast)
@@ -334,3 +376,72 @@ def train(args):
             wandb.log({"bits_per_character": results["bits_per_character"]})
             wandb.finish()
     return raw
+
+
+def benchmark_data(args):
+    """--benchmark's batches: the training stories when they are already in --data-dir (nothing is
+    downloaded; the first BENCHMARK_CHARS of them, tokenizer trained there), else random tokens."""
+    folder = Path(args.data_dir) / "tinystories"
+    if not any((folder / name).is_file() for name in FILES["train"]):
+        return args.vocab_size, None
+    stories = read_stories(args.data_dir, "train", min(args.max_train_chars or BENCHMARK_CHARS, BENCHMARK_CHARS))
+    tok = train_tokenizer(args.tokenizer, stories, args.vocab_size)
+    ids = encode_stories(tok, stories)
+    if len(ids) <= args.block_size + 1:
+        raise SystemExit(f"tiny_stories_lm: {folder} holds {len(ids)} training tokens, too few for --block-size "
+                         f"{args.block_size}")
+    return len(tok), ids
+
+
+def benchmark(args):
+    """--benchmark: the model, optimiser and step of training (same autocast and compile), a few warm-up
+    steps, then the median of --benchmark-steps timed optimiser steps, each fetching its batches as
+    training does. Prints one JSON line; writes nothing."""
+    device = resolve_device(args.device)
+    check_memory(args, device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    vocab_size, ids = benchmark_data(args)
+    cfg = Config(vocab_size=vocab_size, model=args.model, block_size=args.block_size, n_layer=args.n_layer,
+                 n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, pos=args.pos, norm=args.norm,
+                 context=args.context, hidden=args.hidden)
+    torch.manual_seed(args.seed)
+    raw = build_model(cfg).to(device)
+    optimizer = make_optimizer(raw, args, device_type)
+    model = torch.compile(raw) if args.compile else raw
+
+    def batches(step):
+        if ids is not None:
+            return [get_batch(ids, args.batch_size, cfg.block_size, (args.seed, step, 0, micro))
+                    for micro in range(args.grad_accum)]
+        w = torch.randint(cfg.vocab_size, (args.grad_accum, args.batch_size, cfg.block_size + 1))
+        return [(m[:, :-1], m[:, 1:]) for m in w]
+
+    def synchronize():
+        if device_type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device_type == "mps":
+            torch.mps.synchronize()
+
+    warmup, times = 3, []
+    for step in range(warmup + args.benchmark_steps):
+        synchronize()
+        t0 = time.perf_counter()
+        micro = [tuple(t.to(device) for t in b) for b in batches(step)]
+        train_step(model, optimizer, micro, get_lr(step, args), args, autocast)
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[warmup:])
+    tokens, flops, peak = args.batch_size * cfg.block_size * args.grad_accum, flops_per_token(cfg), peak_flops(device)
+    cuda = device_type == "cuda"
+    print(json.dumps({
+        "folder": FOLDER, "torch": torch.__version__, "params": num_params(raw),
+        "device": f"cuda:{torch.device(device).index or 0} {torch.cuda.get_device_name(device)}" if cuda else device,
+        "batch_size": tokens, "unit": "tokens", "samples_per_s": tokens / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * tokens / step_s / 1e12,
+        "mfu": flops * tokens / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": bool(args.compile), "data": "real" if ids is not None else "random"}))
