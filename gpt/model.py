@@ -133,13 +133,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, lr, betas, device_type):
+    def configure_optimizers(self, weight_decay, lr, betas):
         # Weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm
         # gains stay undecayed (the tied wte/lm_head matrix is listed once).
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        # fused: one kernel for the whole update (on CPU too, where it was 3-4x faster than the loop)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

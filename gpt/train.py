@@ -47,6 +47,11 @@ def n_params(cfg):
     return cfg.vocab_size * C + cfg.block_size * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
 
 
+def compiles(args, device_type):
+    """--compile / --no-compile, and by default on CUDA only (on CPU it changed little for these sizes)."""
+    return device_type == "cuda" if args.compile is None else args.compile
+
+
 def peak_flops(device):
     """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
@@ -109,17 +114,25 @@ def diverged(args, what, ckpt_path, last_ckpt, master):
     return SystemExit(f"gpt: {what}; {saved}; try a lower --lr (it is {args.lr:g})" if master else 1)
 
 
+def to_device(tensors, device):
+    """CPU tensors onto the device; on CUDA through pinned memory, without making the host wait for
+    the GPU (the copy queues behind the work already launched)."""
+    if device.startswith("cuda"):
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
 @torch.no_grad()
 def evaluate(model, windows, device, autocast):
     """Mean cross-entropy (nats per character) over the whole validation split."""
     model.eval()
-    total, n = 0.0, 0
+    total, n = torch.zeros((), device=device), 0
     for x, y in windows:
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total, n = total + loss.item() * y.numel(), n + y.numel()
+            _, loss = model(*to_device((x, y), device))
+        total, n = total + loss.float() * y.numel(), n + y.numel()
     model.train()
-    return total / n
+    return total.item() / n  # the one wait for the GPU
 
 
 def train_step(model, optimizer, batches, lr, args, autocast, ddp=False, before_update=None):
@@ -207,7 +220,7 @@ def train(args):
     # ---- model and optimiser
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(cfg).to(device)
-    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
+    optimizer = model.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2))
     torch.manual_seed(args.seed + rank)  # but different dropout masks
     step = 0
     if ckpt:
@@ -219,7 +232,7 @@ def train(args):
             if device_type == "cuda" and ckpt["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
     raw = model
-    if args.compile:
+    if compiles(args, device_type):
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -255,11 +268,11 @@ def train(args):
         print(f"{ckpt_path} is at step {start}, which is not below --steps {args.steps}: nothing to train")
 
     def check_finite(norm):
-        """Divergence is caught before the update (of step `done`): every step on CPU, at log steps on a
-        GPU (a host sync per step would stall it); a checkpoint is only written after a finite check."""
+        """Divergence is caught before the update of step `done`, at log steps only (on every device: a
+        host sync per step would stall a GPU); every save comes after such a check."""
         finite.logical_and_(torch.isfinite(norm))  # the same on every rank after DDP's all-reduce
-        if (device_type == "cpu" or at_log) and not finite.item():
-            when = "at" if device_type == "cpu" else "by"
+        if at_log and not finite.item():
+            when = "at" if args.log_interval == 1 else "by"
             raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
                            f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
 
@@ -267,9 +280,8 @@ def train(args):
         for step in pbar:
             done = step + 1
             at_log = done % args.log_interval == 0 or done == args.steps
-            batches = [tuple(t.to(device) for t in get_batch(train_data, args.batch_size, cfg.block_size,
-                                                             (args.seed, step, rank, micro)))
-                       for micro in range(args.grad_accum)]
+            batches = [to_device(get_batch(train_data, args.batch_size, cfg.block_size, (args.seed, step, rank, micro)),
+                                 device) for micro in range(args.grad_accum)]
             lr = get_lr(step, args)
             loss, _ = train_step(model, optimizer, batches, lr, args, autocast, ddp, check_finite)
             if master:
@@ -340,8 +352,8 @@ def benchmark(args):
                     args.dropout)
     torch.manual_seed(args.seed)
     raw = GPT(cfg).to(device)
-    optimizer = raw.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
-    model = torch.compile(raw) if args.compile else raw
+    optimizer = raw.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2))
+    model = torch.compile(raw) if compiles(args, device_type) else raw
 
     def batches(step):
         if real:
@@ -360,7 +372,7 @@ def benchmark(args):
     for step in range(warmup + args.benchmark_steps):
         synchronize()
         t0 = time.perf_counter()
-        micro = [tuple(t.to(device) for t in b) for b in batches(step)]
+        micro = [to_device(b, device) for b in batches(step)]
         train_step(model, optimizer, micro, get_lr(step, args), args, autocast)
         synchronize()
         times.append(time.perf_counter() - t0)
@@ -376,4 +388,4 @@ def benchmark(args):
         "mfu": flops * tokens / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "compile": bool(args.compile), "data": "real" if real else "random"}))
+        "compile": compiles(args, device_type), "data": "real" if real else "random"}))

@@ -175,7 +175,7 @@ def test_weight_decay_is_decoupled_and_on_matrices_only():
     # p (1 - lr wd) (Loshchilov & Hutter, Algorithm 2, line 12) and an undecayed one stays p.
     m = model(std=0.3)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    opt = m.configure_optimizers(weight_decay=0.5, lr=0.1, betas=(0.9, 0.99), device_type="cpu")
+    opt = m.configure_optimizers(weight_decay=0.5, lr=0.1, betas=(0.9, 0.99))
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -362,6 +362,23 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkp
         gpt.train.train(args)
     ckpt = torch.load(out / "ckpt.pt")
     assert ckpt["step"] == 2 and len(calls) == 3
+
+
+def test_training_waits_for_the_device_only_at_log_and_eval_steps(tmp_path, monkeypatch):
+    # A host-device sync per step stalls a GPU; on CPU, count the calls that would be one. Budget:
+    # the loss and the divergence flag at each log step, the weights check and the validation loss at
+    # each eval step. A per-step .item() (or `if tensor:`) adds 20.
+    calls = []
+    for name in ("item", "cpu", "tolist", "__bool__", "__float__"):
+        def spy(self, *a, _real=getattr(torch.Tensor, name), _name=name, **kw):
+            calls.append(_name)
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    steps, log_interval, eval_interval = 20, 5, 20
+    gpt.train.train(parse([*TINY, "--data", text_file(tmp_path), "--out-dir", tmp_path / "run", "--steps", steps,
+                           "--log-interval", log_interval, "--eval-interval", eval_interval]))
+    monkeypatch.undo()
+    assert steps // log_interval <= len(calls) <= 2 * (steps // log_interval) + 2 * (steps // eval_interval), calls
 
 
 DDP_SCRIPT = """

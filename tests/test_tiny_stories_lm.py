@@ -353,7 +353,7 @@ def test_weight_decay_is_on_matrices_only(kind, optimizer):
     m = model(std=0.3, model=kind)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     args = parse(["--model", kind, "--optimizer", optimizer, "--lr", "0.1", "--weight-decay", "0.5"])
-    opt = ts.train.make_optimizer(m, args, "cpu")
+    opt = ts.train.make_optimizer(m, args)
     for p in m.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -375,8 +375,8 @@ def test_flags_reach_the_optimiser_and_the_clipping_in_real_steps(kind, tmp_path
     seen, clips = [], []
     make_optimizer = ts.train.make_optimizer
 
-    def spy_optimizer(m, args, device_type):  # the real optimiser, with a hook that reads it at every step
-        opt = make_optimizer(m, args, device_type)
+    def spy_optimizer(m, args):  # the real optimiser, with a hook that reads it at every step
+        opt = make_optimizer(m, args)
         opt.register_step_pre_hook(lambda o, *_: seen.append(
             (type(o).__name__, [(g["lr"], g.get("betas", g.get("momentum")), g["weight_decay"]) for g in o.param_groups])))
         return opt
@@ -510,6 +510,63 @@ def test_a_non_finite_gradient_stops_before_the_update_and_keeps_the_last_checkp
                                          rf"checkpoint is {re.escape(str(out / 'ckpt.pt'))} \(step 2\); try a lower --lr"):
         ts.train.train(args)
     assert torch.load(out / "ckpt.pt")["step"] == 2 and len(calls) == 3
+
+
+def test_training_waits_for_the_device_only_at_log_and_eval_steps(tmp_path, monkeypatch):
+    # A host-device sync per step stalls a GPU; on CPU, count the calls that would be one. Budget:
+    # the loss and the divergence flag at each log step, the weights check and the validation loss at
+    # each eval step. A per-step .item() (or `if tensor:`) adds 20.
+    root, calls = data_dir(tmp_path), []
+    for name in ("item", "cpu", "tolist", "__bool__", "__float__"):
+        def spy(self, *a, _real=getattr(torch.Tensor, name), _name=name, **kw):
+            calls.append(_name)
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    steps, log_interval, eval_interval = 20, 5, 20
+    args = parse([*TINY, "--data-dir", root, "--out-dir", tmp_path / "run", "--steps", steps, "--log-interval",
+                  log_interval, "--eval-interval", eval_interval])
+    prepared = ts.train.prepare_data(args)  # the data outside the count (the final score reads the loss once more)
+    monkeypatch.setattr(ts.train, "prepare_data", lambda *a: prepared)
+    monkeypatch.setattr(ts.train, "bits_per_character", lambda *a: {"val_loss": 0.0, "bits_per_character": 0.0,
+                                                                     "characters_per_token": 1.0})
+    ts.train.train(args)
+    n = len(calls)
+    monkeypatch.undo()
+    assert steps // log_interval <= n <= 2 * (steps // log_interval) + 2 * (steps // eval_interval), calls
+
+
+# ---- --preset gpu
+
+def test_gpu_preset_is_llama2c_15m_model_and_recipe():
+    args = parse(["--preset", "gpu"])
+    assert (args.n_embd, args.n_layer, args.n_head, args.block_size, args.vocab_size) == (288, 6, 6, 256, 32_000)
+    assert (args.batch_size, args.grad_accum, args.lr, args.min_lr, args.warmup_steps, args.steps) == (
+        128, 4, 5e-4, 0.0, 1000, 100_000)
+    assert (args.beta2, args.weight_decay, args.dropout, args.compile, args.corpus) == (0.95, 0.1, 0.0, True, "full")
+    assert args.out_dir == "runs/tiny_stories_lm/transformer-gpu"
+    cfg = M.Config(vocab_size=32_000, block_size=256, n_layer=6, n_head=6, n_embd=288)
+    assert 15.0e6 < ts.train.n_params(cfg) == M.num_params(M.build_model(cfg)) < 15.5e6  # "15M"
+    assert parse(["--preset", "gpu", "--steps", "7", "--no-compile"]).steps == 7  # typed flags win
+    assert not parse(["--preset", "gpu", "--no-compile"]).compile
+
+
+def test_gpu_preset_trains_on_the_full_corpus_files_not_the_excerpts(tmp_path, monkeypatch):
+    root = data_dir(tmp_path)  # excerpts of stories(); the "full" files: other stories, separated by EOT
+    full_valid = stories(30, seed=3)
+    folder = tmp_path / "data" / "tinystories"
+    (folder / "TinyStoriesV2-GPT4-train.txt").write_text("\n<|endoftext|>\n".join(stories(150, seed=2)))
+    (folder / "TinyStoriesV2-GPT4-valid.txt").write_text("\n<|endoftext|>\n".join(full_valid))
+    out = tmp_path / "run"
+    ts.main.main([str(a) for a in ["--preset", "gpu", *TINY, "--grad-accum", "1", "--steps", "2",
+                                   "--eval-interval", "2", "--log-interval", "1", "--no-compile", "--data-dir", root,
+                                   "--out-dir", out]])
+    assert json.loads((out / "results.json").read_text())["val_characters"] == sum(len(s) + 1 for s in full_valid)
+    # without the full files the preset downloads them (here: offline) rather than train on an excerpt
+    for split in ("train", "valid"):
+        (folder / f"TinyStoriesV2-GPT4-{split}.txt").unlink()
+    monkeypatch.setattr(ts.data, "download", lambda url, path: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit, match=r"\(looked for TinyStoriesV2-GPT4-train.txt\) and the download"):
+        ts.main.main([str(a) for a in ["--preset", "gpu", *TINY, "--data-dir", root, "--out-dir", tmp_path / "b"]])
 
 
 DDP_SCRIPT = """

@@ -41,10 +41,11 @@ def download(url, path):
     os.replace(tmp, path)  # a broken download never looks like the corpus
 
 
-def find_split(data_dir, split):
-    """The path of a split's text: the first of FILES[split] present, else the full file downloaded."""
-    folder = Path(data_dir) / "tinystories"
-    for name in FILES[split]:
+def find_split(data_dir, split, full_only=False):
+    """The path of a split's text: the first of FILES[split] present (only the full file if full_only),
+    else the full file downloaded."""
+    folder, names = Path(data_dir) / "tinystories", FILES[split][:1] if full_only else FILES[split]
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     path = folder / FILES[split][0]
@@ -52,9 +53,9 @@ def find_split(data_dir, split):
         print(f"downloading {HF + path.name} to {path}")
         download(HF + path.name, path)
     except (OSError, http.client.HTTPException) as e:
-        raise SystemExit(f"tiny_stories_lm: no {split} text in {folder} (looked for {' or '.join(FILES[split])}) and "
+        raise SystemExit(f"tiny_stories_lm: no {split} text in {folder} (looked for {' or '.join(names)}) and "
                          f"the download from {HF + path.name} failed ({e}); save that file as {path}, or pass "
-                         f"--data-dir DIR with DIR/tinystories/ holding one of them")
+                         f"--data-dir DIR with DIR/tinystories/ holding {'it' if full_only else 'one of them'}")
     return path
 
 
@@ -64,9 +65,9 @@ def split_stories(text):
     return [s.strip() for s in parts if s.strip()]
 
 
-def read_stories(data_dir, split, max_chars=0):
+def read_stories(data_dir, split, max_chars=0, full_only=False):
     """The split's stories, the first max_chars characters of the file only if max_chars > 0."""
-    path = find_split(data_dir, split)
+    path = find_split(data_dir, split, full_only)
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read(max_chars) if max_chars else f.read()
     stories = split_stories(text)

@@ -7,6 +7,7 @@
     python tiny_stories_lm/main.py attention --layer 1 --attention-prompt "..."          # attention heatmaps
     python tiny_stories_lm/main.py --quick                                               # everything on CPU in < 60 s
     python tiny_stories_lm/main.py --benchmark [--quick]     # one JSON line: tokens/s, step time, TFLOP/s (writes nothing)
+    python tiny_stories_lm/main.py --preset gpu --data-dir DIR   # llama2.c's 15M model on the full corpus (one GPU)
     torchrun --nproc_per_node=4 tiny_stories_lm/main.py ...                              # DistributedDataParallel
 
 Data: --data-dir DIR (default data/) holds DIR/tinystories/TinyStoriesV2-GPT4-train.txt and
@@ -35,6 +36,14 @@ DEFAULTS = {
     "bag": dict(optimizer="sgd", lr=3.0, min_lr=0.0, steps=1500, batch_size=16, block_size=256, dropout=0.1,
                 weight_decay=0.0, warmup_steps=100),
 }
+# --preset gpu: sized and trained like llama2.c's 15M TinyStories model (dim 288, 6 layers, 6 heads, context
+# 256, a 32K vocabulary; its train.py: batch 128 x 4 micro-steps, AdamW lr 5e-4, beta2 0.95, weight decay 0.1,
+# 1,000 warmup steps, cosine to 0 at 100,000 steps, no dropout, bf16, compile), on the full TinyStoriesV2-GPT4
+# files (downloaded when missing, never the excerpts). Its published validation loss: 1.072 nats/token.
+PRESETS = {"gpu": dict(corpus="full", vocab_size=32_000, block_size=256, n_layer=6, n_head=6, n_embd=288,
+                       dropout=0.0, batch_size=128, grad_accum=4, lr=5e-4, min_lr=0.0, beta2=0.95, weight_decay=0.1,
+                       warmup_steps=1000, steps=100_000, eval_interval=2000, log_interval=50,
+                       eval_tokens=1_048_576, compile=True)}
 # --quick: a slice of the text, a tiny model, a short run: the whole pipeline on CPU in under a minute.
 QUICK = dict(max_train_chars=300_000, max_valid_chars=30_000, vocab_size=512, n_layer=2, n_head=2, n_embd=64,
              hidden=128, block_size=64, batch_size=16, steps=500, warmup_steps=20, eval_interval=100,
@@ -108,12 +117,17 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its flags (same schedule and batches)")
     g.add_argument("--sample-only", action="store_true", help="skip training: stories and figures from the checkpoint")
     g.add_argument("--quick", action="store_true", help="a slice of the text, a tiny model: the pipeline on CPU in < 60 s")
+    g.add_argument("--preset", choices=["gpu"], default=None,
+                   help="gpu: llama2.c's 15M model and recipe on the full corpus, bf16, compiled (flags typed win)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
 
     g = p.add_argument_group("data and tokenizer (on --resume, the checkpoint's tokenizer)")
     g.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
                    help="byte-level BPE (default) or words and punctuation, trained on the training stories")
     g.add_argument("--vocab-size", type=number(int, 260, 65_537), default=2048, help="tokens in the vocabulary")
+    g.add_argument("--corpus", choices=["any", "full"], default="any",
+                   help="any: the full TinyStoriesV2-GPT4 files, else the excerpts, else download the full ones; "
+                        "full: the full files only (downloaded when missing)")
     g.add_argument("--max-train-chars", type=number(int, 0), default=0, help="read only this much training text (0: all)")
     g.add_argument("--max-valid-chars", type=number(int, 0), default=0, help="read only this much validation text (0: all)")
 
@@ -142,7 +156,8 @@ def parse_args(argv=None):
     g.add_argument("--log-interval", type=positive(int), default=10, help="steps between log lines")
     g.add_argument("--eval-tokens", type=number(int, 0), default=65_536, help="validation tokens scored at each "
                                                                                "eval (0: all; the final score uses all)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (--preset gpu: on)")
     g.add_argument("--benchmark", action="store_true", help="time training steps of this config and print one JSON "
                                                             "line (tokens/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20,
@@ -160,12 +175,15 @@ def parse_args(argv=None):
     g.add_argument("--attention-prompt", default="Lily went to the park with her dog. She",
                    help="attention: the text whose attention is drawn")
 
-    # Defaults, then the model's, then --quick's, then the resumed run's flags; flags typed now always win.
+    # Defaults, then the model's, the preset's, --quick's, then the resumed run's flags; flags typed now win.
     args = p.parse_args(argv)
-    p.set_defaults(**{**DEFAULTS[args.model], **(QUICK if args.quick else {})})
+    if args.preset and (args.quick or args.model != "transformer"):
+        p.error(f"--preset {args.preset} trains the Transformer at full size; leave out --quick and --model bag")
+    p.set_defaults(**{**DEFAULTS[args.model], **PRESETS.get(args.preset, {}), **(QUICK if args.quick else {})})
     args = p.parse_args(argv)
     if args.out_dir is None:
-        args.out_dir = f"{QUICK_OUT_DIR if args.quick else 'runs/tiny_stories_lm'}/{args.model}"
+        run = args.model + (f"-{args.preset}" if args.preset else "")
+        args.out_dir = f"{QUICK_OUT_DIR if args.quick else 'runs/tiny_stories_lm'}/{run}"
     for flag, path in (("--out-dir", args.out_dir), ("--figures-dir", args.figures_dir)):
         if path is not None:
             check_folder(p, flag, path)
