@@ -129,10 +129,12 @@ def code_tokens(lm, io, buf, length, pbar, encoding):
         pbar.update(len(chunk))
 
 
-def code(lm, io, buf, length, encoding, progress=True):
-    """The loop both directions share; buf holds the input (encoding) or receives it (decoding)."""
+def code(lm, io, buf, length, encoding, progress=True, setting=None):
+    """The loop both directions share; buf holds the input (encoding) or receives it (decoding), with
+    the threads of `setting` (what the container recorded; by default the predictor's own)."""
     with tqdm(total=length, unit="B", unit_scale=True, desc="compress" if encoding else "decompress",
-              disable=not progress or length < 4096, dynamic_ncols=True, leave=False) as pbar:
+              disable=not progress or length < 4096, dynamic_ncols=True, leave=False) as pbar, \
+            threads(setting or lm.setting()):
         if lm.kind == "bytes":
             code_bytes(lm, io, buf, length, pbar)
         else:
@@ -212,10 +214,11 @@ def describe(setting):
 
 @contextmanager
 def threads(setting):
-    """A float predictor decodes with the thread count it encoded with (its sums depend on it)."""
+    """A float predictor decodes with the thread count it encoded with (its sums depend on it). The
+    integer path runs on one: its results do not depend on it, and its tensors are too small to gain
+    from more (on the shared 2-core machine of the README, 2 threads decoded 10x slower than 1)."""
     before = torch.get_num_threads()
-    if setting.get("path") == "float":
-        torch.set_num_threads(int(setting["threads"]))
+    torch.set_num_threads(int(setting["threads"]) if setting.get("path") == "float" else 1)
     try:
         yield
     finally:
@@ -230,8 +233,7 @@ def decompress(blob, lm, progress=True):
     lm.context = header["context"]
     io = DecodeIO(header["code"])
     buf = bytearray(header["length"])
-    with threads(header["setting"]):
-        code(lm, io, buf, header["length"], False, progress)
+    code(lm, io, buf, header["length"], False, progress, header["setting"])
     if zlib.crc32(buf) != header["crc"] or io.coder.overrun() > 64:
         raise Corrupt("decoded bytes fail the CRC of the original (a float predictor computing other "
                       "probabilities than where it was compressed?)")

@@ -14,13 +14,14 @@ a float scale next to each tensor; one fixed power-of-two scale makes every resc
   - `per_row`: a matmul input, row by row shifted right to at most 2^15 (16-bit), like I-BERT's
     int8 activations but with a power-of-two scale per row (per token), so no calibration is needed
     and a row's integers do not depend on the other rows of the batch.
-  - `IntLinear`: weights int8 or int16 with a scale per output channel (I-BERT Sec. 3.1), the scale a
-    dyadic number m / 2^K; accumulation in int64; the requantisation a multiply and a shift (I-BERT
-    Sec. 3.1, "dyadic numbers").
-  - `i_exp` / softmax: I-BERT Sec. 3.3, Alg. 2: exp(x) = 2^-z exp(p), p in (-ln 2, 0], exp(p) by
-    the second-order polynomial 0.3585 (p + 1.353)^2 + 0.344.
-  - `i_gelu`: I-BERT Sec. 3.4, Alg. 2: erf by the clipped second-order polynomial.
-  - `IntLayerNorm`: I-BERT Sec. 3.5, Alg. 4: the standard deviation by integer Newton iteration.
+  - `IntLinear`: weights int8 or int16 with a scale per output channel (I-BERT Sec. 3.1, uniform
+    symmetric quantisation), the scale a dyadic number m / 2^K; accumulation in int64; the
+    requantisation a multiply and a shift (I-BERT's dyadic requantisation).
+  - `i_exp` / `i_softmax`: I-BERT's I-EXP (integer-only softmax): exp(x) = 2^-z exp(p), p in
+    (-ln 2, 0], exp(p) by I-POLY's second-order polynomial 0.3585 (p + 1.353)^2 + 0.344.
+  - `i_gelu`: I-BERT's I-GELU: erf by I-ERF, the clipped second-order polynomial.
+  - `IntLayerNorm`: I-BERT's integer-only LayerNorm: the standard deviation by I-SQRT, integer
+    Newton iteration.
   - `frequencies`: the softmax of the head's logits as integer frequencies for the coder.
 Constants are integer literals (ln 2 and the polynomial's coefficients at 2^-16), not computed with
 a libm that may round differently elsewhere. Quantising the weights uses only IEEE-exact float64
@@ -104,7 +105,7 @@ class IntLinear:
 
 
 def i_sqrt(n):
-    """floor(sqrt(n)) for n >= 1 (I-BERT Alg. 4): Newton from 2^ceil(bits / 2), down to the fixed point."""
+    """floor(sqrt(n)) for n >= 1 (I-BERT's I-SQRT): Newton from 2^ceil(bits / 2), down to the fixed point."""
     x = torch.ones_like(n) << ((bit_length(n) + 1) >> 1)
     while True:
         y = (x + n // x) >> 1
@@ -114,7 +115,7 @@ def i_sqrt(n):
 
 
 class IntLayerNorm:
-    """gamma (x - mu) / sqrt(var + eps) + beta, in integers (I-BERT Sec. 3.5)."""
+    """gamma (x - mu) / sqrt(var + eps) + beta, in integers (I-BERT's integer-only LayerNorm)."""
 
     def __init__(self, ln):
         self.gamma, self.beta = fixed(ln.weight), fixed(ln.bias)
@@ -134,7 +135,7 @@ class IntLayerNorm:
 
 
 def i_exp(d):
-    """exp(d) for d <= 0 at 2^-16 (I-BERT Alg. 2): d = -z ln2 + p, exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344,
+    """exp(d) for d <= 0 at 2^-16 (I-BERT's I-EXP): d = -z ln2 + p, exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344,
     then >> z. Result in units of 0.3585 / 2^32, <= (2^16 1.353)^2 + EXP_C < 2^34."""
     z = torch.div(-d, Q_LN2, rounding_mode="floor").clamp(max=40)   # beyond 34 the result is 0 anyway
     p = (d + z * Q_LN2).clamp(min=-Q_LN2)                           # in (-ln 2, 0]
@@ -151,7 +152,7 @@ def i_softmax(s, allowed, bits):
 
 
 def i_gelu(x):
-    """x/2 (1 + erf(x / sqrt 2)) with I-BERT's i-erf (Sec. 3.4): erf(u) ~ sgn(u) [a (min(|u|, -b) + b)^2 + 1],
+    """x/2 (1 + erf(x / sqrt 2)) with I-BERT's I-ERF / I-GELU: erf(u) ~ sgn(u) [a (min(|u|, -b) + b)^2 + 1],
     a = -0.2888, b = -1.769, at the input's scale / sqrt 2; |x| <= 2^27."""
     L = torch.sign(x) * ((torch.minimum(x.abs(), torch.tensor(-ERF_B)) + ERF_B) ** 2 + ERF_C)  # |L| < 2^35
     erf = round_shift(L * ERF_A, 2 * F + 1)                          # at 2^-16: |L a| < 2^50, |erf| <= 2^16 + 2
@@ -258,9 +259,9 @@ class IntByteTransformer:
 
 
 def frequencies(logits):
-    """(B, 256) logits at 2^-16 -> (B, 257) cumulative integer frequencies for the coder: i-exp, then
-    freq = 1 + floor(exp 2^30-ish / sum), every byte >= 1, total <= 2^30. exp >> 4 <= 2^30, so
-    exp BUDGET < 2^60; the largest exp >> 4 is >= 2^28, so the sum is never 0."""
+    """(B, 256) logits at 2^-16 -> (B, 257) cumulative integer frequencies for the coder: with
+    e = i_exp(logit - max) >> 4, freq = 1 + floor(e BUDGET / sum e): every byte >= 1, the total
+    <= 2^30. e <= 2^30, so e BUDGET < 2^60; the largest e is >= 2^28, so the sum is never 0."""
     e = i_exp(logits - logits.amax(-1, keepdim=True)) >> 4
     freq = 1 + e * BUDGET // e.sum(-1, keepdim=True)
     return np.concatenate([np.zeros((len(freq), 1), np.int64), freq.cumsum(-1).numpy()], 1)

@@ -71,7 +71,8 @@ def number(kind, low, high=float("inf")):
     return parse
 
 
-def parse_args(argv=None):
+def build_parser():
+    """(the parser, its `train` subparser)."""
     shared = argparse.ArgumentParser(add_help=False)
     g = shared.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -114,6 +115,11 @@ def parse_args(argv=None):
     b.add_argument("--figures-dir", default=None, help="also draw the rates (default: OUT_DIR)")
 
     t = sub.add_parser("train", parents=[shared], help="a byte-level Transformer on a text, its end held out")
+    add_train_flags(t)
+    return p, t
+
+
+def add_train_flags(t):
     t.add_argument("--data", default=None, help="the training text (default: DATA_DIR/text/1984.txt)")
     t.add_argument("--out", default=None, help="the checkpoint (default: OUT_DIR/byte_model.pt)")
     t.add_argument("--quick", action="store_true", help="a tiny model, 150 steps, then the whole pipeline (< 60 s on CPU)")
@@ -135,6 +141,10 @@ def parse_args(argv=None):
                    help="held-out rate and checkpoint every N steps (the checkpoint keeps the best held-out weights)")
     t.add_argument("--val-fraction", type=number(float, 0.01, 0.9), default=0.1, help="the end of the text held out")
 
+
+def parse_args(argv=None):
+    """Flags, with --quick's defaults, --out-dir's default and the output folders checked."""
+    p, t = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.explicit_out_dir = args.out_dir is not None

@@ -129,9 +129,40 @@ def start(args, cfg, out):
     return ByteTransformer(cfg), None
 
 
+class Checkpoint:
+    """The file `compress` reads: the weights with the best held-out rate so far (not the last: a model
+    that starts to memorise its text gets worse on the held-out end), and the last state for --resume."""
+
+    def __init__(self, out, ckpt, **meta):
+        self.out, self.meta = out, meta
+        self.best = (ckpt["val_bits_per_byte"], ckpt["model"]) if ckpt else (math.inf, None)
+
+    def save(self, net, optimizer, step, val):
+        """Keep the best held-out weights; never write a non-finite number."""
+        if not (math.isfinite(val) and all(torch.isfinite(p).all() for p in net.parameters())):
+            raise non_finite("held-out loss or a weight", step, self.out)
+        if val < self.best[0]:
+            self.best = (val, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                  "step": step}
+        save_byte_model(net.cfg, self.best[1], self.out, step=step, val_bits_per_byte=self.best[0], resume=resume,
+                        **self.meta)
+
+
+def adamw(net, args, ckpt):
+    """AdamW, weight decay on the matrices only; --resume's state restored."""
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    if ckpt:
+        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        torch.set_rng_state(ckpt["resume"]["rng"])
+    return optimizer
+
+
 def train(args):
-    """AdamW on random chunks; every --eval-interval steps the held-out bits/byte, and the checkpoint:
-    the weights with the best held-out rate so far (what `compress` uses), and the last state for --resume."""
+    """AdamW on random chunks; every --eval-interval steps the held-out bits/byte and the checkpoint."""
     device = resolve_device(args.device)
     out = Path(args.out)
     cfg = ByteConfig(context=args.context, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -142,31 +173,11 @@ def train(args):
     path, text = read_text(args)
     train_data, val_data = (as_tensor(d) for d in split(text, args.val_fraction))
     cfg, step = net.cfg, ckpt["resume"]["step"] if ckpt else 0
-    best = (ckpt["val_bits_per_byte"], ckpt["model"]) if ckpt else (math.inf, None)
-    net.to(device).train()
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
-    if ckpt:
-        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-        torch.set_rng_state(ckpt["resume"]["rng"])
+    optimizer = adamw(net.to(device).train(), args, ckpt)
+    checkpoint = Checkpoint(out, ckpt, data=str(path), train_bytes=len(train_data), args=vars(args))
     print(f"byte model: {net.num_params():,} parameters ({cfg.n_layer} layers, width {cfg.n_embd}, context "
           f"{cfg.context}); {path.name}: {len(train_data):,} training bytes, the last {len(val_data):,} held out; "
           f"{device}" + (f"; resuming at step {step}" if ckpt else ""))
-
-    def save(val):
-        """Keep the best held-out weights; never write a non-finite number."""
-        nonlocal best
-        if not (math.isfinite(val) and all(torch.isfinite(p).all() for p in net.parameters())):
-            raise non_finite("held-out loss or a weight", step, out)
-        if val < best[0]:
-            best = (val, {k: v.detach().clone() for k, v in net.state_dict().items()})
-        resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                  "step": step}
-        save_byte_model(cfg, best[1], out, step=step, val_bits_per_byte=best[0], resume=resume, data=str(path),
-                        train_bytes=len(train_data), args=vars(args))
-
     wandb = start_wandb(args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     if step >= args.steps:
@@ -190,17 +201,16 @@ def train(args):
             if step % 20 == 0:
                 pbar.set_postfix(bits_per_byte=f"{loss.item() / math.log(2):.3f}")
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
-                val = bits_per_byte(net, val_data, device)
-                step += 1
-                save(val)
+                val, step = bits_per_byte(net, val_data, device), step + 1
+                checkpoint.save(net, optimizer, step, val)
                 if wandb:
                     wandb.log({"train_bits_per_byte": loss.item() / math.log(2), "val_bits_per_byte": val}, step=step)
                 tqdm.write(f"step {step:6d}  train {loss.item() / math.log(2):.3f} bits/byte  held-out "
-                           f"{val:.3f} bits/byte (rate {val / 8:.1%}){'  best' if val == best[0] else ''}  "
+                           f"{val:.3f} bits/byte (rate {val / 8:.1%}){'  best' if val == checkpoint.best[0] else ''}  "
                            f"{time.perf_counter() - t0:.0f} s")
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted; the last checkpoint is {out}: continue with --resume")
-    print(f"kept the weights with the best held-out rate: {best[0]:.3f} bits/byte ({out})")
+    print(f"kept the weights with the best held-out rate: {checkpoint.best[0]:.3f} bits/byte ({out})")
 
 
 def start_wandb(args):
