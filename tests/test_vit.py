@@ -410,3 +410,40 @@ def test_checkpoints_of_another_folder_or_dataset_are_refused(tmp_path, monkeypa
     assert "exists; pass --resume" in one_line_error(*run_args(data, out))
     torch.save({"folder": "gpt"}, out / "ckpt.pt")
     assert "is a checkpoint of gpt, not of vit/" in one_line_error("--resume", "--out-dir", str(out))
+
+
+# ---- --benchmark
+
+def test_benchmark_prints_one_json_line_of_the_quick_config(tmp_path, capsys):
+    vit.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2",
+                   "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run")])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # --quick: P = 7 on 28x28 (N = 16 patches, T = 17 tokens), D = 32, L = 3, MLP 64, batch 128, 10 classes
+    P, N, T, D, L, M, B, K = 7, 16, 17, 32, 3, 64, 128, 10
+    params = ((P * P + 1) * D + D + T * D                                       # E, x_class, E_pos
+              + L * (2 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D + (D * M + M) + (M * D + D))  # LN, qkv, msa, LN, MLP
+              + 2 * D + (D * D + D) + (D * K + K))                              # final LN, head
+    assert (row["folder"], row["device"], row["data"], row["unit"], row["compile"]) == ("vit", "cpu", "random", "images", False)
+    assert row["params"] == params and row["batch_size"] == B and row["torch"] == torch.__version__
+    # matmul FLOPs per image, forward: E, then per layer qkv, q k^T and A v (all heads), U_msa, MLP; the head
+    forward = 2 * (N * P * P * D + L * (T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M) + D * D + D * K)
+    # backward twice the forward, except that E's input (pixels) needs no gradient
+    assert row["flops_per_sample"] == 3 * forward - 2 * N * P * P * D
+    assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
+    assert row["mfu"] is None and row["peak_mem_mb"] > 0
+    assert not (tmp_path / "run").exists()                                      # nothing written
+
+
+def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys, monkeypatch):
+    data = synthetic_mnist(tmp_path / "data", n_train=700)
+    seen = []
+    get_batch = vit.train.get_batch
+    monkeypatch.setattr(vit.train, "get_batch", lambda *a: seen.append(get_batch(*a)) or seen[-1])
+    vit.main.main(run_args(data, tmp_path / "run", "--benchmark", "--benchmark-steps", "1"))
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["data"] == "real" and row["batch_size"] == 50 and len(seen) == 3 + 1
+    images = vit.data.load_split(data, "mnist", "train")[0][:600]               # the training split (val 100)
+    for x, _ in seen:                                                           # every batch holds training images
+        assert all((images == im).all((1, 2)).any() for im in x)
+    assert not (tmp_path / "run").exists()

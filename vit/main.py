@@ -4,6 +4,7 @@ test accuracy, attention-rollout maps and a confusion matrix.
     python vit/main.py --dataset mnist      # the README result
     python vit/main.py --dataset fashion
     python vit/main.py --quick              # the whole pipeline on CPU in < 60 s
+    python vit/main.py --benchmark          # one JSON line: images/s, step time, TFLOP/s (writes nothing)
 
 The data are read from --data-dir (default data/): MNIST/raw/ or FashionMNIST/raw/ holding
 {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
@@ -16,15 +17,15 @@ from pathlib import Path
 
 from data import DATASETS
 from sample import sample
-from train import QUICK_OUT_DIR, device_memory, load_checkpoint, resolve_device, train
+from train import QUICK_OUT_DIR, benchmark, device_memory, load_checkpoint, resolve_device, train
 
 IMAGE_SIZE = 28  # MNIST and FashionMNIST
 # --quick: a tiny model (P=7) on half the data for six epochs; flags given explicitly still win.
 QUICK = dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=64, epochs=6, train_size=30_000, val_size=2000,
-             batch_size=128, lr=3e-3, warmup_epochs=0.5, num_examples=8, out_dir=QUICK_OUT_DIR)
+             batch_size=128, lr=3e-3, warmup_epochs=0.5, num_examples=8, benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and what to draw.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "num_examples", "compile"}
+               "num_examples", "compile", "log_interval", "benchmark", "benchmark_steps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,6 +127,11 @@ def parse_args(argv=None):
     g.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="label smoothing of the cross-entropy")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log-interval", type=positive(int), default=50,
+                   help="steps between progress-bar updates; on CUDA also between non-finite checks (each waits for the GPU)")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps of this config and print one JSON line (images/s, step time, TFLOP/s, MFU); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
     g = p.add_argument_group("figures")
     g.add_argument("--num-examples", type=positive(int), default=16, help="test digits in the attention-map grid")
@@ -145,6 +151,8 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
         if args.dataset != saved["dataset"]:
             p.error(f"--dataset {args.dataset}, but {out_dir} holds a {saved['dataset']} run")
+    if args.benchmark and (args.resume or args.sample_only):
+        p.error("--benchmark times a fresh model; leave out --resume and --sample-only")
     args.out_dir = out_dir
     if IMAGE_SIZE % args.patch_size:
         divisors = ", ".join(str(d) for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0)
@@ -159,6 +167,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if not args.sample_only:
         train(args)
     sample(args)

@@ -1,8 +1,12 @@
 """Train the ViT: data, model, optimiser, schedule, then the loop over epochs with
 validation accuracy and an atomic checkpoint after each epoch."""
 import csv
+import json
 import math
 import os
+import re
+import resource
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -12,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_data, normalize, random_crop
+from torch.utils.flop_counter import FlopCounterMode
+
+from data import DATASETS, find, idx_files, load_data, normalize, random_crop
 from model import ViT, ViTConfig
 
 FOLDER = "vit"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/vit-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
-LOG_EVERY = 50  # steps between progress-bar updates; on CUDA also between non-finite checks (a host sync)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense
 LOG_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "elapsed_s"]
 
 
@@ -79,6 +85,14 @@ def configure_optimizer(model, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
 
 
+def build(cfg, args, device):
+    """The model (weights seeded by --seed), its optimiser, and what the training step calls: the
+    model, compiled with --compile."""
+    torch.manual_seed(args.seed)
+    model = ViT(cfg).to(device)
+    return model, configure_optimizer(model, args), torch.compile(model) if args.compile else model
+
+
 def stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path):
     """One line and exit once a loss or gradient norm has been non-finite (`finite` is False), so that
     no checkpoint is written from then on; on CPU it is checked every step, before the update."""
@@ -121,12 +135,146 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
-def train(args):
-    device = resolve_device(args.device)
-    device_type = device.split(":")[0]
+def precision(device_type):
+    """TF32 matmuls and bf16 autocast on CUDA; float32 elsewhere. -> the autocast context."""
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def get_batch(train_x, train_y, order, i, args, generator):
+    """Batch i of an epoch: uint8 images (B, H, W) and labels (B,) gathered by index where the data
+    live, then randomly cropped."""
+    idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+    x, y = train_x[idx], train_y[idx]
+    if args.crop_padding:
+        x = random_crop(x, args.crop_padding, generator)
+    return x, y
+
+
+def train_step(model, fwd, optimizer, x, y, lr, args, autocast, before_update):
+    """One optimiser step; before_update(loss, grad_norm) runs between clipping and the update (the
+    divergence check). -> (loss, correct predictions), tensors on the device: nothing waits for it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        logits = fwd(normalize(x, args.dataset))
+        loss = smoothed_cross_entropy(logits.float(), y, args.label_smoothing)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    before_update(loss.detach(), grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), (logits.argmax(-1) == y).sum()
+
+
+def train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_path, args, autocast):
+    """One pass over a fresh permutation of the training set. Whether a loss or gradient norm was
+    non-finite is folded into a device tensor every step and read (a host sync) before the update:
+    every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
+    that no checkpoint holds a non-finite state. -> (losses, correct) per step, tensors, and the last lr."""
+    steps_per_epoch, total_steps, warmup_steps = schedule
+    every_step = train_x.device.type != "cuda"
+    finite, last = torch.ones((), dtype=torch.bool, device=train_x.device), None
+    # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
+    torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+    losses, correct = [], []
+    pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+    for i in pbar:
+        step = epoch * steps_per_epoch + i
+        lr = get_lr(step, total_steps, warmup_steps, args)
+
+        def check(loss, grad_norm):
+            nonlocal last
+            last = (loss, grad_norm, step)
+            finite.logical_and_(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if every_step or i % args.log_interval == 0:
+                stop_if_non_finite(finite, *last, ckpt_path)
+
+        loss, right = train_step(model, fwd, optimizer, *get_batch(train_x, train_y, order, i, args, g), lr, args,
+                                 autocast, check)
+        losses.append(loss)
+        correct.append(right)
+        if i % args.log_interval == 0:
+            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+    stop_if_non_finite(finite, *last, ckpt_path)
+    return losses, correct, lr
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((f for k, f in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
+
+
+def training_flops(cfg, batch_size, args):
+    """FLOPs of one forward and backward pass per image, counted by FlopCounterMode on the meta device
+    (matmuls only: biases, LayerNorms and softmax are not counted)."""
+    with torch.device("meta"):
+        model, x = ViT(cfg), torch.zeros(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    y = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        smoothed_cross_entropy(model(x), y, args.label_smoothing).backward()
+    return counter.get_total_flops() / batch_size
+
+
+def benchmark(args):
+    """--benchmark: the model, optimiser and step of training (same autocast, compile and batches by
+    index on the device), 3 warm-up steps, then the median of --benchmark-steps timed optimiser steps.
+    Real training images when the IDX files are in --data-dir (nothing is downloaded), else random
+    ones. Prints one JSON line; writes nothing."""
+    device = resolve_device(args.device)
+    autocast = precision(device.split(":")[0])
+    raw = Path(args.data_dir) / DATASETS[args.dataset] / "raw"
+    real = all(find(raw, n) for split in ("train", "test") for n in idx_files(split))
+    if real:
+        train_x, train_y = (t.to(device) for t in load_data(args)["train"])
+    else:
+        n = args.train_size or 60_000 - args.val_size
+        train_x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, device=device)
+        train_y = torch.randint(0, 10, (n,), device=device)
+    cfg = ViTConfig(image_size=train_x.shape[1], patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+                    heads=args.heads, mlp_dim=args.mlp_dim, dropout=args.dropout)
+    model, optimizer, fwd = build(cfg, args, device)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_x), generator=g).to(device)
+    steps = len(train_x) // args.batch_size
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    cuda = device.startswith("cuda")
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    warmup, times = 3, []
+    for i in range(warmup + args.benchmark_steps):
+        synchronize()
+        t0 = time.perf_counter()
+        x, y = get_batch(train_x, train_y, order, i % steps, args, g)
+        train_step(model, fwd, optimizer, x, y, args.lr, args, autocast,
+                   lambda loss, grad_norm: finite.logical_and_(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s, B = statistics.median(times[warmup:]), args.batch_size
+    flops, peak = training_flops(cfg, B, args), peak_flops(device)
+    print(json.dumps({
+        "folder": FOLDER, "torch": torch.__version__, "params": model.num_params(),
+        "device": f"cuda:{torch.device(device).index or 0} {torch.cuda.get_device_name(device)}" if cuda else device,
+        "batch_size": B, "unit": "images", "samples_per_s": B / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * B / step_s / 1e12,
+        "mfu": flops * B / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": bool(args.compile), "data": "real" if real else "random"}))
+
+
+def train(args):
+    device = resolve_device(args.device)
+    autocast = precision(device.split(":")[0])
 
     # ---- checkpoint, data (on the device once: 60k small images fit anywhere)
     out = Path(args.out_dir)
@@ -146,15 +294,12 @@ def train(args):
     if ckpt and asdict(cfg) != ckpt["config"]:
         raise SystemExit(f"vit: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
-    torch.manual_seed(args.seed)
-    model = ViT(cfg).to(device)
-    optimizer = configure_optimizer(model, args)
+    model, optimizer, fwd = build(cfg, args, device)
     epoch = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch = ckpt["epoch"]
-    fwd = torch.compile(model) if args.compile else model
 
     steps_per_epoch = len(train_x) // args.batch_size  # the last partial batch of each epoch is dropped
     if steps_per_epoch == 0:
@@ -174,45 +319,15 @@ def train(args):
         wandb.init(project="papers-vit", config=vars(args), dir=out)
 
     # ---- the loop: one epoch = one pass over a fresh permutation of the training set
-    finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite loss or gradient norm yet
     train_time = ckpt["train_time"] if ckpt else 0.0
     val_acc = ckpt["val_acc"] if ckpt else float("nan")
     if epoch >= args.epochs:
         print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
     try:
         for epoch in range(epoch, args.epochs):
-            # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
-            torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
-            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_x), generator=g).to(device)
-            t0, losses, correct = time.perf_counter(), [], []
-            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        leave=False)
-            for i in pbar:
-                step = epoch * steps_per_epoch + i
-                lr = get_lr(step, total_steps, warmup_steps, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-                x, y = train_x[idx], train_y[idx]
-                if args.crop_padding:
-                    x = random_crop(x, args.crop_padding, g)
-                with autocast:
-                    logits = fwd(normalize(x, args.dataset))
-                    loss = smoothed_cross_entropy(logits.float(), y, args.label_smoothing)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
-                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
-                finite &= torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-                if device_type != "cuda" or i % LOG_EVERY == 0:  # .item() waits for the GPU: not every step there
-                    stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                correct.append((logits.argmax(-1) == y).sum())
-                if i % LOG_EVERY == 0:
-                    pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-            stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path)  # never a checkpoint of non-finite weights
+            t0 = time.perf_counter()
+            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_x, train_y,
+                                              (steps_per_epoch, total_steps, warmup_steps), ckpt_path, args, autocast)
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1
