@@ -5,6 +5,7 @@ and hard mode) and the spread of digits over leaves; --speed times FFF-hard agai
     python fff/main.py                        # the README result
     python fff/main.py --speed --device cpu   # inference time, depths 3, 6, 9 (no data needed)
     python fff/main.py --quick                # the whole pipeline on CPU in < 60 s
+    python fff/main.py --benchmark            # one JSON line: the FFF's training images/s, step time (writes nothing)
 
 The data are read from --data-dir (default data/): MNIST/raw/ (or FashionMNIST/raw/) holding
 {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
@@ -18,14 +19,15 @@ from pathlib import Path
 from data import DATASETS
 from model import MAX_DEPTH
 from sample import SPEED_BATCHES, sample, speed
-from train import MODELS, QUICK_OUT_DIR, ckpt_path, device_memory, load_checkpoint, resolve_device, train
+from train import MODELS, QUICK_OUT_DIR, benchmark, ckpt_path, device_memory, load_checkpoint, resolve_device, train
 
 MAX_PARAMETERS = 2 ** 28  # 1 GiB of float32 weights (4 GiB with gradients and Adam): refuse more than that
 # --quick: part of the data for two epochs; flags given explicitly still win.
-QUICK = dict(epochs=2, train_size=15_000, val_size=2000, speed_depths=[2, 4], out_dir=QUICK_OUT_DIR)
+QUICK = dict(epochs=2, train_size=15_000, val_size=2000, speed_depths=[2, 4], benchmark_steps=5,
+             out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoints: where things go, what to print.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "speed", "speed_depths"}
+               "speed", "speed_depths", "compile", "log_interval", "benchmark", "benchmark_steps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -162,6 +164,12 @@ def parse_args(argv=None):
     g.add_argument("--hardening-ramp", type=fraction, default=1.0,
                    help="fraction of training over which h grows linearly from 0 to --hardening (0: constant h, as in the paper)")
     g.add_argument("--region-leak", type=number(float, 0, 0.5), default=0.1, help="probability of a randomized child transposition per node and sample")
+    g.add_argument("--compile", action="store_true", help="torch.compile the models' training forward")
+    g.add_argument("--log-interval", type=positive(int), default=50,
+                   help="on CUDA, steps between divergence checks (each waits for the GPU); on CPU every step is checked")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps of the first of --models and print one JSON line (images/s, step time, TFLOP/s, MFU); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--speed", action="store_true", help="only time inference (batch 1 and 1024) of FFF-hard against dense layers")
@@ -184,6 +192,8 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
         if args.dataset != saved["dataset"]:
             p.error(f"--dataset {args.dataset}, but {args.out_dir} holds a {saved['dataset']} run")
+    if args.benchmark and (args.resume or args.sample_only or args.speed):
+        p.error("--benchmark times a fresh model's training; leave out --resume, --sample-only and --speed")
     if not args.sample_only or args.speed:
         check_memory(p, args)
     args.figures_dir = args.figures_dir or args.out_dir
@@ -192,6 +202,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if args.speed:
         speed(args)
         return

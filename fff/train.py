@@ -2,22 +2,27 @@
 batches and schedule: the loss (cross-entropy plus, for the FFF, the hardening term),
 validation accuracy after each epoch, an atomic checkpoint per model and epoch."""
 import csv
+import json
 import math
 import os
+import re
+import resource
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from data import load_data
+from data import DATASETS, load_data
 from model import FF, FFF
 
 FOLDER = "fff"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/fff-quick"  # the one place a fresh (--quick) run may overwrite checkpoints
 MODELS = ("fff", "ff_train", "ff_infer")  # the FFF, dense of equal training width, dense of equal inference width
-CHECK_EVERY = 50  # on CUDA, steps between divergence checks (each waits for the GPU); on CPU every step
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense
 EXPLODED = 1e4    # a mean cross-entropy this large means logit margins in the thousands: diverged
 LOG_FIELDS = ["epoch", "train_loss", "train_acc", "node_entropy", "val_acc", "val_acc_hard", "lr", "elapsed_s"]
 
@@ -125,6 +130,70 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
+def get_batch(train_x, train_y, order, i, args):
+    """Batch i of an epoch, gathered by index where the data live. -> x (B, I), y (B,)"""
+    idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+    return train_x[idx], train_y[idx]
+
+
+def train_step(model, fwd, optimizer, x, y, lr, h, args, before_update):
+    """One optimiser step: the FFF's soft forward (FORWARD_T with region leaks) and L = L_pred + h L_harden,
+    or a dense model and its cross-entropy; before_update(loss, L_pred, grad_norm) runs just before the
+    update (the divergence check); fwd is the model, compiled with --compile.
+    -> (L_pred, L_harden or None, correct predictions), device tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    L_harden = None
+    if isinstance(model, FFF):
+        logits, H = fwd(x, mode="soft", leak=args.region_leak)
+        loss, L_pred, L_harden = fff_loss(logits, y, H, h)
+    else:
+        logits, _ = fwd(x)
+        loss = L_pred = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    before_update(loss.detach(), L_pred.detach(), grad_norm)
+    optimizer.step()
+    correct = (logits.argmax(-1) == y).sum()
+    return L_pred.detach(), None if L_harden is None else L_harden.detach(), correct
+
+
+def train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y, total_steps, path, args):
+    """One pass over a fresh permutation of the training set, with the cosine lr and the hardening ramp.
+    Divergence is folded into a device tensor every step and read (a host sync) before the update:
+    every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
+    that no checkpoint holds a diverged state. -> (L_pred, L_harden, correct) per step and the last lr."""
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    every_step = train_x.device.type != "cuda"
+    healthy, last = torch.ones((), dtype=torch.bool, device=train_x.device), None
+    # Each epoch's batch order and region leaks are seeded by (seed, epoch): --resume replays them,
+    # and all three models see the same batches.
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    torch.manual_seed(args.seed * 100_003 + epoch)
+    order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+    losses, entropies, correct = [], [], []
+    for i in tqdm(range(steps_per_epoch), desc=f"{name} {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True):
+        step = epoch * steps_per_epoch + i
+        progress = step / total_steps
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * progress))  # cosine decay from --lr to 0
+
+        def check(loss, L_pred, grad_norm):
+            nonlocal last
+            last = (L_pred, grad_norm, step)
+            healthy.logical_and_(torch.isfinite(loss) & (L_pred < EXPLODED) & torch.isfinite(grad_norm))
+            if every_step or i % args.log_interval == 0:
+                stop_if_diverged(healthy, name, *last, path)
+
+        L_pred, L_harden, right = train_step(model, fwd, optimizer, *get_batch(train_x, train_y, order, i, args), lr,
+                                             hardening(progress, args), args, check)
+        losses.append(L_pred)  # logged: the cross-entropy alone, comparable across models
+        entropies.append(L_harden)
+        correct.append(right)
+    stop_if_diverged(healthy, name, *last, path)  # never a checkpoint of diverged weights
+    return losses, entropies, correct, lr
+
+
 def train_one(name, cfg, data, args, device):
     out = Path(args.out_dir)
     path = ckpt_path(out, name)
@@ -139,17 +208,16 @@ def train_one(name, cfg, data, args, device):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, train_time = ckpt["epoch"], ckpt["train_time"]
+    fwd = torch.compile(model) if args.compile else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {n_params:,} parameters, {model.inference_flops():,} multiply-adds per sample at inference"
           + (f"; resuming after epoch {epoch}" if ckpt else ""))
     if epoch >= args.epochs:
         return
     train_x, train_y = data["train"]
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * math.ceil(len(train_x) / args.batch_size)
     is_fff = name == "fff"
     log_file, log = open_log(out / f"log_{name}.csv", epoch)
-    healthy = torch.ones((), dtype=torch.bool, device=device)  # no non-finite or exploded loss yet
     if args.wandb:
         try:
             import wandb
@@ -158,38 +226,9 @@ def train_one(name, cfg, data, args, device):
         wandb.init(project="papers-fff", name=name, config={**vars(args), "model": name}, dir=out, reinit=True)
     try:
         for epoch in range(epoch, args.epochs):
-            # Each epoch's batch order and region leaks are seeded by (seed, epoch): --resume replays them,
-            # and all three models see the same batches.
-            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            torch.manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_x), generator=g).to(device)
-            t0, losses, entropies, correct = time.perf_counter(), [], [], []
-            for i in tqdm(range(steps_per_epoch), desc=f"{name} {epoch + 1}/{args.epochs}", leave=False,
-                          dynamic_ncols=True):
-                step = epoch * steps_per_epoch + i
-                progress = step / total_steps
-                lr = 0.5 * args.lr * (1 + math.cos(math.pi * progress))  # cosine decay from --lr to 0
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-                x, y = train_x[idx], train_y[idx]
-                if is_fff:
-                    logits, H = model(x, mode="soft", leak=args.region_leak)
-                    loss, L_pred, L_harden = fff_loss(logits, y, H, hardening(progress, args))
-                    entropies.append(L_harden.detach())
-                else:
-                    logits, _ = model(x)
-                    loss = L_pred = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-                healthy &= torch.isfinite(loss.detach()) & (L_pred.detach() < EXPLODED) & torch.isfinite(grad_norm)
-                if not device.startswith("cuda") or i % CHECK_EVERY == 0:
-                    stop_if_diverged(healthy, name, L_pred, grad_norm, step, path)
-                optimizer.step()
-                losses.append(L_pred.detach())  # logged: the cross-entropy alone, comparable across models
-                correct.append((logits.argmax(-1) == y).sum())
-            stop_if_diverged(healthy, name, L_pred, grad_norm, step, path)  # never a checkpoint of diverged weights
+            t0 = time.perf_counter()
+            losses, entropies, correct, lr = train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y,
+                                                         total_steps, path, args)
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1
@@ -216,6 +255,77 @@ def train_one(name, cfg, data, args, device):
         log_file.close()
         if args.wandb:
             wandb.finish()
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((f for k, f in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
+
+
+def training_flops(name, cfg, batch_size, args):
+    """FLOPs of one training forward and backward pass per sample (the FFF in soft mode: every leaf),
+    counted by FlopCounterMode on the meta device (matmuls only: biases and elementwise ops are not counted)."""
+    with torch.device("meta"):
+        model, x = build(name, cfg), torch.zeros(batch_size, cfg["in_dim"])
+        y = torch.zeros(batch_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        logits, H = model(x, mode="soft")
+        (fff_loss(logits, y, H, 1.0)[0] if H is not None else F.cross_entropy(logits, y)).backward()
+    return counter.get_total_flops() / batch_size
+
+
+def benchmark(args):
+    """--benchmark: the first of --models (default the FFF), its optimiser and the training step (batches by
+    index where the data live), 3 warm-up steps, then the median of --benchmark-steps timed optimiser steps.
+    Real training images when the IDX files are in --data-dir (nothing is downloaded), else random ones.
+    Prints one JSON line; writes nothing."""
+    device, name = resolve_device(args.device), args.models[0]
+    raw = Path(args.data_dir) / DATASETS[args.dataset] / "raw"
+    real = all((raw / f).is_file() or (raw / f"{f}.gz").is_file()
+               for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                         "t10k-labels-idx1-ubyte"))
+    if real:
+        train_x, train_y = (t.to(device) for t in load_data(args)["train"])
+    else:
+        n = args.train_size or 60_000 - args.val_size
+        train_x, train_y = torch.randn(n, 784, device=device), torch.randint(0, 10, (n,), device=device)
+    cfg = {"in_dim": train_x.shape[1], "leaf_width": args.leaf_width, "out_dim": 10, "depth": args.depth}
+    torch.manual_seed(args.seed)
+    model = build(name, cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    fwd = torch.compile(model) if args.compile else model
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    steps = len(train_x) // args.batch_size
+    healthy = torch.ones((), dtype=torch.bool, device=device)
+    cuda = device.startswith("cuda")
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def check(loss, L_pred, grad_norm):  # what training folds in every step, without reading it
+        healthy.logical_and_(torch.isfinite(loss) & (L_pred < EXPLODED) & torch.isfinite(grad_norm))
+
+    warmup, times = 3, []
+    for i in range(warmup + args.benchmark_steps):
+        synchronize()
+        t0 = time.perf_counter()
+        train_step(model, fwd, optimizer, *get_batch(train_x, train_y, order, i % steps, args), args.lr,
+                   args.hardening, args, check)
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s, B = statistics.median(times[warmup:]), args.batch_size
+    flops, peak = training_flops(name, cfg, B, args), peak_flops(device)
+    print(json.dumps({
+        "folder": FOLDER, "torch": torch.__version__, "params": sum(p.numel() for p in model.parameters()),
+        "device": f"cuda:{torch.device(device).index or 0} {torch.cuda.get_device_name(device)}" if cuda else device,
+        "batch_size": B, "unit": "images", "samples_per_s": B / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * B / step_s / 1e12,
+        "mfu": flops * B / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": bool(args.compile), "data": "real" if real else "random", "model": name}))
 
 
 def train(args):

@@ -370,3 +370,37 @@ def test_missing_data_without_torchvision_says_so_and_where_the_files_come_from(
     assert "torchvision could not be imported" in msg and "nothing was downloaded" in msg, msg
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in msg and "../shared" not in msg
     assert f"{tmp_path}/MNIST/raw/" in msg and "\n" not in msg
+
+
+# ---- --benchmark
+
+@pytest.mark.parametrize("name", ["fff", "ff_train"])
+def test_benchmark_prints_one_json_line_of_the_quick_config(name, tmp_path, capsys):
+    fff.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2", "--models", name,
+                   "--data-dir", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run")])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    I, l, O, d, B = 784, 32, 10, 3, 256                                          # the default sizes, batch 256
+    n, L = 2 ** d - 1, 2 ** d
+    if name == "fff":   # node neurons, leaves <I, l, O>; soft mode runs every leaf and mixes them by p (B, L)
+        params = n * (I + 1) + L * (I * l + l + l * O + O)
+        first, second = 2 * (I * n + I * L * l), 2 * (L * l * O + L * O)        # matmuls on x, then on h and p
+    else:               # dense I -> l 2^d -> O
+        params = I * l * L + l * L + l * L * O + O
+        first, second = 2 * I * l * L, 2 * l * L * O
+    assert (row["folder"], row["device"], row["data"], row["unit"], row["model"]) == ("fff", "cpu", "random", "images", name)
+    assert row["params"] == params and row["batch_size"] == B and row["compile"] is False
+    # training FLOPs per image: forward, then backward twice the forward except for the matmuls on the
+    # pixels, whose input needs no gradient (once: the weights' gradient)
+    assert row["flops_per_sample"] == 2 * first + 3 * second
+    assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
+    assert row["mfu"] is None and row["peak_mem_mb"] > 0
+    assert not (tmp_path / "run").exists()                                      # nothing written
+
+
+def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys):
+    data = synthetic_mnist(tmp_path / "data", n_train=400, n_test=20)
+    fff.main.main(run_args(data, tmp_path / "run", "--benchmark", "--benchmark-steps", "1", "--device", "cpu"))
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["data"] == "real" and row["batch_size"] == 50 and row["params"] == 2 ** 2 * (784 * 8 + 8 + 80 + 10) + 3 * 785
+    assert not (tmp_path / "run").exists()
