@@ -18,7 +18,8 @@ FOLDERS = paper_folders()
 
 
 def run_main(folder, *args):
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars write to stderr; the error must be its only line
+    # progress bars write to stderr (the error must be its only line); one thread: the runs are tiny
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, f"{folder}/main.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 
