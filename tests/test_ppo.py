@@ -16,6 +16,17 @@ from torch.distributions import Categorical, Independent, Normal
 ppo = import_folder("ppo")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The networks here are tiny: with two threads on a busy 2-core machine, the hand-offs between them
+    cost several times the arithmetic (the short CartPole run took 273 s with two threads, 39 s with one,
+    on a busy machine). Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_gae_matches_the_sum_of_discounted_deltas_with_termination_and_truncation():
     torch.manual_seed(0)
     T, N, gamma, lam = 7, 2, 0.9, 0.8

@@ -13,8 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import matplotlib.pyplot as plt
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +22,18 @@ from conftest import ROOT, import_folder
 
 tr = import_folder("translator")
 M = tr.model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The networks here are tiny: with two threads on a busy 2-core machine, the hand-offs between them
+    cost several times the arithmetic. Module-wide, so that the trained fixture gets it too; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NOUNS = {"cat": "chat", "dog": "chien", "bird": "oiseau", "horse": "cheval", "fish": "poisson"}
 ADJECTIVES = {"red": "rouge", "black": "noir", "small": "petit", "happy": "heureux"}
 VERBS = {"sleeps": "dort", "eats": "mange", "runs": "court", "sings": "chante"}
@@ -493,7 +505,8 @@ def test_translate_reads_stdin_and_handles_bad_lines(trained):
     args, _ = trained
     lines = ["The red cat sleeps.", "", "Zoë mange 日本語 🦄 ÿ", "The red cat sleeps, the black dog eats. " * 6]
     r = subprocess.run([sys.executable, "translator/main.py", "translate", "--out-dir", args.out_dir, "--device", "cpu"],
-                       input="\n".join(lines) + "\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       input="\n".join(lines) + "\n", cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     out = r.stdout.split("\n")
     assert len(out) == len(lines) + 1 and out[0] in REFERENCES["The red cat sleeps."] and out[1] == "" and out[2]
