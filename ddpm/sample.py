@@ -20,6 +20,7 @@ from model import Diffusion, UNet, UNetConfig
 from train import load_checkpoint, resolve_device
 
 GIF_FRAMES, GIF_SCALE, GIF_GREYS = 40, 2, 32
+GIF_MS = 80  # per frame; imageio's GIF writer takes milliseconds (0.08 would be 0: as fast as the viewer goes)
 
 
 def load_model(run_dir, dataset, device):
@@ -126,11 +127,11 @@ def sample(args):
     panels = {name: draw(m, d, args, 16, args.seed + 1, device, GIF_FRAMES, desc=f"{name} GIF")[1]
               for name, (m, d) in sorted(runs.items())}
     imageio.mimsave(fig_dir / f"{tag}.gif", gif_frames([panels[args.dataset]], [DATASETS[args.dataset]]),
-                    duration=0.08, loop=0)
+                    duration=GIF_MS, loop=0)
     written.append(fig_dir / f"{tag}.gif")
     if len(panels) == 2 and len({len(s) for s in panels.values()}) == 1:  # both runs give the same frames
         imageio.mimsave(fig_dir / "ddpm_both.gif",
-                        gif_frames(list(panels.values()), [DATASETS[n] for n in panels]), duration=0.08, loop=0)
+                        gif_frames(list(panels.values()), [DATASETS[n] for n in panels]), duration=GIF_MS, loop=0)
         written.append(fig_dir / "ddpm_both.gif")
     if (run / "log.csv").is_file():
         plot_curve(run / "log.csv", fig_dir / f"{tag}_loss.png")

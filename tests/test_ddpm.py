@@ -1,18 +1,67 @@
-"""ddpm/: the closed forms against iterating the chain and against Bayes' rule, DDIM with eta = 1
-against DDPM, both samplers against a perfect noise predictor, the U-Net's shapes, FID against a
-direct matrix square root, learning, exact resume, NaN stop, the whole pipeline, errors."""
+"""ddpm/: every line of the README's paper-to-code table against a reference written out here: the
+schedules and alpha_bar as the formulas and a running product, q(x_t | x_0) against iterating the
+chain, the posterior against Bayes' rule, the loss against stub noise predictors with known answers,
+Algorithm 2's and DDIM's steps as the equations with a fixed z, attention and the time embedding by
+hand; spies check that the flags reach the EMA, the clip and the schedule in a real step; learning
+beats the best per-pixel Gaussian denoiser; the pipeline's figures and evaluation hold what they
+should; then resume, NaN stop and errors."""
+import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
 
+import imageio.v2 as imageio
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from conftest import cli_error_line, import_folder, write_idx
+from conftest import import_folder, write_idx
 
 ddpm = import_folder("ddpm")
 Diffusion, UNet, UNetConfig = ddpm.model.Diffusion, ddpm.model.UNet, ddpm.model.UNetConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits for the first (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def written_out(schedule, T):
+    """beta_t (Sec. 4: linear from 1e-4 to 0.02; Nichol & Dhariwal eq. 17: 1 - f(t)/f(t-1), at most 0.999),
+    alpha_bar_t = prod_{s <= t} (1 - beta_s) as a running product, in plain Python floats."""
+    if schedule == "linear":
+        betas = [1e-4 + (0.02 - 1e-4) * t / (T - 1) for t in range(T)]
+    else:
+        f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+        betas = [min(1 - f[t + 1] / f[t], 0.999) for t in range(T)]
+    alpha_bar, product = [], 1.0
+    for beta in betas:
+        product *= 1 - beta
+        alpha_bar.append(product)
+    return torch.tensor(betas, dtype=torch.float64), torch.tensor(alpha_bar, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_betas_and_alpha_bar_against_the_formulas_written_out(schedule):
+    d = Diffusion(1000, schedule)
+    betas, alpha_bar = written_out(schedule, 1000)
+    torch.testing.assert_close(d.betas, betas, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(d.alphas, 1 - betas, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(d.alpha_bar, alpha_bar, rtol=1e-10, atol=1e-15)
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])   # alpha_bar_0 = 1
+    torch.testing.assert_close(d.beta_tilde, (1 - alpha_bar_prev) / (1 - alpha_bar) * betas, rtol=1e-10, atol=1e-15)
+    # eq. 4 in one jump: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    torch.manual_seed(0)
+    t = torch.tensor([0, 1, 499, 999])
+    x_0, eps = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    a = alpha_bar[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(d.q_sample(x_0, t, eps), a.sqrt() * x_0 + (1 - a).sqrt() * eps)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -28,7 +77,8 @@ def test_closed_form_q_xt_given_x0_matches_iterating_q_xt_given_xt_minus_1(sched
     torch.testing.assert_close(torch.stack(means), d.alpha_bar.sqrt(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.stack(variances), 1 - d.alpha_bar, rtol=1e-10, atol=1e-12)
 
-    # and by sampling: 20 steps of the chain against q_sample in one jump, 200,000 draws of one pixel
+    # and by sampling: 20 steps of the chain against q_sample in one jump, 200,000 draws of one pixel; the
+    # bounds are 30 standard errors (mean) and 6 (variance) wide, so they hold for any seed
     g = torch.Generator().manual_seed(0)
     x_0 = torch.full((200_000, 1, 1, 1), 0.7)
     x = x_0.clone()
@@ -36,7 +86,7 @@ def test_closed_form_q_xt_given_x0_matches_iterating_q_xt_given_xt_minus_1(sched
         x = (1 - d.betas[t]).sqrt().float() * x + d.betas[t].sqrt().float() * torch.randn(x.shape, generator=g)
     jump = d.q_sample(x_0, torch.full((len(x_0),), 19), torch.randn(x_0.shape, generator=g))
     for y in (x, jump):
-        assert abs(y.mean().item() - d.alpha_bar[19].sqrt().item() * 0.7) < 3e-3
+        assert abs(y.mean().item() - d.alpha_bar[19].sqrt().item() * 0.7) < 30 * (1 - d.alpha_bar[19]).sqrt() / 447
         assert abs(y.var().item() - (1 - d.alpha_bar[19]).item()) < 0.02 * (1 - d.alpha_bar[19]).item()
 
 
@@ -49,7 +99,8 @@ def test_posterior_mean_and_variance_match_bayes_rule(schedule):
     mean, var = d.posterior(x_0, x_t, t)
     # q(x_{t-1} | x_0) = N(sqrt(ab_{t-1}) x_0, 1 - ab_{t-1}) times q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t):
     # precisions add, and the mean is the precision-weighted mean
-    ab_prev, alpha, beta = (v[t].view(-1, 1, 1, 1) for v in (d.alpha_bar_prev, d.alphas, d.betas))
+    betas, alpha_bar = written_out(schedule, 1000)
+    ab_prev, alpha, beta = (v.view(-1, 1, 1, 1) for v in (alpha_bar[t - 1], 1 - betas[t], betas[t]))
     precision = 1 / (1 - ab_prev) + alpha / beta
     torch.testing.assert_close(var.expand_as(x_0), (1 / precision).expand_as(x_0))
     torch.testing.assert_close(mean, (ab_prev.sqrt() * x_0 / (1 - ab_prev) + alpha.sqrt() * x_t / beta) / precision)
@@ -59,15 +110,86 @@ def test_posterior_mean_and_variance_match_bayes_rule(schedule):
     assert torch.all(var == 0)
 
 
-def test_ddpm_step_mean_is_eq_11():
-    d = Diffusion(1000)
+def test_the_loss_is_zero_for_the_true_noise_and_the_mse_of_a_wrong_one():
+    """Algorithm 1 with stub noise predictors: one that recovers the true eps from x_t (it knows x_0 and
+    the written-out alpha_bar) has loss 0; eps + 0.3 has loss 0.09; 2 eps has loss mean(eps^2); and t is
+    uniform on the T steps (20,000 draws: bounds of 7 standard errors)."""
+    T = 10
+    d = Diffusion(T)
+    alpha_bar = written_out("linear", T)[1].float()
     torch.manual_seed(0)
-    t = torch.tensor([1, 100, 500, 999])
-    x_0, eps = torch.rand(4, 1, 6, 6, dtype=torch.float64) * 1.8 - 0.9, torch.randn(4, 1, 6, 6, dtype=torch.float64)
-    x_t = d.q_sample(x_0, t, eps)                               # x_0 inside [-1, 1]: the clip changes nothing
-    mean = d.ddpm_step(x_t, t, eps, noise=torch.zeros_like(x_t))
-    alpha, beta, ab = (v[t].view(-1, 1, 1, 1) for v in (d.alphas, d.betas, d.alpha_bar))
-    torch.testing.assert_close(mean, (x_t - beta / (1 - ab).sqrt() * eps) / alpha.sqrt())
+    x_0 = torch.rand(1000, 1, 2, 2) * 2 - 1
+    seen = {"t": []}
+
+    def true_eps(x_t, t):
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        seen["t"].append(t)
+        seen["eps"] = (x_t - a.sqrt() * x_0) / (1 - a).sqrt()
+        return seen["eps"]
+
+    assert d.loss(true_eps, x_0).item() < 1e-6
+    assert abs(d.loss(lambda x_t, t: true_eps(x_t, t) + 0.3, x_0).item() - 0.09) < 1e-4
+    loss = d.loss(lambda x_t, t: 2 * true_eps(x_t, t), x_0).item()
+    assert abs(loss - (seen["eps"] ** 2).mean().item()) < 1e-4 and abs(loss - 1) < 0.1   # eps ~ N(0, I)
+    for _ in range(17):
+        d.loss(true_eps, x_0)
+    counts = torch.bincount(torch.cat(seen["t"]), minlength=T + 1)
+    assert counts[T] == 0 and (counts[:T] / counts.sum() - 1 / T).abs().max() < 0.015, counts
+
+
+def test_ddpm_step_is_algorithm_2_written_out():
+    """Algorithm 2, line 4 with a fixed z: x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
+    + sigma_t z, sigma_t^2 = beta_tilde_t (eq. 7) or beta_t, and no z at the last step (the paper's t = 1)."""
+    d = Diffusion(1000)
+    betas, alpha_bar = written_out("linear", 1000)
+    torch.manual_seed(0)
+    t = torch.tensor([0, 1, 100, 500, 999])
+    x_0 = torch.rand(5, 1, 6, 6, dtype=torch.float64) * 1.8 - 0.9     # inside [-1, 1]: the clip changes nothing
+    eps, z = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    ab, beta = alpha_bar[t].view(-1, 1, 1, 1), betas[t].view(-1, 1, 1, 1)
+    ab_prev = torch.where(t > 0, alpha_bar[t - 1], 1.0).view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x_0 + (1 - ab).sqrt() * eps
+    mean = (x_t - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()               # eq. 11
+    last = (t == 0).view(-1, 1, 1, 1)
+    for variance, sigma2 in (("beta_tilde", (1 - ab_prev) / (1 - ab) * beta), ("beta", beta)):
+        expected = mean + torch.where(last, 0.0, sigma2.sqrt() * z)
+        torch.testing.assert_close(d.ddpm_step(x_t, t, eps, variance, noise=z), expected)
+    # x_0 predicted by eq. 4 solved for it, clipped to the data range
+    x_t = torch.tensor([3.0, -3.0, 0.5, -0.2], dtype=torch.float64).view(4, 1, 1, 1)
+    eps = torch.tensor([0.0, 0.0, 0.3, -1.0], dtype=torch.float64).view(4, 1, 1, 1)
+    t = torch.tensor([999, 10, 500, 30])
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(d.predict_x0(x_t, t, eps), ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1))
+    assert d.predict_x0(x_t, t, eps)[:2].flatten().tolist() == [1.0, -1.0]
+
+
+def test_ddim_step_is_eq_12_written_out_deterministic_at_eta_0_and_ddpms_variance_at_eta_1():
+    """DDIM eq. 12 and 16 with a fixed z, on steps that skip (t -> t_prev) and on the last one (t_prev = -1):
+    x_prev = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)."""
+    d = Diffusion(1000)
+    betas, alpha_bar = written_out("linear", 1000)
+    torch.manual_seed(0)
+    t, t_prev = torch.tensor([999, 500, 20, 0]), torch.tensor([979, 480, 0, -1])
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    ab_prev = torch.where(t_prev >= 0, alpha_bar[t_prev.clamp(min=0)], 1.0).view(-1, 1, 1, 1)
+    x_0 = torch.rand(4, 1, 5, 5, dtype=torch.float64) * 1.8 - 0.9
+    eps, z, z_other = (torch.randn(4, 1, 5, 5, dtype=torch.float64) for _ in range(3))
+    x_t = ab.sqrt() * x_0 + (1 - ab).sqrt() * eps
+    step = d.ddim_step(x_t, t, t_prev, eps, eta=0.0, noise=z)
+    torch.testing.assert_close(step, d.ddim_step(x_t, t, t_prev, eps, eta=0.0, noise=z_other), rtol=0, atol=0)
+    torch.testing.assert_close(step, ab_prev.sqrt() * x_0 + (1 - ab_prev).sqrt() * eps)  # the closed form at t_prev
+    for eta in (0.5, 1.0):
+        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        expected = ab_prev.sqrt() * x_0 + (1 - ab_prev - sigma ** 2).sqrt() * eps + sigma * z
+        torch.testing.assert_close(d.ddim_step(x_t, t, t_prev, eps, eta=eta, noise=z), expected)
+    # eta = 1 on consecutive steps: sigma^2 is DDPM's beta_tilde (eq. 7)
+    t = torch.arange(1, 1000)
+    noise = torch.ones(999, 1, 1, 1, dtype=torch.float64)
+    zero = torch.zeros(999, 1, 1, 1, dtype=torch.float64)
+    sigma = d.ddim_step(zero, t, t - 1, zero, eta=1.0, noise=noise) - d.ddim_step(zero, t, t - 1, zero, eta=1.0, noise=zero)
+    beta_tilde = (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t]) * betas[t]
+    torch.testing.assert_close(sigma.flatten() ** 2, beta_tilde)
 
 
 def test_ddim_with_eta_1_over_all_T_steps_is_ddpm():
@@ -78,12 +200,12 @@ def test_ddim_with_eta_1_over_all_T_steps_is_ddpm():
     torch.testing.assert_close(d.ddim_step(x_t, t, t - 1, eps, eta=1.0, noise=z), d.ddpm_step(x_t, t, eps, noise=z))
     assert d.timesteps("ddim", 1000) == d.timesteps("ddpm", 1000)
 
-    # and so whole chains agree: same noise, same network, T = 60
-    d = Diffusion(60)
+    # and so whole chains agree: same noise, same network, T = 30
+    d = Diffusion(30)
     net = UNet(UNetConfig(side=8, base=8, mults=(1, 2), res_blocks=1, attn_levels=(1,), dropout=0.0)).eval()
     torch.nn.init.normal_(net.out[-1].weight, std=0.05)
     ddpm_x = d.sample(net, (3, 1, 8, 8), "ddpm", generator=torch.Generator().manual_seed(5))
-    ddim_x = d.sample(net, (3, 1, 8, 8), "ddim", 60, eta=1.0, generator=torch.Generator().manual_seed(5))
+    ddim_x = d.sample(net, (3, 1, 8, 8), "ddim", 30, eta=1.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ddim_x, ddpm_x, rtol=0, atol=1e-4)
     assert ddpm_x.std() > 0.1                                   # not a trivial chain
 
@@ -112,6 +234,30 @@ def test_ddim_timesteps_are_evenly_spaced_and_end_at_zero():
     assert d.timesteps("ddim", 1) == [0]
 
 
+def test_timestep_embedding_is_the_transformer_sinusoid():
+    """Sec. 4: sin and cos of t at the frequencies 10000^(-i / (dim/2)), i = 0 .. dim/2 - 1."""
+    t = [0, 1, 17, 999]
+    expected = [[math.sin(s / 10_000 ** (i / 4)) for i in range(4)] + [math.cos(s / 10_000 ** (i / 4)) for i in range(4)]
+                for s in t]
+    torch.testing.assert_close(ddpm.model.timestep_embedding(torch.tensor(t), 8), torch.tensor(expected),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_attention_is_softmax_of_q_k_over_sqrt_d_times_v_written_out():
+    """The U-Net's self-attention over the H W positions, per head, with a residual."""
+    torch.manual_seed(0)
+    layer = ddpm.model.Attention(16, heads=4)
+    torch.nn.init.normal_(layer.out.weight, std=0.3)
+    x = torch.randn(2, 16, 3, 5)
+    qkv = layer.qkv(layer.norm(x)).flatten(2)                   # (B, 3 C, H W): q, k, v, each heads x d channels
+    heads = []
+    for n in range(4):
+        q, k, v = (qkv[:, part * 16 + n * 4:part * 16 + (n + 1) * 4].transpose(1, 2) for part in range(3))  # (B, HW, d)
+        heads.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(4), -1) @ v)
+    h = torch.cat(heads, 2).transpose(1, 2).reshape(2, 16, 3, 5)
+    torch.testing.assert_close(layer(x), x + layer.out(h), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [UNetConfig(base=8, res_blocks=1),
                                  UNetConfig(side=32, base=8, mults=(1, 2, 2, 2), attn_levels=(2, 3)),
                                  UNetConfig(side=28, base=12, mults=(1, 2), attn_levels=())])
@@ -120,7 +266,7 @@ def test_unet_output_has_the_input_shape_and_depends_on_t(cfg):
     for p in net.parameters():                                  # undo the zero-initialised identity shortcuts
         if not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    for B in (1, 3, 8):
+    for B in (1, 3):
         x = torch.randn(B, cfg.channels, cfg.side, cfg.side)
         t = torch.randint(0, 1000, (B,))
         eps = net(x, t)
@@ -128,6 +274,11 @@ def test_unet_output_has_the_input_shape_and_depends_on_t(cfg):
     assert not torch.allclose(net(x, t), net(x, (t + 500) % 1000), atol=1e-4)
     with pytest.raises(ValueError, match="not divisible"):
         UNet(UNetConfig(side=30, mults=(1, 2, 2)))
+
+
+def test_warmup_then_cosine_learning_rate_on_hand_worked_steps():
+    lrs = [ddpm.train.get_lr(step, 110, 10, 2.0) for step in (0, 4, 9, 10, 60, 110)]
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor([0.2, 1.0, 2.0, 2.0, 1.0, 0.0]))
 
 
 def test_frechet_distance_matches_a_direct_matrix_square_root():
@@ -169,15 +320,70 @@ def run(data, out, *extra):
     ddpm.main.main(["--data-dir", str(data), "--out-dir", str(out), *TINY, *extra])
 
 
-def test_the_loss_falls_on_a_tiny_set(tmp_path):
+def test_training_beats_the_best_per_pixel_gaussian_denoiser(tmp_path):
+    """Learning: the EMA model's test loss ends far below that of the best noise predictor for pixels that
+    are independent Gaussians (mean mu, variance v fitted on the training images),
+    E[eps | x_t] = sqrt(1 - ab_t) (x_t - sqrt(ab_t) mu) / (ab_t v + 1 - ab_t), on the same test images, t
+    and eps. Only a model of how pixels go together gets below it."""
     data = synthetic(tmp_path / "data", n_train=100)
-    args = ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
-                                 "--epochs", "15", "--T", "100"])
-    ddpm.train.train(args)
+    ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
+                                           "--epochs", "8", "--lr", "5e-3"]))
     with open(tmp_path / "run" / "mnist" / "log.csv") as f:
-        rows = [line.split(",") for line in f.read().splitlines()]
-    train_loss = [float(r[rows[0].index("train_loss")]) for r in rows[1:]]
-    assert train_loss[0] > 0.5 and np.mean(train_loss[-3:]) < 0.5 * train_loss[0], train_loss
+        test_loss = [float(r["test_loss"]) for r in csv.DictReader(f)]
+    d = Diffusion(20)
+    x_train = ddpm.data.to_model_range(ddpm.data.load_split(data, "mnist", "train")[0]).double()
+    mu, v = x_train.mean(0), x_train.var(0)
+
+    def per_pixel_gaussian(x_t, t):
+        ab = d.alpha_bar[t].view(-1, 1, 1, 1)
+        return ((1 - ab).sqrt() * (x_t - ab.sqrt() * mu) / (ab * v + 1 - ab)).float()
+
+    x_test = ddpm.data.to_model_range(ddpm.data.load_split(data, "mnist", "test")[0])
+    baseline = ddpm.train.test_loss(per_pixel_gaussian, d, x_test, "cpu")
+    assert len(test_loss) == 8 and test_loss[-1] < 0.6 * baseline < 0.6, (test_loss, baseline)
+
+
+def test_training_steps_hand_the_flags_to_the_ema_the_clip_and_the_schedule(tmp_path, monkeypatch):
+    """Spies in two real steps: each epoch's batches are the training images; --ema-decay reaches the EMA
+    update, which makes theta_ema <- d theta_ema + (1 - d) theta from the weights after the optimiser step,
+    d = min(decay, (1 + step) / (10 + step)); --grad-clip reaches the clip; --lr and --warmup-steps reach
+    the schedule; the checkpoint holds the last weights and their average."""
+    data = synthetic(tmp_path / "data", n_train=40, n_test=4)
+    calls, clips, schedule, batches = [], [], [], []
+    ema_update, clip, get_lr, loss = ddpm.train.ema_update, torch.nn.utils.clip_grad_norm_, ddpm.train.get_lr, Diffusion.loss
+
+    def ema_spy(ema, model, step, decay):
+        before = {k: p.detach().clone() for k, p in ema.named_parameters()}
+        ema_update(ema, model, step, decay)
+        calls.append((step, decay, before, {k: p.detach().clone() for k, p in model.named_parameters()},
+                      {k: p.detach().clone() for k, p in ema.named_parameters()}))
+
+    monkeypatch.setattr(ddpm.train, "ema_update", ema_spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: clips.append(max_norm)
+                        or clip(params, max_norm))
+    monkeypatch.setattr(ddpm.train, "get_lr", lambda *a: schedule.append(a) or get_lr(*a))
+    monkeypatch.setattr(Diffusion, "loss", lambda self, eps_theta, x_0: batches.append(x_0) or loss(self, eps_theta, x_0))
+    out = tmp_path / "run"
+    ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(out), *TINY, "--epochs", "1",
+                                           "--ema-decay", "0.05", "--grad-clip", "0.7", "--lr", "3e-3",
+                                           "--warmup-steps", "4"]))    # 40 images, batch 20: two steps
+    images = ddpm.data.to_model_range(ddpm.data.load_split(data, "mnist", "train")[0])
+    assert sorted(map(bytes, torch.cat(batches).numpy())) == sorted(map(bytes, images.numpy()))
+    assert [(step, decay) for step, decay, *_ in calls] == [(0, 0.05), (1, 0.05)]
+    assert clips == [0.7, 0.7] and schedule == [(0, 2, 4, 3e-3), (1, 2, 4, 3e-3)]
+    for step, (_, _, before, model, after) in enumerate(calls):  # d = min(0.05, (1 + step) / (10 + step)) = 0.05
+        assert any(not torch.equal(before[k], model[k]) for k in model)
+        for k in model:
+            torch.testing.assert_close(after[k], 0.05 * before[k] + 0.95 * model[k])
+    assert all(torch.equal(calls[1][2][k], calls[0][4][k]) for k in model)   # one average, carried on
+    ckpt = torch.load(out / "mnist" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(ckpt["ema"][k], after[k]) and torch.equal(ckpt["model"][k], model[k]) for k in model)
+    # later, the warm-up of d: at step 90, d = min(0.9999, 91 / 100) = 0.91
+    ema, net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.91 * p_ema + 0.09 * p for p_ema, p in zip(ema.parameters(), net.parameters())]
+    ema_update(ema, net, 90, 0.9999)
+    for p, e in zip(ema.parameters(), expected):
+        torch.testing.assert_close(p, e)
 
 
 def ctrl_c_while_the_classifier_trains(argv, run_dir, monkeypatch, capsys):
@@ -201,23 +407,72 @@ def ctrl_c_while_the_classifier_trains(argv, run_dir, monkeypatch, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == before  # no classifier.pt, eval.json or temporary file
 
 
+def spy_on_draw(monkeypatch):
+    """Every call of sample.draw (grid and GIF) and of evaluate's draw, with what it returned."""
+    draws = []
+    for module in (ddpm.sample, ddpm.evaluate):
+        def spy(model, diffusion, args, n, seed, device, frames=0, desc="", _draw=module.draw):
+            result = _draw(model, diffusion, args, n, seed, device, frames, desc)
+            draws.append(dict(state=model.state_dict(), sampler=args.sampler, n=n, seed=seed, result=result))
+            return result
+        monkeypatch.setattr(module, "draw", spy)
+    return draws
+
+
+def gif_panel(frame, k):
+    """Panel k (0: left) of a GIF frame, grey levels on [0, 1]: 4 x 4 images of 28 pixels, scaled by 2."""
+    return torch.from_numpy(frame[22:22 + 224, k * 236:k * 236 + 224, 0] / 255.0)
+
+
 def test_both_datasets_give_the_side_by_side_gif_and_the_evaluation(tmp_path, monkeypatch, capsys):
+    """The pipeline on two tiny runs: samples come from the EMA weights; the side-by-side GIF runs from
+    noise to the very samples drawn, FashionMNIST left, MNIST right; the evaluation draws both samplers
+    from the same noise, and real images come out closer to the test set than a one-epoch model's
+    samples; Ctrl-C while its classifier trains leaves nothing half-written."""
     data = synthetic(synthetic(tmp_path / "data"), "FashionMNIST")
     out = tmp_path / "runs"
+    draws = spy_on_draw(monkeypatch)
     run(data, out, "--epochs", "1")
     assert not (out / "mnist" / "ddpm_both.gif").exists()
+    del draws[:]
     run(data, out, "--epochs", "1", "--dataset", "fashion")
-    for name in ("ddpm_fashion_samples.png", "ddpm_fashion.gif", "ddpm_fashion_loss.png", "ddpm_both.gif"):
-        assert (out / "fashion" / name).stat().st_size > 0
+    ckpt = {ds: torch.load(out / ds / "ckpt.pt", weights_only=True) for ds in ("mnist", "fashion")}
+    grid, gif_fashion, gif_mnist = draws                        # the grid, then the GIF's panels in name order
+    for d, ds in ((grid, "fashion"), (gif_fashion, "fashion"), (gif_mnist, "mnist")):
+        assert all(torch.equal(d["state"][k], ckpt[ds]["ema"][k]) for k in ckpt[ds]["ema"])
+    assert any(not torch.equal(ckpt["fashion"]["ema"][k], ckpt["fashion"]["model"][k]) for k in ckpt["fashion"]["ema"])
+    assert grid["n"] == 4 and gif_fashion["seed"] == gif_mnist["seed"]
+
+    frames = imageio.mimread(out / "fashion" / "ddpm_both.gif")
+    with PIL.Image.open(out / "fashion" / "ddpm_both.gif") as gif:   # the writer merges repeated frames
+        ms = [gif.seek(k) or gif.info["duration"] for k in range(gif.n_frames)]
+    snapshots = gif_fashion["result"][1]
+    assert len(frames) == len(ms) <= len(snapshots) and frames[0].shape[:2] == (22 + 224, 2 * 224 + 12)
+    assert ms[0] == 80 and ms[-1] >= 16 * 80 and sum(ms) == 80 * (len(snapshots) + 15)  # x_0 held 15 frames
+    for k, d in enumerate((gif_fashion, gif_mnist)):
+        x_0 = ddpm.data.to_pixels(d["result"][0])               # (16, 1, 28, 28) on [0, 1]
+        expected = x_0[:, 0].reshape(4, 4, 28, 28).permute(0, 2, 1, 3).reshape(112, 112)
+        expected = expected.repeat_interleave(2, 0).repeat_interleave(2, 1).double()
+        assert (gif_panel(frames[-1], k) - expected).abs().max() < 1 / 31   # 32 grey levels
+        assert gif_panel(frames[0], k).std() > 0.25                          # x_T: noise
+    assert (gif_panel(frames[-1], 0) - gif_panel(frames[-1], 1)).abs().max() > 0.1
+
     evaluate = ["--data-dir", str(data), "--out-dir", str(out), "--device", "cpu", "--evaluate",
                 "--n-eval", "8", "--eval-batch", "8", "--sample-steps", "5", "--classifier-epochs", "1"]
     ctrl_c_while_the_classifier_trains(evaluate, out / "mnist", monkeypatch, capsys)
+    del draws[:]
     ddpm.main.main(evaluate)
+    assert [(d["sampler"], d["n"]) for d in draws] == [("ddpm", 8), ("ddim", 8)] and draws[0]["seed"] == draws[1]["seed"]
+    assert all(torch.equal(draws[0]["state"][k], ckpt["mnist"]["ema"][k]) for k in ckpt["mnist"]["ema"])
     metrics = json.loads((out / "mnist" / "eval.json").read_text())
-    assert list(metrics["results"]) == ["real training images", "DDPM, 20 steps", "DDIM, 5 steps, eta 0"]
-    for r in metrics["results"].values():
-        assert sum(r["class_histogram"]) == 8 and 0 <= r["confident_share"] <= 1 and np.isfinite(r["fid"])
-    assert (out / "mnist" / "classifier.pt").is_file() and (out / "mnist" / "ddpm_mnist_classes.png").is_file()
+    results = metrics["results"]
+    assert list(results) == ["real training images", "DDPM, 20 steps", "DDIM, 5 steps, eta 0"]
+    for r in results.values():
+        assert sum(r["class_histogram"]) == 8 and 0 <= r["confident_share"] <= 1
+    real, ddpm_fid, ddim_fid = (r["fid"] for r in results.values())
+    assert 0 <= real < min(ddpm_fid, ddim_fid), results
+    clf = torch.load(out / "mnist" / "classifier.pt", weights_only=True)
+    assert metrics["classifier_test_accuracy"] == clf["test_accuracy"] and clf["epochs"] == 1
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -267,6 +522,18 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_checkpoint(tmp_pat
     assert (out / "mnist" / "ckpt.pt").read_bytes() == before
 
 
+def one_line_error(capsys, *args):
+    """ddpm/main.py's main(ARGS) in this process: it must stop with one line and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ddpm.main.main([str(a) for a in args])
+    assert e.value.code not in (0, None)
+    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10' (choose from"),
     (["--sample-steps", "2000"], "--sample-steps 2000 is larger than T = 1000; choose 1..1000"),
@@ -275,8 +542,8 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_checkpoint(tmp_pat
     (["--attn-levels", "3"], "--attn-levels [3]: the U-Net has levels 0..2"),
     (["--base", "30"], "--base 30 is not a multiple of 4"),
 ])
-def test_bad_flags_get_one_line(args, says):
-    assert says in cli_error_line("ddpm", *args)
+def test_bad_flags_get_one_line(args, says, capsys):
+    assert says in one_line_error(capsys, *args)
 
 
 def test_missing_data_names_the_files_and_the_data_dir(tmp_path, monkeypatch):
@@ -318,17 +585,17 @@ def test_help_gives_the_readmes_cpu_result_command(root):
     assert " ".join(command.split()) in " ".join(help_text.split())
 
 
-def test_checkpoints_of_the_other_dataset_another_model_or_folder_are_refused(tmp_path):
+def test_checkpoints_of_the_other_dataset_another_model_or_folder_are_refused(tmp_path, capsys):
     data = synthetic(tmp_path / "data", n_train=40)
     out = tmp_path / "runs"
     ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(out), *TINY, "--epochs", "1"]))
     (out / "fashion").mkdir()
     shutil.copy(out / "mnist" / "ckpt.pt", out / "fashion" / "ckpt.pt")
-    assert "was trained on mnist, not on fashion" in cli_error_line(
-        "ddpm", "--sample-only", "--dataset", "fashion", "--out-dir", str(out))
-    assert "holds another model" in cli_error_line("ddpm", "--resume", "--out-dir", str(out), "--data-dir", str(data),
+    assert "was trained on mnist, not on fashion" in one_line_error(
+        capsys, "--sample-only", "--dataset", "fashion", "--out-dir", out)
+    assert "holds another model" in one_line_error(capsys, "--resume", "--out-dir", out, "--data-dir", data,
                                                    "--base", "16")
-    assert "exists; pass --resume" in cli_error_line("ddpm", "--data-dir", str(data), "--out-dir", str(out), *TINY)
+    assert "exists; pass --resume" in one_line_error(capsys, "--data-dir", data, "--out-dir", out, *TINY)
     torch.save({"folder": "nf"}, out / "mnist" / "ckpt.pt")
-    assert "holds a nf/ checkpoint, not a ddpm/ diffusion checkpoint" in cli_error_line(
-        "ddpm", "--evaluate", "--out-dir", str(out))
+    assert "holds a nf/ checkpoint, not a ddpm/ diffusion checkpoint" in one_line_error(
+        capsys, "--evaluate", "--out-dir", out)
