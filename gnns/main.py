@@ -6,6 +6,7 @@ digit with its edge weights. --speed times sparse O(E) against dense O(N^2) laye
     python gnns/main.py --model gat      # (then the curve shows both)
     python gnns/main.py --speed          # sparse vs dense at 49..784 nodes
     python gnns/main.py --quick          # the whole pipeline on CPU in < 60 s
+    python gnns/main.py --benchmark      # one JSON line: training graphs/s, step time (writes nothing)
 
 The data are read from --data-dir (default data/): MNIST/raw/ (or FashionMNIST/raw/) holding
 {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], downloaded there by torchvision if missing;
@@ -18,17 +19,18 @@ from pathlib import Path
 
 from data import DATASETS
 from sample import sample, speed
-from train import QUICK_OUT_DIR, device_memory, load_checkpoint, resolve_device, train
+from train import QUICK_OUT_DIR, benchmark, device_memory, load_checkpoint, resolve_device, train
 
 # --quick: a small GCN on 10k graphs for two epochs, a small speed table; flags given explicitly still win.
 QUICK = dict(hidden=32, layers=2, epochs=2, train_size=10_000, val_size=1000, batch_size=64, lr=3e-3,
-             speed_sides=[7, 14], speed_steps=1, out_dir=QUICK_OUT_DIR)
+             speed_sides=[7, 14], speed_steps=1, benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go, what to draw, what to time.
 # Nodes and directed edges (self-loops included) per MNIST graph, rounded up from the averages (150 and
 # 950 + 150 with the background dropped) or exact (all 784 pixels): for the memory estimate.
 GRAPH_SIZE = {"drop": (200, 1400), "keep": (784, 6724)}
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "cache_dir", "speed", "speed_sides", "speed_steps", "speed_batch"}
+               "cache_dir", "speed", "speed_sides", "speed_steps", "speed_batch", "compile", "log_interval",
+               "benchmark", "benchmark_steps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,6 +144,11 @@ def parse_args(argv=None):
     g.add_argument("--warmup-epochs", type=number(float, 0), default=0.5, help="linear warmup, in epochs")
     g.add_argument("--weight-decay", type=number(float, 0), default=1e-4, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes: graphs differ in size)")
+    g.add_argument("--log-interval", type=positive(int), default=50, help="steps between progress-bar updates")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps of this config and print one JSON line (graphs/s, step time, TFLOP/s, MFU); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--speed", action="store_true", help="only time training steps, sparse against dense, GCN and GAT")
@@ -166,6 +173,8 @@ def parse_args(argv=None):
             if getattr(args, flag) != saved[flag]:
                 p.error(f"--{flag} {getattr(args, flag)}, but {out_dir} holds a {saved[flag]} run")
     args.out_dir = out_dir
+    if args.benchmark and (args.resume or args.sample_only or args.speed):
+        p.error("--benchmark times a fresh model's training; leave out --resume, --sample-only and --speed")
     if (args.model == "gat" or args.speed or args.quick) and args.hidden % args.heads:  # --speed times GAT too
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if not args.sample_only or args.speed:
@@ -176,6 +185,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if args.speed:
         speed(args)
         return

@@ -1,8 +1,12 @@
 """Train a GCN or GAT on pixel graphs: data, model, optimiser, schedule, then the loop over
 epochs with validation accuracy and an atomic checkpoint after each epoch."""
 import csv
+import json
 import math
 import os
+import re
+import resource
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_data
+from data import (DATASETS, GraphSet, build_graphs, cache_path, find, idx_files, load_data, load_images,
+                  random_images, subset)
 from model import GNN, GNNConfig
 
 FOLDER = "gnns"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/gnns-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense
 LOG_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "graphs_per_s", "elapsed_s"]
 
 
@@ -114,6 +120,49 @@ def check_finite(loss, grad_norm, step, ckpt_path):
                          f"try a lower --lr")
 
 
+def get_batch(train_set, order, s, args):
+    """Batch s of an epoch: the graphs order[s B:(s + 1) B] as one disjoint graph."""
+    return train_set.batch(order[s * args.batch_size:(s + 1) * args.batch_size])
+
+
+def train_step(model, fwd, optimizer, b, lr, args, device, before_update):
+    """One optimiser step on a Batch; before_update(loss, grad_norm) runs between clipping and the update
+    (the divergence check); fwd is the model, compiled with --compile. -> (loss, correct), device tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits, y = forward(fwd, b, device)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    before_update(loss.detach(), grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), (logits.argmax(-1) == y).sum()
+
+
+def train_epoch(epoch, model, fwd, optimizer, train_set, schedule, ckpt_path, args, device):
+    """One pass over a fresh permutation of the training graphs. -> (losses, correct) per step, tensors,
+    and the last lr."""
+    steps_per_epoch, total_steps, warmup_steps = schedule
+    # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
+    torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    order = torch.randperm(len(train_set), generator=g)
+    losses, correct = [], []
+    pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+    for s in pbar:
+        step = epoch * steps_per_epoch + s
+        lr = get_lr(step, total_steps, warmup_steps, args)
+        loss, right = train_step(model, fwd, optimizer, get_batch(train_set, order, s, args), lr, args, device,
+                                 lambda loss, grad_norm: check_finite(loss, grad_norm, step, ckpt_path))
+        losses.append(loss)
+        correct.append(right)
+        if s % args.log_interval == 0:
+            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+    return losses, correct, lr
+
+
 def train(args):
     device = resolve_device(args.device)
     out = Path(args.out_dir)
@@ -136,6 +185,7 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch = ckpt["epoch"]
+    fwd = torch.compile(model, dynamic=True) if args.compile else model
 
     steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
     if steps_per_epoch == 0:
@@ -164,31 +214,9 @@ def train(args):
         print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
     try:
         for epoch in range(epoch, args.epochs):
-            # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
-            torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
-            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_set), generator=g)
-            t0, losses, correct = time.perf_counter(), [], []
-            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        leave=False)
-            for s in pbar:
-                step = epoch * steps_per_epoch + s
-                lr = get_lr(step, total_steps, warmup_steps, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits, y = forward(model, train_set.batch(order[s * args.batch_size:(s + 1) * args.batch_size]),
-                                    device)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
-                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
-                check_finite(loss, grad_norm, step, ckpt_path)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                correct.append((logits.argmax(-1) == y).sum())
-                if s % 20 == 0:
-                    pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            t0 = time.perf_counter()
+            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_set,
+                                              (steps_per_epoch, total_steps, warmup_steps), ckpt_path, args, device)
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1
@@ -219,3 +247,79 @@ def train(args):
         if args.wandb:
             wandb.finish()
     return model
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None when it is not in the table (CPU, MPS, other GPUs)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return next((f for k, f in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
+
+
+def training_flops(cfg, nodes_per_graph):
+    """Matmul FLOPs of one forward and backward pass per graph (what FlopCounterMode counts; the gathers
+    and scatters of message passing move memory and are not counted): per node the encoder 3 -> H and
+    each layer's H x H transform, per graph the head 2H -> H -> classes; the backward pass costs twice
+    the forward, except the encoder's, whose input (pixel features) needs no gradient."""
+    H, L, C = cfg.hidden, cfg.layers, cfg.num_classes
+    return 2 * 2 * nodes_per_graph * cfg.in_dim * H + 3 * 2 * (nodes_per_graph * L * H * H + 2 * H * H + H * C)
+
+
+def benchmark_graphs(args, n):
+    """n training graphs drawn at random: from the cache or the IDX files when they are there (nothing is
+    downloaded or written), else the pixel graphs of random blob images. -> (GraphSet, "real" | "random")"""
+    g = torch.Generator().manual_seed(args.seed)
+    cache, raw = cache_path(args, "train"), Path(args.data_dir) / DATASETS[args.dataset] / "raw"
+    if cache.is_file():
+        graphs = GraphSet(**torch.load(cache, weights_only=True))
+        total, build = len(graphs), lambda pick: subset(graphs, pick)
+    elif all(find(raw, name) for name in idx_files("train")):
+        images, labels = load_images(args.data_dir, args.dataset, "train")
+        total, build = len(labels), lambda pick: build_graphs(images[pick], labels[pick], args.background)
+    else:
+        return build_graphs(random_images(n, g), torch.randint(0, 10, (n,), generator=g), args.background), "random"
+    if not 0 <= args.val_size < total:
+        raise SystemExit(f"gnns: --val-size {args.val_size} must be below the {total} training images")
+    m = total - args.val_size
+    return build(torch.randperm(min(m, args.train_size) if args.train_size else m, generator=g)[:n]), "real"
+
+
+def benchmark(args):
+    """--benchmark: the model, optimiser and training step (same batching, compile and device), 3 warm-up
+    steps, then the median of --benchmark-steps timed optimiser steps, on graphs drawn at random from
+    the training set (random blob images when the data are not there). Prints one JSON line; writes nothing."""
+    device = resolve_device(args.device)
+    warmup, B = 3, args.batch_size
+    graphs, data = benchmark_graphs(args, B * (warmup + args.benchmark_steps))
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    model = GNN(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    fwd = torch.compile(model, dynamic=True) if args.compile else model
+    order = torch.arange(len(graphs))
+    cuda = device.startswith("cuda")
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    times = []
+    for s in range(warmup + args.benchmark_steps):
+        synchronize()
+        t0 = time.perf_counter()
+        train_step(model, fwd, optimizer, get_batch(graphs, order, s, args), args.lr, args, device,
+                   lambda loss, grad_norm: check_finite(loss, grad_norm, s, Path("(benchmark)")))
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[warmup:])
+    timed = slice(warmup * B, len(graphs))
+    nodes = (graphs.node_ptr[timed.stop] - graphs.node_ptr[timed.start]).item() / (len(graphs) - timed.start)
+    flops, peak = training_flops(cfg, nodes), peak_flops(device)
+    print(json.dumps({
+        "folder": FOLDER, "torch": torch.__version__, "params": model.num_params(),
+        "device": f"cuda:{torch.device(device).index or 0} {torch.cuda.get_device_name(device)}" if cuda else device,
+        "batch_size": B, "unit": "graphs", "samples_per_s": B / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * B / step_s / 1e12,
+        "mfu": flops * B / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": bool(args.compile), "data": data, "model": cfg.model, "nodes_per_graph": nodes}))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import import_folder, write_idx
+from torch.utils.flop_counter import FlopCounterMode
 
 gnns = import_folder("gnns")
 GNN, GNNConfig = gnns.model.GNN, gnns.model.GNNConfig
@@ -393,3 +394,49 @@ def test_missing_data_without_torchvision_says_so_and_where_the_files_come_from(
     assert "torchvision could not be imported" in msg and "nothing was downloaded" in msg, msg
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in msg and "../shared" not in msg
     assert f"{tmp_path}/MNIST/raw/" in msg and "\n" not in msg
+
+
+# ---- --benchmark
+
+def gnn_params(model, H, L, classes=10):
+    """Encoder 3 -> H; per layer W (H x H), b, LayerNorm, and for GAT a_dst, a_src; head 2H -> H -> classes."""
+    per_layer = H * H + H + 2 * H + (2 * H if model == "gat" else 0)
+    return (3 * H + H) + L * per_layer + (2 * H * H + H) + (H * classes + classes)
+
+
+def matmul_flops(H, L, n, classes=10):
+    """Training matmul FLOPs per graph of n nodes: encoder (backward: the weights' gradient only, the pixel
+    features need none), L transforms H x H per node, the head per graph (backward twice the forward)."""
+    return 2 * (2 * n * 3 * H) + 3 * (2 * n * L * H * H + 2 * (2 * H * H + H * classes))
+
+
+def test_benchmark_prints_one_json_line_of_the_quick_config(tmp_path, capsys):
+    gnns.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2", "--data-dir",
+                    str(tmp_path / "nothing"), "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run")])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["folder"], row["device"], row["data"], row["unit"], row["model"]) == ("gnns", "cpu", "random", "graphs", "gcn")
+    assert row["params"] == gnn_params("gcn", 32, 2) and row["batch_size"] == 64 and row["compile"] is False
+    assert 100 < row["nodes_per_graph"] < 200                                   # blob images: about a digit's ink
+    assert row["flops_per_sample"] == pytest.approx(matmul_flops(32, 2, row["nodes_per_graph"]), rel=1e-9)
+    assert row["samples_per_s"] == pytest.approx(row["batch_size"] / (row["step_ms"] / 1000), rel=1e-6)
+    assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
+    assert row["mfu"] is None and row["peak_mem_mb"] > 0
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()   # nothing written
+
+
+@pytest.mark.parametrize("model", ["gcn", "gat"])
+def test_the_benchmarks_flop_formula_is_what_flop_counter_mode_counts(model):
+    x, edge_index, batch, G = random_graphs([5, 9, 0, 7], d=3)
+    torch.manual_seed(0)
+    cfg = GNNConfig(model=model, hidden=8, layers=3, heads=2)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(GNN(cfg)(x, edge_index, batch, G), torch.tensor([1, 2, 3, 4])).backward()
+    assert gnns.train.training_flops(cfg, len(x) / G) * G == counter.get_total_flops() == matmul_flops(8, 3, len(x) / G) * G
+
+
+def test_benchmark_draws_real_training_graphs_and_writes_no_cache(tmp_path, capsys):
+    data = synthetic_mnist(tmp_path / "data")
+    gnns.main.main(run_args(data, tmp_path / "run", "--benchmark", "--benchmark-steps", "1", "--model", "gat"))
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["data"] == "real" and row["batch_size"] == 50 and row["params"] == gnn_params("gat", 16, 2)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
