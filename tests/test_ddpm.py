@@ -534,6 +534,17 @@ def one_line_error(capsys, *args):
     return lines[0]
 
 
+def test_a_non_finite_test_loss_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    data = synthetic(tmp_path / "data", n_train=20, n_test=4)
+    monkeypatch.setattr(ddpm.train, "test_loss", lambda *a, **kw: float("nan"))
+    with pytest.raises(SystemExit) as e:
+        ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
+                                               "--epochs", "1"]))
+    msg = str(e.value.code)
+    assert "non-finite in epoch 1" in msg and "no checkpoint was written yet" in msg and "--lr" in msg, msg
+    assert not (tmp_path / "run" / "mnist" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10' (choose from"),
     (["--sample-steps", "2000"], "--sample-steps 2000 is larger than T = 1000; choose 1..1000"),

@@ -380,6 +380,16 @@ def test_a_nan_stops_the_run_with_its_step_and_keeps_the_last_checkpoint(tmp_pat
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def test_a_non_finite_test_bpd_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    data = synthetic_mnist(tmp_path / "data", n_train=32, n_test=8)
+    monkeypatch.setattr(nf.train, "evaluate", lambda *a, **kw: float("nan"))
+    with pytest.raises(SystemExit) as e:
+        train(data, tmp_path / "run", "--epochs", "1")
+    msg = str(e.value.code)
+    assert "non-finite in epoch 1" in msg and "no checkpoint was written yet" in msg and "--lr" in msg, msg
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def one_line_error(capsys, *args):
     """nf/main.py's main(ARGS) in this process: it must stop with one line and no traceback."""
     capsys.readouterr()
