@@ -32,7 +32,7 @@ CLASSES = {
 URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's mirrors
         "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
 NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]  # 8-neighbourhood
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache records the images file it was built from
 
 
 # ---------------------------------------------------------------- images
@@ -192,6 +192,25 @@ def cache_path(args, split):
     return Path(args.cache_dir) / f"{args.dataset}-{split}-{args.background}-v{CACHE_VERSION}.pt"
 
 
+def images_file(args, split):
+    """(path, size, modification time) of the split's images file in --data-dir, or None if it is not there."""
+    path = find(Path(args.data_dir) / DATASETS[args.dataset] / "raw", idx_files(split)[0])
+    return None if path is None else [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+
+
+def cached_graphs(args, split):
+    """The cached GraphSet of a split if the cache was built from the images file now in --data-dir
+    (another folder's, or a test's synthetic digits, are not used), else None."""
+    source, cache = images_file(args, split), cache_path(args, split)
+    if source is None or not cache.is_file():
+        return None
+    try:
+        saved = torch.load(cache, weights_only=True)
+    except Exception:  # a damaged cache is rebuilt, not trusted
+        return None
+    return GraphSet(**{k: v for k, v in saved.items() if k != "source"}) if saved.get("source") == source else None
+
+
 def random_images(n, generator):
     """n random uint8 images (n, 28, 28) with ink in blobs, about 19% of the pixels (a MNIST digit's
     share), so that their pixel graphs have a digit's 150 nodes and about 810 of its 950 directed edges:
@@ -203,18 +222,16 @@ def random_images(n, generator):
 
 
 def load_graphs(args, split):
-    """The cached GraphSet of a split, built from the images on first use."""
-    cache = cache_path(args, split)
-    if cache.is_file():
-        try:
-            return GraphSet(**torch.load(cache, weights_only=True))
-        except Exception:  # a damaged cache is rebuilt, not trusted
-            pass
+    """The GraphSet of a split: from the cache, or built from the images and cached."""
+    graphs = cached_graphs(args, split)
+    if graphs is not None:
+        return graphs
     images, labels = load_images(args.data_dir, args.dataset, split)
     graphs = build_graphs(images, labels, args.background)
+    cache = cache_path(args, split)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # two runs building at once do not collide
-    torch.save(vars(graphs), tmp)
+    torch.save({**vars(graphs), "source": images_file(args, split)}, tmp)
     os.replace(tmp, cache)
     return graphs
 

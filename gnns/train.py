@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DATASETS, GraphSet, build_graphs, cache_path, find, idx_files, load_data, load_images,
-                  random_images, subset)
+from data import (DATASETS, build_graphs, cached_graphs, find, idx_files, load_data, load_images, random_images,
+                  subset)
 from model import GNN, GNNConfig
 
 FOLDER = "gnns"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -265,22 +265,19 @@ def training_flops(cfg, nodes_per_graph):
 
 
 def benchmark_graphs(args, n):
-    """n training graphs drawn at random: from the cache or the IDX files when they are there (nothing is
-    downloaded or written), else the pixel graphs of random blob images. -> (GraphSet, "real" | "random")"""
+    """n training graphs drawn at random: from the cache or built from the IDX files when these are in
+    --data-dir (nothing is downloaded or written), else pixel graphs of random blob images.
+    -> (GraphSet, "real" | "random")"""
     g = torch.Generator().manual_seed(args.seed)
-    cache, raw = cache_path(args, "train"), Path(args.data_dir) / DATASETS[args.dataset] / "raw"
-    if cache.is_file():
-        graphs = GraphSet(**torch.load(cache, weights_only=True))
-        total, build = len(graphs), lambda pick: subset(graphs, pick)
-    elif all(find(raw, name) for name in idx_files("train")):
-        images, labels = load_images(args.data_dir, args.dataset, "train")
-        total, build = len(labels), lambda pick: build_graphs(images[pick], labels[pick], args.background)
-    else:
+    if not all(find(Path(args.data_dir) / DATASETS[args.dataset] / "raw", name) for name in idx_files("train")):
         return build_graphs(random_images(n, g), torch.randint(0, 10, (n,), generator=g), args.background), "random"
-    if not 0 <= args.val_size < total:
-        raise SystemExit(f"gnns: --val-size {args.val_size} must be below the {total} training images")
-    m = total - args.val_size
-    return build(torch.randperm(min(m, args.train_size) if args.train_size else m, generator=g)[:n]), "real"
+    graphs = cached_graphs(args, "train")
+    images, labels = load_images(args.data_dir, args.dataset, "train") if graphs is None else (None, graphs.y)
+    if not 0 <= args.val_size < len(labels):
+        raise SystemExit(f"gnns: --val-size {args.val_size} must be below the {len(labels)} training images")
+    m = len(labels) - args.val_size
+    pick = torch.randperm(min(m, args.train_size) if args.train_size else m, generator=g)[:n]
+    return (subset(graphs, pick) if images is None else build_graphs(images[pick], labels[pick], args.background)), "real"
 
 
 def benchmark(args):

@@ -4,6 +4,7 @@ the speed table's counts, the flags at their call sites, learning, exact resume,
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -440,3 +441,17 @@ def test_benchmark_draws_real_training_graphs_and_writes_no_cache(tmp_path, caps
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["data"] == "real" and row["batch_size"] == 50 and row["params"] == gnn_params("gat", 16, 2)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_cache_built_from_other_images_is_rebuilt_not_used(tmp_path):
+    """The cache records the images file it came from: a cache left by other digits (another --data-dir,
+    a test's synthetic ones) in the same --cache-dir is not used for these."""
+    args = [SimpleNamespace(data_dir=synthetic_mnist(tmp_path / name, n_train=30, n_test=10, seed=seed), dataset="mnist",
+                            background="drop", cache_dir=tmp_path / "cache") for name, seed in (("a", 0), ("b", 1))]
+    a = gnns.data.load_graphs(args[0], "test")
+    b = gnns.data.load_graphs(args[1], "test")                                  # same cache file, other images
+    images, labels = gnns.data.load_images(args[1].data_dir, "mnist", "test")
+    expected = gnns.data.build_graphs(images, labels)
+    assert torch.equal(b.y, labels) and torch.equal(b.nodes, expected.nodes) and not torch.equal(a.y, b.y)
+    assert torch.equal(gnns.data.cached_graphs(args[1], "test").nodes, expected.nodes)   # and the cache now holds b
+    assert gnns.data.cached_graphs(args[0], "test") is None
