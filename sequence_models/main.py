@@ -10,6 +10,7 @@ words), makemore's names and any text, character by character.
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
     python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the pipeline, CPU, < 60 s
+    python sequence_models/main.py --benchmark --task names --data-dir /path/to/datasets  # time the training step
 
 --data-dir holds imdb/aclImdb_v1.tar.gz (IMDb's archive, as Stanford serves it) and names/names.txt
 (makemore's names, one per line); either is downloaded there when missing.
@@ -23,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from benchmark import benchmark
 from sample import interact, sample
 from sweep import parse_grid, sweep
 from transfer import KINDS, transfer
@@ -127,6 +129,11 @@ def parse_args(argv=None):
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
     g.add_argument("--tensorboard", action="store_true", help="log to OUT_DIR/<task>-<cell>/tensorboard")
 
+    g.add_argument("--benchmark", action="store_true", help="time the training step of these flags' model and print "
+                                                            "one JSON line (real batches if the data is here, else "
+                                                            "random ones); writes nothing")
+    g.add_argument("--benchmark-steps", type=number(int, 1), help="timed steps of --benchmark (default: 20; --quick 10)")
+
     g = p.add_argument_group("model (on --resume, the checkpoint's)")
     g.add_argument("--emb-size", type=number(int, 1), help=f"embedding width {per_task('emb_size')}")
     g.add_argument("--hidden-size", type=number(int, 1), help=f"hidden state width H {per_task('hidden_size')}")
@@ -191,6 +198,9 @@ def parse_args(argv=None):
         saved = load_checkpoint(run_dir(args) / "ckpt.pt")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
+    if args.benchmark and args.command != "train":
+        p.error(f"--benchmark times training; it does not go with {args.command}")
+    args.benchmark_steps = args.benchmark_steps or (10 if args.quick else 20)
     if args.cell == "mlp" and args.task not in ("names", "text"):
         p.error("--model mlp is for --task names or text")
     if args.task == "text" and not args.text:
@@ -238,6 +248,8 @@ def main(argv=None):
         return sweep(args)
     if args.command == "transfer":
         return transfer(args)
+    if args.benchmark:
+        return benchmark(args)
     if args.sample_only:
         return sample(args)
     train(args)

@@ -683,25 +683,40 @@ def log_file(path):
         handler.close()
 
 
-def callbacks_for(args, model, out, meta, ckpt):
-    monitor = MONITOR[args.task]
-    callbacks = [Metrics(), Progress(), OneCycle(), StopOnNonFinite(), Checkpoint(out, meta, monitor, ckpt),
-                 CSVLog(out / "log.csv")]
+def step_callbacks(args, model):
+    """What every training step runs: the metrics, schedule, guards and penalties (also --benchmark's)."""
+    callbacks = [Metrics(), OneCycle(), StopOnNonFinite()]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
     if args.freeze_epochs and args.task == "imdb":
         callbacks.append(GradualUnfreezing(encoder_params(model), args.freeze_epochs))
-    if args.patience:
-        callbacks.append(EarlyStopping(args.patience, monitor))
     if isinstance(model, LanguageModel):
         callbacks.append(ARTAR(args.ar, args.tar))
         if model.stateful:
             callbacks.append(ResetState())
+    return callbacks
+
+
+def callbacks_for(args, model, out, meta, ckpt):
+    """step_callbacks, and what a run adds: progress, checkpoints, logs, early stopping."""
+    monitor = MONITOR[args.task]
+    callbacks = step_callbacks(args, model) + [Progress(), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
+    if args.patience:
+        callbacks.append(EarlyStopping(args.patience, monitor))
     if args.tensorboard:
         callbacks.append(TensorBoard(str(out / "tensorboard")))
     if args.wandb:
         callbacks.append(Wandb(vars(args), str(out)))
     return callbacks
+
+
+def model_and_optimiser(args, config, device, pretrained=None, vocab=None):
+    """The model of config on device (its encoder from a pretrained LM if given) and its AdamW."""
+    model = build_model(args.task, config)
+    if pretrained:
+        load_encoder(model, pretrained, vocab, args.pretrained)
+    model = model.to(device)
+    return model, torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
 
 
 def train(args):
@@ -721,11 +736,7 @@ def train(args):
     vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab(pretrained["vocab"]) if pretrained else None
     data, vocab = DATA[args.task](args, vocab)
     config = ckpt["config"] if ckpt else model_config(args, len(vocab))
-    model = build_model(args.task, config)
-    if pretrained:
-        load_encoder(model, pretrained, vocab, args.pretrained)
-    model = model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
+    model, opt = model_and_optimiser(args, config, device, pretrained, vocab)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
     learner = Learner(model, data, cross_entropy, opt, callbacks_for(args, model, out, meta, ckpt), device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from conftest import cli_error_line, import_folder
 
 sm = import_folder("sequence_models")
@@ -725,3 +726,47 @@ def test_flags_reach_the_math_of_a_real_training_step_of_the_classifier(tmp_path
 
     one_real_step(monkeypatch, argv, check)
     assert done
+
+
+def counted_flops(model, batch):
+    """FlopCounterMode's count of one forward and backward of cross-entropy (+ the model's inputs)."""
+    *x, y = batch
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(*x).flatten(0, -2), y.flatten()).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("task", ["imdb", "numbers"])
+def test_benchmark_reports_the_quick_models_parameters_batch_and_flops(task, tmp_path, capsys):
+    """--benchmark --quick's JSON line against the quick config written out here: its parameter count,
+    its batch in reviews (IMDb, random: no archive in --data-dir) or tokens (numbers, real: generated),
+    training FLOPs per sample as 3 x 2 x the multiply-adds of the matrix products (checked against
+    FlopCounterMode's count of one step), and the throughput as batch / median step."""
+    sm.main.main(["--benchmark", "--quick", "--task", task, "--device", "cpu", "--benchmark-steps", "2",
+                  "--data-dir", str(tmp_path)])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lstm = lambda n_in, H: 4 * H * (n_in + H) + 2 * 4 * H  # W_ih, W_hh, b_ih, b_hh
+    torch.manual_seed(0)
+    if task == "imdb":  # --quick: vocabulary 8,000, embedding 32, one LSTM layer of 48, reviews cut to 150
+        V, E, H, L, N = 8000, 32, 48, 150, 64
+        params = V * E + lstm(E, H) + (2 * H * 2 + 2)                        # embedding, LSTM, head on [mean; max]
+        flops = 3 * 2 * (L * 4 * H * (E + H) + 2 * H * 2)                    # per review
+        model = sm.model.SentimentClassifier(V, "lstm", E, H, dropout=0.0)
+        x = torch.randint(2, V, (N, L))
+        batch = (x, x != 0, torch.randint(0, 2, (N,)))
+        assert (r["unit"], r["data"], r["batch_size"]) == ("reviews", "random", N)
+    else:  # --quick: embedding = hidden = 32 (tied head), two LSTM layers, 64 rows of 16 words
+        train, valid = sm.data.human_numbers()
+        V, E, H, N = 2 + len(set(train + valid)), 32, 32, 64                  # + <pad>, <unk>
+        params = V * E + lstm(E, H) + lstm(H, H) + V                          # the head shares the embedding
+        flops = 3 * 2 * (4 * H * (E + H) + 4 * H * (H + H) + H * V)         # per token
+        model = sm.model.LanguageModel(V, "lstm", E, H, num_layers=2, dropout=0.0)
+        batch = (torch.randint(0, V, (N, 16)), torch.randint(0, V, (N, 16)))
+        assert (r["unit"], r["data"], r["batch_size"]) == ("tokens", "real", N * 16)
+    assert r["params"] == params == sum(p.numel() for p in model.parameters())
+    assert r["flops_per_sample"] == flops
+    assert counted_flops(model, batch) / r["batch_size"] == pytest.approx(flops, rel=0.03)  # h_0 has no gradient
+    assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1000), rel=1e-9)
+    assert r["tflops"] == pytest.approx(flops * r["samples_per_s"] / 1e12, rel=1e-9)
+    assert (r["folder"], r["device"], r["mfu"], r["compile"]) == ("sequence_models", "cpu", None, False)
+    assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
