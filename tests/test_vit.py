@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import import_folder, write_idx
+from conftest import ROOT, import_folder, write_idx
 
 vit = import_folder("vit")
 
@@ -447,3 +447,46 @@ def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys, mo
     for x, _ in seen:                                                           # every batch holds training images
         assert all((images == im).all((1, 2)).any() for im in x)
     assert not (tmp_path / "run").exists()
+
+
+# ---- host-device synchronisation
+
+SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain
+
+
+def count_syncs(monkeypatch, module, folder):
+    """Spies on the Tensor methods that read a value on the host, counting the calls made by `folder`'s
+    code while `module.train_epoch` runs (the step loop; the end-of-epoch logging is outside it)."""
+    calls, active = [], []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            if active and sys._getframe(1).f_code.co_filename.startswith(str(ROOT / folder)):
+                calls.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    train_epoch = module.train_epoch
+
+    def counted(*a, **kw):
+        active.append(1)
+        try:
+            return train_epoch(*a, **kw)
+        finally:
+            active.pop()
+    monkeypatch.setattr(module, "train_epoch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("log_interval", [10, 20])
+def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, tmp_path, monkeypatch):
+    """One epoch of 20 steps on the CPU with CUDA's schedule (divergence read at log steps only): the loop
+    reads a tensor on the host twice per log step (the divergence flag, the loss for the progress bar)
+    and once at the end of the epoch (the divergence flag, before the checkpoint); none per step."""
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
+    monkeypatch.setattr(vit.train, "checks_every_step", lambda device: False)
+    calls = count_syncs(monkeypatch, vit.train, "vit")
+    data = synthetic_mnist(tmp_path / "data", n_train=600, n_test=10)
+    vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "500", "--batch-size", "25",
+                           "--crop-padding", "2", "--log-interval", str(log_interval)))
+    assert calls and len(calls) <= 2 * (20 // log_interval) + 1, calls                 # the spies see them: not zero

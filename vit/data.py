@@ -104,10 +104,11 @@ def normalize(images, dataset):
 
 def random_crop(images, padding, generator):
     """The light augmentation: pad uint8 images (B, H, W) by `padding` black pixels and crop back
-    to H x W at a random offset per image. Batched with index arithmetic, on the images' device."""
+    to H x W at a random offset per image. Batched with index arithmetic on the images' device; the
+    offsets come from `generator`, a generator on that device (no copy from the host, no wait)."""
     B, H, W = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator).to(images.device)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, B), generator=generator, device=images.device)
     rows = (dy[:, None] + torch.arange(H, device=images.device))[:, :, None]   # (B, H, 1)
     cols = (dx[:, None] + torch.arange(W, device=images.device))[:, None, :]   # (B, 1, W)
     return padded[torch.arange(B, device=images.device)[:, None, None], rows, cols]

@@ -78,11 +78,12 @@ def smoothed_cross_entropy(logits, y, epsilon):
 
 def configure_optimizer(model, args):
     """AdamW; weight decay on the weight matrices only, not on biases, LayerNorms,
-    the class token or the position embeddings."""
+    the class token or the position embeddings. On CUDA the fused kernel: one launch per step."""
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim != 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
+                             fused=True if decay[0].is_cuda else None)
 
 
 def build(cfg, args, device):
@@ -143,6 +144,15 @@ def precision(device_type):
     return nullcontext()
 
 
+def shuffle(n, seed, device):
+    """An epoch's order of the n training images, drawn on the CPU and moved to the device once, and the
+    generator of its crops: on the CPU the same one (the crops drawn after the order), elsewhere one
+    on the device, so that no step copies from the host or waits for the device."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).to(device)
+    return order, g if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+
+
 def get_batch(train_x, train_y, order, i, args, generator):
     """Batch i of an epoch: uint8 images (B, H, W) and labels (B,) gathered by index where the data
     live, then randomly cropped."""
@@ -170,18 +180,23 @@ def train_step(model, fwd, optimizer, x, y, lr, args, autocast, before_update):
     return loss.detach(), (logits.argmax(-1) == y).sum()
 
 
+def checks_every_step(device):
+    """Off CUDA reading a flag from the device costs nothing, so divergence is checked every step; on
+    CUDA each read waits for the GPU to finish its queue, so only every --log-interval steps."""
+    return device.type != "cuda"
+
+
 def train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_path, args, autocast):
     """One pass over a fresh permutation of the training set. Whether a loss or gradient norm was
     non-finite is folded into a device tensor every step and read (a host sync) before the update:
     every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
     that no checkpoint holds a non-finite state. -> (losses, correct) per step, tensors, and the last lr."""
     steps_per_epoch, total_steps, warmup_steps = schedule
-    every_step = train_x.device.type != "cuda"
+    every_step = checks_every_step(train_x.device)
     finite, last = torch.ones((), dtype=torch.bool, device=train_x.device), None
     # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
     torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train_x), generator=g).to(train_x.device)
+    order, g = shuffle(len(train_x), args.seed * 100_003 + epoch, train_x.device)
     losses, correct = [], []
     pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
     for i in pbar:
@@ -240,8 +255,7 @@ def benchmark(args):
     cfg = ViTConfig(image_size=train_x.shape[1], patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                     heads=args.heads, mlp_dim=args.mlp_dim, dropout=args.dropout)
     model, optimizer, fwd = build(cfg, args, device)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train_x), generator=g).to(device)
+    order, g = shuffle(len(train_x), args.seed, train_x.device)
     steps = len(train_x) // args.batch_size
     finite = torch.ones((), dtype=torch.bool, device=device)
     cuda = device.startswith("cuda")
