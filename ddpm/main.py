@@ -29,6 +29,7 @@ from pathlib import Path
 
 from data import DATASETS
 from evaluate import evaluate
+from benchmark import benchmark
 from sample import sample
 from train import QUICK_OUT_DIR, load_checkpoint, train
 
@@ -38,7 +39,7 @@ QUICK = dict(base=16, res_blocks=1, epochs=1, train_size=1000, batch_size=50, T=
 # Flags that --resume, --sample-only and --evaluate do not take from the checkpoint.
 NOT_RESUMED = {"resume", "sample_only", "evaluate", "quick", "out_dir", "figures_dir", "device", "wandb",
                "data_dir", "dataset", "sampler", "sample_steps", "eta", "variance", "n_samples", "n_eval",
-               "eval_batch", "classifier_epochs", "run_dir"}
+               "eval_batch", "classifier_epochs", "run_dir", "log_interval", "compile", "benchmark", "benchmark_steps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,6 +88,12 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true", help="a tiny U-Net, 1,000 images, one epoch, T = 100; train, sample "
                                                         "and evaluate in under a minute on CPU")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--log-interval", type=positive(int), default=20,
+                   help="steps between progress-bar updates: the only host-device syncs of the training loop")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (off by default)")
+    g.add_argument("--benchmark", action="store_true", help="time --benchmark-steps training steps of this config and "
+                                                            "print one JSON line; trains nothing, writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=None, help="timed steps (default 20; 3 with --quick)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
@@ -133,7 +140,7 @@ def parse_args(argv=None):
         if file:
             p.error(f"{flag} {path}: {file} is a file, not a folder; choose another {flag}")
     args.run_dir = str(Path(args.out_dir) / args.dataset)
-    if args.resume or args.sample_only or args.evaluate:
+    if (args.resume or args.sample_only or args.evaluate) and not args.benchmark:
         saved = load_checkpoint(Path(args.run_dir) / "ckpt.pt", "cpu", dataset=args.dataset)["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
@@ -152,6 +159,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if not (args.sample_only or args.evaluate):
         train(args)                                             # handles its own Ctrl-C
     try:

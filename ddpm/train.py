@@ -107,6 +107,43 @@ def build_model(cfg):
         raise SystemExit(f"ddpm: {e}")
 
 
+def on_device(model, args, device):
+    """The model on `device` and what a training step runs: fused AdamW (one kernel, and no per-step
+    .item() of Adam's step count), on CUDA also TF32 matmuls, channels_last convs and bf16 autocast; with
+    --compile, torch.compile'd eps_theta (the state dict stays `model`'s)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=cuda or device == "cpu" or None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    return model, (torch.compile(model) if args.compile else model), optimizer, autocast
+
+
+def batch(x_train, idx, device):
+    """uint8 images already on the device -> a batch in [-1, 1] (channels_last on CUDA, for the convs)."""
+    x_0 = to_model_range(x_train[idx])
+    return x_0.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x_0
+
+
+def train_step(model, eps_theta, ema, diffusion, optimizer, autocast, x_0, step, lr, args, check=None):
+    """One optimiser step of Algorithm 1 with no host sync: loss, gradient (clipped to --grad-clip),
+    `check(loss, grad_norm)` when given, AdamW at `lr`, then the EMA. Returns the loss (a tensor)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss = diffusion.loss(eps_theta, x_0)                   # Algorithm 1, lines 2-5
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    if check:
+        check(loss, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(ema, model, step, args.ema_decay)
+    return loss.detach()
+
+
 @torch.no_grad()
 def ema_update(ema, model, step, decay):
     """theta_ema <- d theta_ema + (1 - d) theta, with d warmed up as (1 + step) / (10 + step): the
@@ -122,12 +159,11 @@ def test_loss(model, diffusion, x_0, device, batch_size=500):
     g = torch.Generator().manual_seed(TEST_SEED)
     t = torch.randint(0, diffusion.T, (len(x_0),), generator=g)
     eps = torch.randn(x_0.shape, generator=g)
-    total = 0.0
+    total = torch.zeros((), device=device)                     # summed on the device: one sync at the end
     for i in range(0, len(x_0), batch_size):
         x, tt, e = (v[i:i + batch_size].to(device) for v in (x_0, t, eps))
-        total += torch.nn.functional.mse_loss(model(diffusion.q_sample(x, tt, e), tt).float(), e,
-                                              reduction="sum").item()
-    return total / eps.numel()
+        total += torch.nn.functional.mse_loss(model(diffusion.q_sample(x, tt, e), tt).float(), e, reduction="sum")
+    return total.item() / eps.numel()
 
 
 def open_log(path, resume_epoch):
@@ -169,8 +205,7 @@ def train(args):
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"ddpm: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
     check_memory(args, device)
-    images, _ = load_split(args.data_dir, args.dataset, "train")
-    x_train = to_model_range(images[:args.train_size or None])
+    x_train = load_split(args.data_dir, args.dataset, "train")[0][:args.train_size or None].to(device)  # uint8
     x_test = to_model_range(load_split(args.data_dir, args.dataset, "test")[0][:TEST_IMAGES])
 
     cfg = model_config(args, x_train.shape[-1])
@@ -178,10 +213,9 @@ def train(args):
         raise SystemExit(f"ddpm: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
     torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device)
+    model, eps_theta, optimizer, autocast = on_device(build_model(cfg), args, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)     # sampling uses the EMA weights (Sec. 4)
     diffusion = Diffusion(args.T, args.schedule).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     epoch = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -194,7 +228,6 @@ def train(args):
         raise SystemExit(f"ddpm: --batch-size {args.batch_size} exceeds the {len(x_train)} training images")
     total_steps = args.epochs * steps_per_epoch
     run.mkdir(parents=True, exist_ok=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     print(f"DDPM: U-Net of {model.num_params():,} parameters, T = {args.T} ({args.schedule} betas); "
           f"{args.dataset}: {len(x_train):,} training images on {device}"
           + (" (bf16 autocast)" if device.startswith("cuda") else "")
@@ -217,28 +250,22 @@ def train(args):
         for epoch in range(epoch, args.epochs):
             # Batch order, t, eps and dropout of an epoch are seeded by (seed, epoch): resuming replays them.
             torch.manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(x_train))
+            order = torch.randperm(len(x_train)).to(device)
             t0, losses = time.perf_counter(), []
             pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                         leave=False)
             for s in pbar:
                 step = epoch * steps_per_epoch + s
                 lr = get_lr(step, total_steps, args.warmup_steps, args.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x_0 = x_train[order[s * args.batch_size:(s + 1) * args.batch_size]].to(device)
-                with autocast:
-                    loss = diffusion.loss(model, x_0)           # Algorithm 1, lines 2-5
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
-                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
-                check_finite(loss, grad_norm, step, ckpt_path)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema_update(ema, model, step, args.ema_decay)
-                losses.append(loss.detach())
-                if s % 20 == 0:
-                    pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+                x_0 = batch(x_train, order[s * args.batch_size:(s + 1) * args.batch_size], device)
+                log_step = s % args.log_interval == 0
+                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
+                # check_savable still keeps a non-finite state out of every checkpoint.
+                check = (lambda l, g: check_finite(l, g, step, ckpt_path)) if device == "cpu" or log_step else None
+                losses.append(train_step(model, eps_theta, ema, diffusion, optimizer, autocast, x_0, step, lr, args,
+                                         check))
+                if log_step:
+                    pbar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{lr:.1e}")
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1

@@ -610,3 +610,38 @@ def test_checkpoints_of_the_other_dataset_another_model_or_folder_are_refused(tm
     torch.save({"folder": "nf"}, out / "mnist" / "ckpt.pt")
     assert "holds a nf/ checkpoint, not a ddpm/ diffusion checkpoint" in one_line_error(
         capsys, "--evaluate", "--out-dir", out)
+
+
+def test_benchmark_json_against_the_quick_model_counted_here(tmp_path, capsys):
+    """--benchmark --quick: one JSON line whose params, batch size and training FLOPs are those of the
+    --quick U-Net, counted here (parameters summed, FLOPs by FlopCounterMode over the loss's forward and
+    backward on the meta device), and whose rates agree with each other; on random data (no files)."""
+    ddpm.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2", "--data-dir", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    q = ddpm.main.QUICK
+    cfg = UNetConfig(side=28, base=q["base"], mults=(1, 2, 2), res_blocks=q["res_blocks"], attn_levels=(2,), dropout=0.1)
+    with torch.device("meta"):
+        model = UNet(cfg)
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            Diffusion(q["T"]).loss(model, torch.zeros(q["batch_size"], 1, 28, 28)).backward()
+    assert out["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert out["batch_size"] == q["batch_size"] and out["unit"] == "images" and out["data"] == "random"
+    assert out["flops_per_sample"] == counter.get_total_flops() / q["batch_size"] > 0
+    assert out["samples_per_s"] == pytest.approx(q["batch_size"] / (out["step_ms"] / 1000), rel=1e-6)
+    assert out["tflops"] == pytest.approx(out["flops_per_sample"] * out["samples_per_s"] / 1e12, rel=1e-6)
+    assert out["device"] == "cpu" and out["mfu"] is None and out["compile"] is False and out["peak_mem_mb"] > 0
+    assert not (tmp_path / "MNIST").exists()                    # nothing downloaded, nothing written
+
+
+def test_the_step_loop_syncs_with_the_host_only_at_log_steps(tmp_path, monkeypatch, log_interval=7):
+    """20 training steps call Tensor.item / .cpu / .tolist once per --log-interval steps (the progress
+    bar) plus twice at the epoch's end (train and test loss), never per step."""
+    data = synthetic(tmp_path / "data", n_train=100)
+    calls = []
+    for name in ("item", "cpu", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: calls.append(_n) or
+                            _f(self, *a, **k))
+    ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
+                                           "--epochs", "1", "--batch-size", "5", "--log-interval", str(log_interval)]))
+    assert len(calls) <= math.ceil(20 / log_interval) + 2, calls
