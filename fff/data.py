@@ -1,4 +1,4 @@
-"""MNIST (or FashionMNIST) as flat float vectors, from torchvision's folder layout:
+"""MNIST (or FashionMNIST) as flat uint8 pixel vectors, standardised per batch, from torchvision's folder layout:
 DATA_DIR/{MNIST,FashionMNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz].
 
 The IDX files are read directly with numpy; torchvision is only asked to download
@@ -45,7 +45,7 @@ def download(dataset, root):
 
 
 def load_split(data_dir, dataset, split):
-    """(x (N, 784) float, standardised; y (N,) int64) for split 'train' or 'test'."""
+    """(pixels (N, 784) uint8, labels (N,) int64) for split 'train' or 'test'."""
     raw = Path(data_dir) / DATASETS[dataset] / "raw"
     prefix = "train" if split == "train" else "t10k"
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
@@ -68,9 +68,13 @@ def load_split(data_dir, dataset, split):
         raise SystemExit(f"fff: {raw} holds a damaged IDX file ({type(e).__name__}: {e})")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise SystemExit(f"fff: {paths[0]} and {paths[1]} do not hold matching images (N, H, W) and labels (N,)")
+    return images.flatten(1), labels.long()
+
+
+def normalize(pixels, dataset):
+    """uint8 pixels (B, 784) -> float, standardised with the training set's mean and std."""
     mean, std = MEAN_STD[dataset]
-    x = (images.flatten(1).float() / 255.0 - mean) / std
-    return x, labels.long()
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def load_data(args):

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from data import load_split
+from data import load_split, normalize
 from model import FF, FFF
 from train import build, ckpt_path, load_checkpoint, predict, resolve_device
 
@@ -79,7 +79,8 @@ def sample(args):
     names = [n for n in args.models if ckpt_path(out, n).exists()]
     if not names:
         raise SystemExit(f"fff: no checkpoints ckpt_{{{','.join(args.models)}}}.pt in {out}; train first")
-    x, y = (t.to(device) for t in load_split(args.data_dir, args.dataset, "test"))
+    pixels, y = (t.to(device) for t in load_split(args.data_dir, args.dataset, "test"))
+    x = normalize(pixels, args.dataset)
     metrics = {}
     for name in names:
         ckpt = load_checkpoint(ckpt_path(out, name), device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from data import DATASETS, load_data
+from data import DATASETS, load_data, normalize
 from model import FF, FFF
 
 FOLDER = "fff"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -72,6 +72,20 @@ def save_atomic(obj, path):
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def tf32(device):
+    """TF32 matmuls on CUDA. No bf16 autocast: hard routing decides by the sign of w.x + b, which bf16
+    (8 significant bits) flips for inputs near a node's hyperplane, and at these sizes the step is
+    bound by kernel launches, not by arithmetic."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def adam(model, args):
+    """Adam, as the paper trains; on CUDA the fused kernel (one launch per step instead of several per
+    parameter)."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, fused=True if next(model.parameters()).is_cuda else None)
 
 
 def hardening(progress, args):
@@ -131,9 +145,10 @@ def open_log(path, resume_epoch):
 
 
 def get_batch(train_x, train_y, order, i, args):
-    """Batch i of an epoch, gathered by index where the data live. -> x (B, I), y (B,)"""
+    """Batch i of an epoch, gathered by index from the uint8 pixels where they live, then standardised.
+    -> x (B, I) float, y (B,)"""
     idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-    return train_x[idx], train_y[idx]
+    return normalize(train_x[idx], args.dataset), train_y[idx]
 
 
 def train_step(model, fwd, optimizer, x, y, lr, h, args, before_update):
@@ -159,13 +174,19 @@ def train_step(model, fwd, optimizer, x, y, lr, h, args, before_update):
     return L_pred.detach(), None if L_harden is None else L_harden.detach(), correct
 
 
+def checks_every_step(device):
+    """Off CUDA reading a flag from the device costs nothing, so divergence is checked every step; on
+    CUDA each read waits for the GPU to finish its queue, so only every --log-interval steps."""
+    return device.type != "cuda"
+
+
 def train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y, total_steps, path, args):
     """One pass over a fresh permutation of the training set, with the cosine lr and the hardening ramp.
     Divergence is folded into a device tensor every step and read (a host sync) before the update:
     every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
     that no checkpoint holds a diverged state. -> (L_pred, L_harden, correct) per step and the last lr."""
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    every_step = train_x.device.type != "cuda"
+    every_step = checks_every_step(train_x.device)
     healthy, last = torch.ones((), dtype=torch.bool, device=train_x.device), None
     # Each epoch's batch order and region leaks are seeded by (seed, epoch): --resume replays them,
     # and all three models see the same batches.
@@ -200,7 +221,7 @@ def train_one(name, cfg, data, args, device):
     ckpt = load_checkpoint(path, device) if args.resume and path.exists() else None
     torch.manual_seed(args.seed)
     model = build(name, cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = adam(model, args)
     epoch, train_time = 0, 0.0
     if ckpt:
         if ckpt["config"] != cfg:
@@ -281,6 +302,7 @@ def benchmark(args):
     Real training images when the IDX files are in --data-dir (nothing is downloaded), else random ones.
     Prints one JSON line; writes nothing."""
     device, name = resolve_device(args.device), args.models[0]
+    tf32(device)
     raw = Path(args.data_dir) / DATASETS[args.dataset] / "raw"
     real = all((raw / f).is_file() or (raw / f"{f}.gz").is_file()
                for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -289,11 +311,12 @@ def benchmark(args):
         train_x, train_y = (t.to(device) for t in load_data(args)["train"])
     else:
         n = args.train_size or 60_000 - args.val_size
-        train_x, train_y = torch.randn(n, 784, device=device), torch.randint(0, 10, (n,), device=device)
+        train_x = torch.randint(0, 256, (n, 784), dtype=torch.uint8, device=device)
+        train_y = torch.randint(0, 10, (n,), device=device)
     cfg = {"in_dim": train_x.shape[1], "leaf_width": args.leaf_width, "out_dim": 10, "depth": args.depth}
     torch.manual_seed(args.seed)
     model = build(name, cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = adam(model, args)
     fwd = torch.compile(model) if args.compile else model
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed)).to(device)
     steps = len(train_x) // args.batch_size
@@ -334,7 +357,11 @@ def train(args):
     existing = [ckpt_path(out, n) for n in args.models if ckpt_path(out, n).exists()]
     if existing and not args.resume and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"fff: {existing[0]} exists; pass --resume to continue, or another --out-dir")
+    tf32(device)
+    # All of it on the device once: training pixels as uint8 (standardised per batch), the validation
+    # split standardised once.
     data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args).items()}
+    data["val"] = (normalize(data["val"][0], args.dataset), data["val"][1])
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"in_dim": data["train"][0].shape[1], "leaf_width": args.leaf_width, "out_dim": 10, "depth": args.depth}
     print(f"{args.dataset}: {len(data['train'][0]):,} train / {len(data['val'][0]):,} val images on {device}; "

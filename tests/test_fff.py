@@ -404,3 +404,46 @@ def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["data"] == "real" and row["batch_size"] == 50 and row["params"] == 2 ** 2 * (784 * 8 + 8 + 80 + 10) + 3 * 785
     assert not (tmp_path / "run").exists()
+
+
+# ---- host-device synchronisation
+
+SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain
+
+
+def count_syncs(monkeypatch, module, folder):
+    """Spies on the Tensor methods that read a value on the host, counting the calls made by `folder`'s
+    code while `module.train_epoch` runs (the step loop; the end-of-epoch logging is outside it)."""
+    calls, active = [], []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            if active and sys._getframe(1).f_code.co_filename.startswith(str(ROOT / folder)):
+                calls.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    train_epoch = module.train_epoch
+
+    def counted(*a, **kw):
+        active.append(1)
+        try:
+            return train_epoch(*a, **kw)
+        finally:
+            active.pop()
+    monkeypatch.setattr(module, "train_epoch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("log_interval", [5, 20])
+def test_twenty_steps_of_each_model_read_the_device_only_at_log_steps(log_interval, tmp_path, monkeypatch):
+    """One epoch of 20 steps for each of the three models on the CPU with CUDA's schedule (divergence read
+    at log steps only): each model's loop reads a tensor on the host once per log step and once at the
+    end of its epoch (the divergence flag); none per step."""
+    monkeypatch.setattr(fff.main, "sample", lambda args: None)
+    monkeypatch.setattr(fff.train, "checks_every_step", lambda device: False)
+    calls = count_syncs(monkeypatch, fff.train, "fff")
+    data = synthetic_mnist(tmp_path / "data", n_train=400, n_test=10)
+    fff.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "200", "--batch-size", "10",
+                           "--log-interval", str(log_interval), "--device", "cpu"))
+    assert calls and len(calls) <= 3 * (20 // log_interval + 1), calls        # the spies see them: not zero
