@@ -3,6 +3,7 @@
     python ppo/main.py                          # CartPole-v1 to 500, then images of the agent
     python ppo/main.py --env-id Pendulum-v1     # continuous actions (diagonal Gaussian)
     python ppo/main.py --quick                  # the whole pipeline on CPU in < 60 s
+    python ppo/main.py --benchmark --quick      # time training's iterations: one JSON line, nothing written
 
 Hyperparameters left unset take the --env-id's preset (PRESETS in ppo/main.py; CleanRL's defaults for
 other ids); any flag given explicitly wins.
@@ -15,7 +16,7 @@ from pathlib import Path
 import gymnasium as gym
 
 from sample import sample
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
 DEFAULTS = dict(num_envs=4, num_steps=128, total_timesteps=500_000, lr=2.5e-4, update_epochs=4,
                 num_minibatches=4, gamma=0.99, gae_lambda=0.95, clip_coef=0.2, ent_coef=0.01,
@@ -86,6 +87,11 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: evaluate, curve and GIF from the checkpoint")
     g.add_argument("--quick", action="store_true", help="40k steps: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--benchmark", action="store_true", help="time training's iterations (rollout + update) of these "
+                   "flags and print one JSON line (env steps/s, FLOPs, memory); writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=None,
+                   help="timed iterations after 3 warm-up ones (default 20; with --quick 3, after 1)")
+    g.add_argument("--compile", action="store_true", help="not supported: these MLPs are too small to gain from it")
 
     g = p.add_argument_group("environment")
     g.add_argument("--env-id", default="CartPole-v1", help="any gymnasium id with Discrete or Box actions")
@@ -139,6 +145,10 @@ def parse_args(argv=None):
     if args.total_timesteps < args.num_envs * args.num_steps:
         p.error(f"--total-timesteps {args.total_timesteps} is less than one rollout "
                 f"(--num-envs x --num-steps = {args.num_envs * args.num_steps})")
+    if args.compile:
+        p.error("--compile: not supported by ppo (two 64-wide MLPs; the time goes to the environments)")
+    if args.benchmark_steps is None:
+        args.benchmark_steps = 3 if args.quick else 20
     args.out_dir = args.out_dir or f"runs/ppo/{args.env_id}"
     args.figures_dir = args.figures_dir or args.out_dir
     return args
@@ -146,6 +156,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if not args.sample_only:
         train(args)  # ends with a greedy evaluation
     sample(args, evaluate_policy=args.sample_only)

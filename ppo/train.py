@@ -5,7 +5,10 @@ The implementation details that matter (Huang et al. 2022, "The 37 implementatio
 of PPO") are named in a comment where they happen. Shapes: T steps, N envs, O obs size.
 """
 import csv
+import json
 import os
+import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from model import Agent, RunningMeanStd
 
 FOLDER = "ppo"
 QUICK_OUT_DIR = "runs/ppo-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+# Dense bf16 peak FLOP/s of the GPUs whose MFU --benchmark reports (by a substring of the device name).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
 LOG_FIELDS = ["global_step", "episodic_return", "pg_loss", "v_loss", "entropy", "approx_kl",
               "clipfrac", "explained_var", "lr", "sps"]
 
@@ -233,6 +238,56 @@ def clip_action(a, space):
     return np.clip(a, space.low, space.high) if isinstance(space, gym.spaces.Box) else a
 
 
+def rollout_buffers(envs, T, N, device):
+    """Rollout storage, (T, N, ...): s_t, the true s_{t+1}, a_t, log pi_old(a_t|s_t), r_t, V(s_t), the flags."""
+    obs = torch.zeros((T, N) + envs.single_observation_space.shape, device=device)
+    return dict(obs=obs, next_obs=torch.zeros_like(obs),  # next_obs: the final observation included
+                actions=torch.zeros((T, N) + envs.single_action_space.shape, device=device),
+                **{k: torch.zeros((T, N), device=device) for k in ["logprobs", "rewards", "values", "terminated",
+                                                                   "dones"]})
+
+
+def collect_rollout(agent, envs, normalizer, buf, next_obs, recent):
+    """Algorithm 1's "run policy pi_old in the environment for T timesteps" in each of the N actors,
+    into buf; appends finished episodes' raw returns to recent (the last 20 kept); returns s_T."""
+    device = next_obs.device
+    for t in range(buf["obs"].size(0)):
+        buf["obs"][t] = next_obs
+        with torch.no_grad():
+            action, logp, _, value = agent.get_action_and_value(next_obs)
+        buf["actions"][t], buf["logprobs"][t], buf["values"][t] = action, logp, value
+        raw_obs, r, term, trunc, info = envs.step(clip_action(action.cpu().numpy(), envs.single_action_space))
+        done = term | trunc
+        buf["rewards"][t] = torch.as_tensor(normalizer.reward(r, done), device=device)
+        buf["terminated"][t] = torch.as_tensor(term, device=device)
+        buf["dones"][t] = torch.as_tensor(done, device=device)
+        next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+        buf["next_obs"][t] = next_obs
+        if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start,
+            # s_{t+1} is the final observation (normalised with the same, updated statistics)
+            final = normalizer.obs(np.stack(info["final_obs"][done]))
+            buf["next_obs"][t, torch.as_tensor(done)] = torch.as_tensor(final, dtype=torch.float32, device=device)
+            ep = info["final_info"]
+            recent[:] = (recent + [float(r) for r in ep["episode"]["r"][ep["_episode"]]])[-20:]
+    return next_obs
+
+
+def ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args, iteration, ckpt_path):
+    """One iteration of Algorithm 1, the step training repeats (and --benchmark times): the rollout,
+    GAE, then K epochs of minibatch updates. Returns s_T, the flattened batch and the update's stats."""
+    T, N = buf["rewards"].shape
+    next_obs = collect_rollout(agent, envs, normalizer, buf, next_obs, recent)
+    with torch.no_grad():
+        next_values = agent.get_value(buf["next_obs"].flatten(0, 1)).view(T, N)
+        advantages, returns = compute_gae(buf["rewards"], buf["values"], next_values, buf["terminated"],
+                                          buf["dones"], args.gamma, args.gae_lambda)
+    batch = dict(obs=buf["obs"].flatten(0, 1), actions=buf["actions"].flatten(0, 1),
+                 logprobs=buf["logprobs"].flatten(), advantages=advantages.flatten(), returns=returns.flatten(),
+                 values=buf["values"].flatten())
+    stats = update(agent, optimizer, batch, args, T * N // args.num_minibatches, iteration, ckpt_path)
+    return next_obs, batch, stats
+
+
 def train(args):
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -248,7 +303,6 @@ def train(args):
     envs = make_envs(args.env_id, args.num_envs)
     T, N = args.num_steps, args.num_envs
     batch_size = T * N
-    minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
     agent = agent_for(envs.single_observation_space, envs.single_action_space).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)  # detail: Adam eps 1e-5
@@ -284,12 +338,7 @@ def train(args):
                     "solved_at": solved_at, "args": vars(args)}, tmp)
         os.replace(tmp, ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
 
-    # Rollout storage, (T, N, ...)
-    obs_buf = torch.zeros((T, N) + envs.single_observation_space.shape, device=device)
-    next_obs_buf = torch.zeros_like(obs_buf)  # the true s_{t+1}, final observation included
-    actions = torch.zeros((T, N) + envs.single_action_space.shape, device=device)
-    logprobs, rewards, values, terminated, dones = (torch.zeros((T, N), device=device) for _ in range(5))
-
+    buf = rollout_buffers(envs, T, N, device)
     raw_obs, _ = envs.reset(seed=args.seed + iteration)
     next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
     start_time, start_step = time.time(), global_step
@@ -299,38 +348,9 @@ def train(args):
         for iteration in pbar:
             lr = annealed_lr(args.lr, iteration, num_iterations, args.anneal_lr)
             optimizer.param_groups[0]["lr"] = lr
-
-            # ---- rollout: N actors, T steps each (Algorithm 1, "run policy pi_old")
-            for t in range(T):
-                global_step += N
-                obs_buf[t] = next_obs
-                with torch.no_grad():
-                    action, logp, _, value = agent.get_action_and_value(next_obs)
-                actions[t], logprobs[t], values[t] = action, logp, value
-                raw_obs, r, term, trunc, info = envs.step(clip_action(action.cpu().numpy(), envs.single_action_space))
-                done = term | trunc
-                rewards[t] = torch.as_tensor(normalizer.reward(r, done), device=device)
-                terminated[t] = torch.as_tensor(term, device=device)
-                dones[t] = torch.as_tensor(done, device=device)
-                next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
-                next_obs_buf[t] = next_obs
-                if done.any():  # SAME_STEP autoreset: raw_obs already is the next episode's start,
-                    # s_{t+1} is the final observation (normalised with the same, updated statistics)
-                    final = normalizer.obs(np.stack(info["final_obs"][done]))
-                    next_obs_buf[t, torch.as_tensor(done)] = torch.as_tensor(final, dtype=torch.float32, device=device)
-                    ep = info["final_info"]
-                    recent = (recent + [float(r) for r in ep["episode"]["r"][ep["_episode"]]])[-20:]
-
-            # ---- advantages
-            with torch.no_grad():
-                next_values = agent.get_value(next_obs_buf.flatten(0, 1)).view(T, N)
-                advantages, returns = compute_gae(rewards, values, next_values, terminated, dones,
-                                                  args.gamma, args.gae_lambda)
-
-            # ---- K epochs of minibatch updates on the flattened batch
-            batch = dict(obs=obs_buf.flatten(0, 1), actions=actions.flatten(0, 1), logprobs=logprobs.flatten(),
-                         advantages=advantages.flatten(), returns=returns.flatten(), values=values.flatten())
-            stats = update(agent, optimizer, batch, args, minibatch_size, iteration, ckpt_path)
+            next_obs, batch, stats = ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args,
+                                                   iteration, ckpt_path)
+            global_step += T * N
 
             # ---- log, checkpoint
             iteration += 1
@@ -367,3 +387,59 @@ def train(args):
     if args.wandb:
         wandb.finish()
     return {"solved_at": solved_at, "greedy_return": greedy, "sps": sps, "agent": agent}
+
+
+def flops_per_env_step(obs_dim, act_dim, update_epochs):
+    """Training FLOPs per environment step, the two MLPs' matmuls only (biases, tanh, the losses and Adam
+    left out): a forward pass of a net O -> 64 -> 64 -> out costs F = 2 (64 O + 64 * 64 + 64 out) per
+    sample. Each env step pays the actor and critic forward in the rollout, the critic's V(s_{t+1}) for
+    GAE, and in each of the K epochs a forward and a backward (twice the forward) of both nets:
+    (1 + 3 K) (F_actor + F_critic) + F_critic (without --target-kl's early stop)."""
+    forward = lambda out: 2 * (64 * obs_dim + 64 * 64 + 64 * out)
+    return (1 + 3 * update_epochs) * (forward(act_dim) + forward(1)) + forward(1)
+
+
+def benchmark(args):
+    """--benchmark: the agent, optimiser, envs and iteration step of training (ppo_iteration: rollout of
+    N x T env steps, GAE, K epochs of updates), 3 warm-up iterations (1 with --quick), then the median of --benchmark-steps
+    timed ones. The data are the simulated environments themselves ("real"). Prints one JSON line;
+    writes nothing."""
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    env = make_env(args.env_id)
+    obs_dim, act_dim = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape or (1,)))
+    env.close()
+    check_memory(args, obs_dim, act_dim, device)
+    envs = make_envs(args.env_id, args.num_envs)
+    agent = agent_for(envs.single_observation_space, envs.single_action_space).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)  # as train()
+    normalizer = Normalizer(obs_dim, args.num_envs, args.gamma, enabled=args.normalize)
+    buf = rollout_buffers(envs, args.num_steps, args.num_envs, device)
+    next_obs = torch.as_tensor(normalizer.obs(envs.reset(seed=args.seed)[0], update=True), dtype=torch.float32,
+                               device=device)
+    cuda = device.startswith("cuda")
+    warmup, times, recent = 1 if args.quick else 3, [], []
+    for i in range(warmup + args.benchmark_steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        next_obs, _, _ = ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args, i,
+                                       Path(args.out_dir) / "ckpt.pt")  # only named in a divergence message
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    envs.close()
+    step_s, steps = statistics.median(times[warmup:]), args.num_envs * args.num_steps
+    n_out = act_dim if isinstance(envs.single_action_space, gym.spaces.Box) else envs.single_action_space.n
+    flops = flops_per_env_step(obs_dim, int(n_out), args.update_epochs)
+    name = torch.cuda.get_device_name(device) if cuda else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    print(json.dumps({
+        "folder": FOLDER, "device": f"cuda:{torch.device(device).index or 0} {name}" if cuda else device,
+        "torch": torch.__version__, "params": sum(p.numel() for p in agent.parameters() if p.requires_grad),
+        "batch_size": steps, "unit": "env_steps", "samples_per_s": steps / step_s, "step_ms": step_s * 1e3,
+        "flops_per_sample": flops, "tflops": flops * steps / step_s / 1e12,
+        "mfu": flops * steps / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": False, "data": "real"}))

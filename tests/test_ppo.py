@@ -2,6 +2,7 @@
 inside and just outside 1 +- eps, the value loss, GAE, entropies, advantage normalisation, LR annealing),
 a spy on that math inside a real update (the flags reach it), learning, and clear errors."""
 import csv
+import json
 import math
 
 import gymnasium as gym
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import import_folder
 from torch.distributions import Categorical, Independent, Normal
+from torch.utils.flop_counter import FlopCounterMode
 
 ppo = import_folder("ppo")
 
@@ -327,3 +329,24 @@ def test_truncated_steps_bootstrap_from_the_final_observation(tmp_path, monkeypa
     expected = torch.tensor([1., 2., 3., 1., 2., 3., 1.])[:, None].expand(7, 2)
     torch.testing.assert_close(seen["next_values"], expected)
     assert seen["dones"][:, 0].tolist() == [0, 0, 1, 0, 0, 1, 0] and not seen["terminated"].any()
+
+
+def test_benchmark_json_against_the_parameters_and_flops_written_out(tmp_path, capsys):
+    ppo.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2",
+                   "--out-dir", str(tmp_path / "run")])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not (tmp_path / "run").exists()  # nothing written
+    O, A, K, N, T = 4, 2, 20, 8, 32  # CartPole-v1 and its preset (--quick changes only the run's length)
+    mlp = lambda out: (O * 64 + 64) + (64 * 64 + 64) + (64 * out + out)
+    assert r["params"] == mlp(A) + mlp(1)
+    assert (r["folder"], r["unit"], r["batch_size"], r["data"], r["mfu"]) == ("ppo", "env_steps", N * T, "real", None)
+    # per env step: one forward of both nets in the rollout, the critic for V(s_{t+1}), K x (forward + backward)
+    agent = ppo.model.Agent(O, A, continuous=False)
+    with FlopCounterMode(display=False) as fc:
+        agent.get_action_and_value(torch.randn(16, O))
+    both, critic = fc.get_total_flops() / 16, 2 * (O * 64 + 64 * 64 + 64)
+    assert both == critic + 2 * (O * 64 + 64 * 64 + 64 * A)
+    assert r["flops_per_sample"] == (1 + 3 * K) * both + critic
+    assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3), rel=1e-9)
+    assert r["tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12, rel=1e-9)
+    assert r["peak_mem_mb"] > 0 and r["torch"] == torch.__version__ and r["compile"] is False
