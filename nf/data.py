@@ -83,5 +83,6 @@ def load_data(args):
 def dequantize(pixels, generator=None):
     """x = (pixel + u) / 256, u ~ U[0, 1)^D (uniform dequantisation, Sec. 4.1): a density on x
     then bounds the discrete log-likelihood of the pixels from below."""
-    u = torch.rand(pixels.shape, generator=generator).to(pixels.device)   # drawn on the CPU: same noise anywhere
+    device = generator.device if generator is not None else pixels.device    # a CPU generator: same noise anywhere
+    u = torch.rand(pixels.shape, generator=generator, device=device).to(pixels.device)
     return (pixels.float() + u) / 256

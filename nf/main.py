@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from data import DATASETS
+from benchmark import benchmark
 from sample import sample
 from train import QUICK_OUT_DIR, load_checkpoint, train
 
@@ -30,7 +31,7 @@ QUICK = dict(n_couplings=5, hidden=16, blocks=1, epochs=2, train_size=2000, test
              n_samples=16, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go, what to draw.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "temperature", "n_samples"}
+               "temperature", "n_samples", "log_interval", "compile", "benchmark", "benchmark_steps"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,6 +77,12 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: test bits/dim and figures from --out-dir's checkpoint")
     g.add_argument("--quick", action="store_true", help="a small flow, 2,000 images, 2 epochs: under a minute on CPU")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--log-interval", type=positive(int), default=20,
+                   help="steps between progress-bar updates: the only host-device syncs of the training loop")
+    g.add_argument("--compile", action="store_true", help="torch.compile the flow's bits/dim (off by default)")
+    g.add_argument("--benchmark", action="store_true", help="time --benchmark-steps training steps of this config and "
+                                                            "print one JSON line; trains nothing, writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=None, help="timed steps (default 20; 2 with --quick)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
@@ -111,7 +118,7 @@ def parse_args(argv=None):
         file = path and next((q for q in (Path(path), *Path(path).parents) if q.exists() and not q.is_dir()), None)
         if file:
             p.error(f"{flag} {path}: {file} is a file, not a folder; choose another {flag}")
-    if args.resume or args.sample_only:
+    if (args.resume or args.sample_only) and not args.benchmark:
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt", "cpu")["args"]
         p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
         args = p.parse_args(argv)
@@ -126,6 +133,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if not args.sample_only:
         train(args)
     sample(args)

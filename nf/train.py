@@ -99,16 +99,45 @@ def build_model(cfg):
         raise SystemExit(f"nf: {e}")
 
 
+def on_device(model, args, device):
+    """The model on `device` and what a training step runs: fused Adam (one kernel, and no per-step .item()
+    of Adam's step count; Adam with L2, as before, not AdamW), TF32 on CUDA, and with --compile a
+    torch.compile'd bits/dim. No bf16 autocast: the log-determinants are sums of thousands of s values
+    (README, Speed)."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = model.to(device)
+    fused = device.startswith("cuda") or device == "cpu" or None
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return model, (torch.compile(model.bits_per_dim) if args.compile else model.bits_per_dim), optimizer
+
+
+def train_step(model, bits_per_dim, optimizer, x, lr, args, check=None):
+    """One optimiser step of maximum likelihood with no host sync: bits/dim, gradient (clipped to
+    --grad-clip), `check(loss, grad_norm)` when given, then Adam at `lr`. Returns the loss (a tensor)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = bits_per_dim(x).mean()                               # maximum likelihood, in bits/dim
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
+                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    if check:
+        check(loss, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model, images, device, batch_size=500):
     """Mean bits/dim of uint8 images, dequantised with fixed noise, in eval mode."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(TEST_NOISE_SEED)
-    bpd = torch.cat([model.bits_per_dim(dequantize(images[i:i + batch_size], g).to(device)).cpu()
+    bpd = torch.cat([model.bits_per_dim(dequantize(images[i:i + batch_size].to(device), g))
                      for i in range(0, len(images), batch_size)])
     model.train(was_training)
-    return bpd.mean().item()
+    return bpd.mean().item()                                    # the one host sync of the evaluation
 
 
 def open_log(path, resume_epoch):
@@ -151,22 +180,21 @@ def train(args):
         raise SystemExit(f"nf: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
     check_memory(args, device)
     data = load_data(args)
-    train_set = data["train"]
+    train_set = data["train"].to(device)                        # uint8, on the device for the whole run
 
     cfg = model_config(args, train_set.shape[1], train_set.shape[2])
     if ckpt and asdict(cfg) != ckpt["config"]:
         raise SystemExit(f"nf: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
     torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, bits_per_dim, optimizer = on_device(build_model(cfg), args, device)
     epoch = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch = ckpt["epoch"]
     else:  # actnorm's data-dependent initialisation, on the first 512 training images
-        model.initialize(dequantize(train_set[:512], torch.Generator().manual_seed(args.seed)).to(device))
+        model.initialize(dequantize(train_set[:512], torch.Generator().manual_seed(args.seed)))
 
     steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
     if steps_per_epoch == 0:
@@ -197,27 +225,23 @@ def train(args):
         for epoch in range(epoch, args.epochs):
             # The batch order and the dequantisation noise of an epoch are seeded by (seed, epoch):
             # resuming replays them exactly.
-            g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_set), generator=g)
+            # On CUDA both are drawn there (a CUDA generator: other numbers than the CPU's, as reproducible).
+            g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(train_set), generator=g, device=device)
             t0, losses = time.perf_counter(), []
             pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
                         leave=False)
             for s in pbar:
                 step = epoch * steps_per_epoch + s
                 lr = get_lr(step, total_steps, args.warmup_steps, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = dequantize(train_set[order[s * args.batch_size:(s + 1) * args.batch_size]], g).to(device)
-                loss = model.bits_per_dim(x).mean()             # maximum likelihood, in bits/dim
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
-                                                           args.grad_clip if args.grad_clip > 0 else math.inf)
-                check_finite(loss, grad_norm, step, ckpt_path)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                if s % 20 == 0:
-                    pbar.set_postfix(bpd=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+                x = dequantize(train_set[order[s * args.batch_size:(s + 1) * args.batch_size]], g)
+                log_step = s % args.log_interval == 0
+                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
+                # check_savable still keeps a non-finite state out of every checkpoint.
+                check = (lambda l, gn: check_finite(l, gn, step, ckpt_path)) if device == "cpu" or log_step else None
+                losses.append(train_step(model, bits_per_dim, optimizer, x, lr, args, check))
+                if log_step:
+                    pbar.set_postfix(bpd=f"{losses[-1].item():.3f}", lr=f"{lr:.1e}")
             dt = time.perf_counter() - t0
             train_time += dt
             done = epoch + 1

@@ -458,3 +458,36 @@ def test_checkpoints_of_another_folder_or_model_are_refused(tmp_path, capsys):
     assert "exists; pass --resume" in one_line_error(capsys, *run_args(data, out))
     torch.save({"folder": "gnns"}, out / "ckpt.pt")
     assert "is a checkpoint of gnns, not of nf/" in one_line_error(capsys, "--sample-only", "--out-dir", out)
+
+
+def test_benchmark_json_against_the_quick_flow_counted_here(tmp_path, capsys):
+    """--benchmark --quick: one JSON line whose params, batch size and training FLOPs are those of the
+    --quick flow, counted here (parameters summed, FLOPs by FlopCounterMode over the bits/dim's forward
+    and backward on the meta device), and whose rates agree with each other; on random data (no files)."""
+    nf.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2", "--data-dir", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    q, batch = nf.main.QUICK, 64                                # --quick keeps the default batch size
+    with torch.device("meta"):
+        model = RealNVP(FlowConfig(n_couplings=q["n_couplings"], hidden=q["hidden"], blocks=q["blocks"]))
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            model.bits_per_dim(torch.zeros(batch, 1, 28, 28)).mean().backward()
+    assert out["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert out["batch_size"] == batch and out["unit"] == "images" and out["data"] == "random"
+    assert out["flops_per_sample"] == counter.get_total_flops() / batch > 0
+    assert out["samples_per_s"] == pytest.approx(batch / (out["step_ms"] / 1000), rel=1e-6)
+    assert out["tflops"] == pytest.approx(out["flops_per_sample"] * out["samples_per_s"] / 1e12, rel=1e-6)
+    assert out["device"] == "cpu" and out["mfu"] is None and out["compile"] is False and out["peak_mem_mb"] > 0
+    assert not (tmp_path / "MNIST").exists()                    # nothing downloaded, nothing written
+
+
+def test_the_step_loop_syncs_with_the_host_only_at_log_steps(tmp_path, monkeypatch, log_interval=7):
+    """20 training steps call Tensor.item / .cpu / .tolist once per --log-interval steps (the progress
+    bar) plus twice at the epoch's end (train and test bits/dim), never per step."""
+    data = synthetic_mnist(tmp_path / "data", n_train=80, n_test=8)
+    calls = []
+    for name in ("item", "cpu", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: calls.append(_n) or
+                            _f(self, *a, **k))
+    train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--log-interval", str(log_interval))
+    assert len(calls) <= math.ceil(20 / log_interval) + 2, calls
