@@ -17,10 +17,10 @@ SHARED_FLAGS = ["--device", "--seed", "--data-dir", "--out-dir", "--quick", "--w
 FOLDERS = paper_folders()
 
 
-def run_main(folder, *args):
+def run_main(folder, *args, cwd=ROOT):
     # progress bars write to stderr (the error must be its only line); one thread: the runs are tiny
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, f"{folder}/main.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / folder / "main.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)
 
 
@@ -233,7 +233,7 @@ def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(folder, tmp
         build(tmp_path / "data")
     out = tmp_path / "run"
     r = run_main(folder, *TRAIN_CMD.get(folder, []), *args, "--lr", "1e9", "--device", "cpu",
-                 "--data-dir", str(tmp_path / "data"), "--out-dir", str(out))
+                 "--data-dir", str(tmp_path / "data"), "--out-dir", str(out), cwd=tmp_path)  # caches under runs/ go there
     line = one_line(r)
     assert "non-finite" in line and "--lr" in line, line
     for path in sorted(out.rglob("*.pt")):
