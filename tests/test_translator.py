@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import ROOT, import_folder
+from torch.utils.flop_counter import FlopCounterMode
 
 tr = import_folder("translator")
 M = tr.model
@@ -578,3 +579,35 @@ def test_two_process_gloo_ddp_keeps_identical_weights(tmp_path):
     assert any(not torch.equal(w0[k], init[k]) for k in w0)  # it did train
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_benchmark_json_against_the_parameters_written_out_and_flop_counter(tmp_path, capsys):
+    tr.main.main(["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2",
+                  "--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "run")])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()  # nothing written or downloaded
+    V, d, f, N, B, L = 1000, 128, 256, 2, 32, 64  # --quick's vocabulary, model, batch; --max-len
+    ffn = 2 * d * f + f + d
+    encoder_layer, decoder_layer = 4 * (d * d + d) + ffn + 2 * 2 * d, 8 * (d * d + d) + ffn + 3 * 2 * d
+    assert r["params"] == V * d + N * (encoder_layer + decoder_layer)  # the embedding is the output layer too
+    # random batches: B pairs of L source and L target tokens, no padding
+    assert (r["folder"], r["unit"], r["batch_size"], r["data"], r["mfu"]) == ("translator", "tokens", B * 2 * L,
+                                                                             "random", None)
+    cfg = tr.model.Config(vocab_size=V, max_len=L, n_layer=N, n_head=4, d_model=d, d_ff=f)
+    src, tgt_in, tgt_out = (torch.randint(3, V, (2, L)) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:  # one forward and backward of two pairs
+        tr.model.Transformer(cfg)(src, tgt_in, tgt_out)[1].backward()
+    assert r["flops_per_sample"] == fc.get_total_flops() / (2 * 2 * L)
+    assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3), rel=1e-9)
+    assert r["tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12, rel=1e-9)
+    assert r["peak_mem_mb"] > 0 and r["torch"] == torch.__version__ and r["compile"] is False
+
+
+def test_benchmark_takes_real_batches_when_the_zip_is_there(tmp_path, capsys):
+    data = data_dir(tmp_path)
+    tr.main.main([*TINY, "--benchmark", "--benchmark-steps", "2", "--data-dir", data, "--out-dir", str(tmp_path / "run")])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["data"] == "real" and not (tmp_path / "run").exists()
+    # the synthetic sentences are 5 words: a batch of 16 pairs holds far fewer tokens than 16 x 2 x --max-len
+    assert 16 * 2 * 4 <= r["batch_size"] < 16 * 2 * 24
+    assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3), rel=1e-9)

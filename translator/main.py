@@ -5,6 +5,7 @@
     python translator/main.py translate --beam 1 < english.txt         # greedy, one line of stdin at a time
     python translator/main.py evaluate --data-dir /path/to/datasets   # sacreBLEU and chrF on the test split
     python translator/main.py --quick --data-dir /path/to/datasets    # everything on CPU in < 60 s
+    python translator/main.py --benchmark --quick --device cpu         # time training's step: one JSON line
     torchrun --nproc_per_node=4 translator/main.py ...                # DistributedDataParallel
 
 The README's result (test BLEU 32.69 with beam 4, 31 min on 2 CPU cores; add --figures-dir images
@@ -26,7 +27,7 @@ import re
 from pathlib import Path
 
 from sample import SEED_SENTENCE, evaluate_command, report, translate_command
-from train import QUICK_OUT_DIR, load_checkpoint, train
+from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
 # --quick: a slice of the data, a tiny model, a short run: the whole pipeline on CPU in under a minute.
 QUICK = dict(max_pairs=10000, max_eval=100, vocab_size=1000, n_layer=2, n_head=4, d_model=128, d_ff=256, dropout=0.1,
@@ -96,6 +97,10 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: test scores, examples and figures of the checkpoint")
     g.add_argument("--quick", action="store_true", help="a slice of the data, a tiny model: the pipeline on CPU in < 60 s")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--benchmark", action="store_true", help="time training's optimiser step of these flags (real "
+                   "batches if the zip is in --data-dir, else random) and print one JSON line; writes nothing")
+    g.add_argument("--benchmark-steps", type=positive(int), default=None,
+                   help="timed steps after 3 warm-up ones (default 20; with --quick 3, after 1)")
 
     g = p.add_argument_group("data and tokenizer (on --resume, the checkpoint's tokenizer)")
     g.add_argument("--vocab-size", type=number(int, 260, 65_537), default=8000, help="tokens of the shared BPE")
@@ -152,11 +157,15 @@ def parse_args(argv=None):
     if not args.attention_text.strip():
         p.error("--attention-text is empty; give a sentence")
     args.figures_dir = args.figures_dir or args.out_dir
+    if args.benchmark_steps is None:
+        args.benchmark_steps = 3 if args.quick else 20
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        return benchmark(args)
     if args.command == "translate":
         return translate_command(args)
     if args.command == "evaluate":

@@ -2,8 +2,11 @@
 warmup schedule, validation loss and BLEU, and atomic checkpoints. Several GPUs: launch with
 torchrun, and DistributedDataParallel averages the gradients; rank 0 alone logs and checkpoints."""
 import csv
+import json
 import math
 import os
+import resource
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -21,6 +24,8 @@ from model import Config, Transformer, num_params, translate_ids
 
 FOLDER = "translator"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/translator-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
+# Dense bf16 peak FLOP/s of the GPUs whose MFU --benchmark reports (by a substring of the device name).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
 LOG_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_bleu", "lr", "tokens_per_s", "elapsed_s"]
 
 
@@ -63,6 +68,21 @@ def n_params(cfg):
     ffn = 2 * d * f + f + d
     return cfg.vocab_size * d + N * (4 * (d * d + d) + ffn + 4 * d) + N * (8 * (d * d + d) + ffn + 6 * d) \
         + (4 * d if cfg.pre_ln else 0)
+
+
+def training_flops(cfg, B, S, T):
+    """Matmul FLOPs of one forward and backward (3 x the forward: the backward computes the gradients of
+    both inputs of every matmul) on B pairs padded to S source and T target tokens; LayerNorm, softmax,
+    the loss and Adam left out. Forward, 2 FLOPs a multiply-add: per source token and encoder layer,
+    the attention projections 8 d^2, the FFN 4 d d_ff and the S x S scores and their weighted sum 4 S d;
+    per source token and decoder layer, the cross-attention's keys and values 4 d^2; per target token
+    and decoder layer, self-attention's projections 8 d^2 and T x T scores 4 T d (all of them computed,
+    then masked), cross-attention's queries and output 4 d^2 and T x S scores 4 S d, the FFN 4 d d_ff;
+    per target token, the output layer 2 d V. (The weights' part is 6 N per token, as for any net.)"""
+    d, f, N, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.vocab_size
+    per_src = N * (8 * d * d + 4 * d * f + 4 * S * d) + N * 4 * d * d
+    per_tgt = N * (12 * d * d + 4 * T * d + 4 * S * d + 4 * d * f) + 2 * d * V
+    return 3 * B * (S * per_src + T * per_tgt)
 
 
 def check_memory(cfg, batch_size, device):
@@ -199,6 +219,29 @@ def any_rank(flag, ddp):
     return bool(flag)
 
 
+def train_step(model, optimizer, micro_batches, args, autocast, ddp, bad, before_update):
+    """One optimiser step, as the loop and --benchmark run it: forward and backward of each micro-batch
+    (src, tgt_in, tgt_out on the device; the loss divided by their number; under DDP the gradients are
+    all-reduced on the last one only), the global gradient-norm clip, before_update(last loss, gradient norm)
+    (which may stop the run), then Adam. bad, a bool on the device, is or-ed in place with a non-finite loss or gradient norm
+    (no host sync). Returns the micro-batches' losses (detached) and the gradient norm."""
+    losses = []
+    for i, (src, tgt_in, tgt_out) in enumerate(micro_batches):
+        sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
+        with sync:  # DDP: all-reduce the gradients only on the last micro-step
+            with autocast:
+                _, loss = model(src, tgt_in, tgt_out)
+            (loss / len(micro_batches)).backward()
+        bad |= ~torch.isfinite(loss.detach())
+        losses.append(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+    bad |= ~torch.isfinite(grad_norm)
+    before_update(losses[-1], grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses, grad_norm
+
+
 def train(args):
     # ---- processes and device: one per GPU under torchrun, else just this one
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -283,6 +326,14 @@ def train(args):
                      "train_time": train_time, "rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
 
+    def stop_if_diverged(done, logs, loss, grad_norm):
+        # Stop before a non-finite update: every step off CUDA, where the check costs no GPU sync; on
+        # CUDA at each log line, which precedes every checkpoint (and checkpoint() checks the weights).
+        if (device_type != "cuda" or logs) and any_rank(bad, ddp):
+            when = "at" if device_type != "cuda" else "at or before"
+            raise diverged(done, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, when) if master \
+                else SystemExit(1)
+
     # ---- the loop
     quiet = {} if master else {"disable": True}  # on rank 0, TQDM_DISABLE=1 still turns the bar off
     pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
@@ -295,30 +346,15 @@ def train(args):
             lr = get_lr(step, args, cfg.d_model)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            for micro in range(args.grad_accum):
-                src, tgt_in, tgt_out = batches((step * args.grad_accum + micro) * world + rank)
-                tokens += int((tgt_out != PAD).sum()) + int((src != PAD).sum())
-                src, tgt_in, tgt_out = src.to(device), tgt_in.to(device), tgt_out.to(device)
-                sync = model.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext()
-                with sync:  # DDP: all-reduce the gradients only on the last micro-step
-                    with autocast:
-                        _, loss = model(src, tgt_in, tgt_out)
-                    (loss / args.grad_accum).backward()
-                bad |= ~torch.isfinite(loss.detach())
-                if master:
-                    losses.append(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            bad |= ~torch.isfinite(grad_norm)
+            micro = [batches((step * args.grad_accum + i) * world + rank) for i in range(args.grad_accum)]
+            tokens += sum(int((tgt_out != PAD).sum()) + int((src != PAD).sum()) for src, _, tgt_out in micro)
             done = step + 1
             logs = done % args.log_interval == 0 or done % args.eval_interval == 0 or done == args.steps
-            # Stop before a non-finite update: every step off CUDA, where the check costs no GPU sync; on
-            # CUDA at each log line, which precedes every checkpoint (and checkpoint() checks the weights).
-            if (device_type != "cuda" or logs) and any_rank(bad, ddp):
-                when = "at" if device_type != "cuda" else "at or before"
-                raise diverged(done, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, when) if master \
-                    else SystemExit(1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_losses, grad_norm = train_step(model, optimizer, [[t.to(device) for t in b] for b in micro], args,
+                                                autocast, ddp, bad, lambda l, g: stop_if_diverged(done, logs, l, g))
+            loss = step_losses[-1]
+            if master:
+                losses += step_losses
 
             if master and logs:
                 train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
@@ -358,3 +394,60 @@ def train(args):
         if args.wandb:
             wandb.finish()
     return raw
+
+
+def benchmark(args):
+    """--benchmark: the model, Adam and train_step of training (same autocast, fused Adam and divergence
+    check), 3 warm-up steps (1 with --quick), then the median of --benchmark-steps timed optimiser steps.
+    Real batches when DIR/tatoeba/fra-eng.zip is there (the BPE is trained first, untimed; nothing is
+    downloaded), else random tokens, --batch-size pairs of --max-len tokens a side. Tokens are source + target tokens (padding not
+    counted). Prints one JSON line; writes nothing."""
+    device = resolve_device(args.device)
+    device_type, cuda = device.split(":")[0], device.startswith("cuda")
+    check_memory(model_config(args, args.vocab_size), args.batch_size, device)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    real = (Path(args.data_dir) / "tatoeba" / "fra-eng.zip").is_file()
+    if real:
+        tok, data = prepare_data(args)
+        cfg, batches = model_config(args, tok.get_vocab_size()), Batches(data["train_src"], data["train_tgt"],
+                                                                         args.batch_size, args.seed)
+    else:
+        cfg, L = model_config(args, args.vocab_size), args.max_len
+        batches = lambda i: tuple(torch.randint(EOS + 1, cfg.vocab_size, (args.batch_size, L)) for _ in range(3))
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=get_lr(0, args, cfg.d_model), betas=(0.9, args.beta2),
+                                 eps=1e-9, fused=device_type == "cuda")  # as train()
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def check(loss, grad_norm):  # as training: a host sync every step off CUDA, none on CUDA between log lines
+        if not cuda and bad:
+            raise SystemExit("translator: the loss or its gradient became non-finite in --benchmark; try a lower --lr")
+
+    warmup, times, tokens, flops = 1 if args.quick else 3, [], 0, 0
+    for step in range(warmup + args.benchmark_steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()  # the step as training runs it, fetching its batches included
+        micro = [batches(step * args.grad_accum + i) for i in range(args.grad_accum)]
+        train_step(model, optimizer, [[t.to(device) for t in b] for b in micro], args, autocast, False, bad, check)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if step >= warmup:  # tokens as training counts them; FLOPs of the padded shapes
+            tokens += sum(int((s != PAD).sum()) + int((t != PAD).sum()) for s, _, t in micro)
+            flops += sum(training_flops(cfg, s.size(0), s.size(1), t.size(1)) for s, _, t in micro)
+    step_s, per_step = statistics.median(times[warmup:]), round(tokens / args.benchmark_steps)
+    name = torch.cuda.get_device_name(device) if cuda else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    print(json.dumps({
+        "folder": FOLDER, "device": f"cuda:{torch.device(device).index or 0} {name}" if cuda else device,
+        "torch": torch.__version__, "params": num_params(model), "batch_size": per_step, "unit": "tokens",
+        "samples_per_s": per_step / step_s, "step_ms": step_s * 1e3, "flops_per_sample": flops / tokens,
+        "tflops": flops / tokens * per_step / step_s / 1e12,
+        "mfu": flops / tokens * per_step / step_s / peak if peak else None,
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "compile": False, "data": "real" if real else "random"}))
