@@ -21,6 +21,16 @@ from conftest import import_folder
 lmc = import_folder("lm_compression")
 coder, codec, model = lmc.coder, lmc.codec, lmc.model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is the fastest, and on cores shared with other jobs torch's
+    default of two made this file 9x slower (394 s against 45 s). Tests of thread counts set their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 EDGE_CASES = {"empty": b"", "one byte": b"\x00", "all 256 values": bytes(range(256)),
               "invalid utf-8": b"caf\xc3 \xff\xfe broken \x80\x80 end \xe2\x82",
               "utf-8 text": "naïve café, 1984 — «Big Brother» 猫".encode(),
