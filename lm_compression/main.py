@@ -8,6 +8,7 @@ probabilities drive an arithmetic coder, losslessly, on any bytes.
     python lm_compression/main.py sample --bytes 300                         # decode coin flips: text from the model
     python lm_compression/main.py benchmark FILE... --model M                # rates and speeds against gzip, xz, zstd
     python lm_compression/main.py train --quick --data-dir /path/to/datasets # the whole pipeline on CPU in < 60 s
+    python lm_compression/main.py train --benchmark [--quick] [--compile]    # time the training step: one JSON line
 
 The README's CPU result (a byte model on 1984, then its held-out end against gzip, xz, zstd):
     python lm_compression/main.py train --data-dir /path/to/datasets --out-dir runs/lm_compression-cpu \
@@ -38,10 +39,10 @@ from benchmark import benchmark, plot
 from codec import Corrupt, DecodeIO, EncodeIO, code, compress, decompress, read_header
 from model import load_predictor
 from sample import sample
-from train import read_text, resolve_device, split, train
+from train import benchmark as benchmark_training, read_text, resolve_device, split, train
 
 SHARED = ("shared flags, on every command: --device, --seed, --data-dir, --out-dir; on train: --quick, --resume, "
-          "--sample-only, --wandb; on benchmark: --figures-dir")
+          "--sample-only, --wandb, --benchmark, --benchmark-steps, --compile; on benchmark: --figures-dir")
 QUICK = dict(steps=150, batch_size=16, context=64, n_layer=2, n_head=2, n_embd=64, eval_interval=50,
              warmup_steps=10, lr=3e-3)
 OUT_DIR, QUICK_OUT_DIR = "runs/lm_compression", "runs/lm_compression-quick"
@@ -126,6 +127,11 @@ def add_train_flags(t):
     t.add_argument("--resume", action="store_true", help="continue --out where it stopped")
     t.add_argument("--sample-only", action="store_true", help="skip training: held-out rate, round trip and a sample")
     t.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    t.add_argument("--benchmark", action="store_true", help="only time the training step of these flags (on the "
+                   "training text if it is here, else random bytes) and print one JSON line; writes nothing")
+    t.add_argument("--benchmark-steps", type=number(int, 1), default=None,
+                   help="--benchmark's timed steps, after warm-up ones (default 20; 3 with --quick)")
     # defaults: the README's model, measured not to memorise 1984 in 4,000 steps (a 6 x 512 one did by 1,500)
     t.add_argument("--steps", type=number(int, 1), default=4000, help="optimiser steps")
     t.add_argument("--batch-size", type=number(int, 1), default=16, help="chunks per step")
@@ -155,6 +161,8 @@ def parse_args(argv=None):
             args.explicit_out_dir = args.out_dir is not None
         if args.n_embd % args.n_head:
             p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+        args.benchmark_steps = args.benchmark_steps or (3 if args.quick else 20)
+        args.benchmark_warmup = 10 if args.compile else 3          # compiling happens in the first steps
     args.out_dir = args.out_dir or (QUICK_OUT_DIR if getattr(args, "quick", False) else OUT_DIR)
     check_folder(p, "--out-dir", args.out_dir)
     if args.command == "train":
@@ -309,6 +317,8 @@ def cmd_benchmark(args):
 
 def cmd_train(args):
     """Train (unless --sample-only), then the whole pipeline on the held-out text: rate, round trip, a sample."""
+    if args.benchmark:
+        return benchmark_training(args)
     if not args.sample_only:
         train(args)
     lm = load(args, args.out)

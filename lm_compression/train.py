@@ -4,8 +4,11 @@ BOS, then `context` bytes taken from a random offset, every position predicting 
 The held-out loss is measured the same way the coder codes: consecutive chunks, each from BOS,
 so val bits/byte is the code length the compressor will reach (plus a few bytes per file).
 """
+import json
 import math
 import os
+import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -161,6 +164,30 @@ def adamw(net, args, ckpt):
     return optimizer
 
 
+def training_forward(net, args, device):
+    """(the model the step runs, its autocast): torch.compile'd with --compile (`net` itself stays
+    uncompiled for evaluation and checkpoints), bfloat16 autocast on CUDA."""
+    model = torch.compile(net) if args.compile else net
+    return model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def train_step(model, optimizer, x, y, autocast, lr, fail):
+    """One AdamW step on a batch (x, y), each (B, T); returns the loss. A non-finite loss or gradient
+    norm raises fail(what) before the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        logits, _ = model(x)                                                   # (B, T, 256)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(torch.stack([loss.detach(), norm])).all():           # one sync for both
+        raise fail("loss" if not torch.isfinite(loss) else "gradient norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def train(args):
     """AdamW on random chunks; every --eval-interval steps the held-out bits/byte and the checkpoint."""
     device = resolve_device(args.device)
@@ -179,25 +206,16 @@ def train(args):
           f"{cfg.context}); {path.name}: {len(train_data):,} training bytes, the last {len(val_data):,} held out; "
           f"{device}" + (f"; resuming at step {step}" if ckpt else ""))
     wandb = start_wandb(args)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    model, autocast = training_forward(net, args, device)
     if step >= args.steps:
         print(f"{out} is at step {step}, not below --steps {args.steps}: nothing to train")
     t0 = time.perf_counter()
     pbar = tqdm(range(step, args.steps), desc="train", dynamic_ncols=True, leave=False)
     try:
         for step in pbar:
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, args)
             x, y = batch(train_data, cfg.context, args.batch_size, device)
-            with autocast:
-                logits, _ = net(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            if not torch.isfinite(torch.stack([loss.detach(), norm])).all():   # one sync for both
-                raise non_finite("loss" if not torch.isfinite(loss) else "gradient norm", step, out)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, x, y, autocast, get_lr(step, args),
+                              lambda what: non_finite(what, step, out))
             if step % 20 == 0:
                 pbar.set_postfix(bits_per_byte=f"{loss.item() / math.log(2):.3f}")
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
@@ -224,3 +242,52 @@ def start_wandb(args):
     except Exception as e:  # not logged in, no network: one line
         raise SystemExit(f"lm_compression: --wandb could not start ({type(e).__name__})")
     return wandb
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense FLOP/s
+
+
+def flops_per_byte(cfg):
+    """Training FLOPs per predicted byte: 6 N for the matrix multiplies forward and backward (N the
+    parameters that multiply: all but the two embedding tables), plus causal attention's QK^T and AV,
+    2 x 2 T C per layer forward, times 3 for forward and backward: 12 L T C (PaLM, App. B)."""
+    N = num_params(cfg) - (257 + cfg.context) * cfg.n_embd
+    return 6 * N + 12 * cfg.n_layer * cfg.context * cfg.n_embd
+
+
+def benchmark(args):
+    """--benchmark: time the training step of these flags on real batches (the training text, if it is
+    here) or random bytes; print one JSON line. Writes nothing."""
+    device = resolve_device(args.device)
+    cfg = ByteConfig(context=args.context, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     dropout=args.dropout)
+    check_memory(cfg, args.batch_size, device)
+    real = bool(args.data) or (Path(args.data_dir) / "text" / "1984.txt").is_file()
+    data = as_tensor(split(read_text(args)[1], args.val_fraction)[0]) if real else \
+        torch.randint(256, (max(4 * cfg.context, 1 << 16),))
+    torch.manual_seed(args.seed)
+    net = ByteTransformer(cfg).to(device).train()
+    optimizer = adamw(net, args, None)
+    model, autocast = training_forward(net, args, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fail = lambda what: SystemExit(f"lm_compression: --benchmark: the {what} became non-finite; try a lower --lr")
+    times = []
+    for i in range(args.benchmark_warmup + args.benchmark_steps):
+        x, y = batch(data, cfg.context, args.batch_size, device)
+        sync()
+        t0 = time.perf_counter()
+        train_step(model, optimizer, x, y, autocast, args.lr, fail)
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_ms = 1000 * statistics.median(times[args.benchmark_warmup:])
+    tokens = args.batch_size * cfg.context                    # unit: bytes predicted per step
+    samples_per_s, flops = tokens / (step_ms / 1000), float(flops_per_byte(cfg))
+    name = f"{device} {torch.cuda.get_device_name(torch.device(device))}" if device.startswith("cuda") else device
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak_mem = (torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20 if device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"folder": "lm_compression", "device": name, "torch": torch.__version__,
+                      "params": net.num_params(), "batch_size": tokens, "unit": "tokens",
+                      "samples_per_s": samples_per_s, "step_ms": step_ms, "flops_per_sample": flops,
+                      "tflops": flops * samples_per_s / 1e12, "mfu": flops * samples_per_s / peak if peak else None,
+                      "peak_mem_mb": peak_mem, "compile": args.compile, "data": "real" if real else "random"}))

@@ -3,6 +3,7 @@ codec's round trip on awkward bytes with byte models and a (tiny, offline) Huggi
 the KV cache against a full pass, the container's checks, learning, and the command line."""
 import contextlib
 import io
+import json
 import gzip
 import lzma
 import math
@@ -677,3 +678,21 @@ def test_training_keeps_the_weights_with_the_best_held_out_rate(tmp_path, monkey
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)               # 2.2 is not better than 2.0
     assert ckpt["val_bits_per_byte"] == 2.0 and ckpt["resume"]["step"] == 8
     assert all(torch.equal(ckpt["model"][k], best[k]) for k in best)
+
+
+def test_train_benchmark_reports_the_quick_models_size_batch_and_flops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                   # no data/ here: random bytes, nothing written
+    code, out = run_main("train", "--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", 2)
+    assert code == 0, out
+    r = json.loads(out.strip().splitlines()[-1])
+    q = lmc.main.QUICK
+    C, L, T = q["n_embd"], q["n_layer"], q["context"]
+    net = model.ByteTransformer(model.ByteConfig(context=T, n_layer=L, n_head=q["n_head"], n_embd=C))
+    assert r["params"] == sum(p.numel() for p in net.parameters())
+    assert r["batch_size"] == q["batch_size"] * T and r["unit"] == "tokens" and r["data"] == "random"
+    N = r["params"] - net.tok.weight.numel() - net.pos.weight.numel()    # parameters that multiply
+    assert r["flops_per_sample"] == 6 * N + 12 * L * T * C               # 6N + causal attention, fwd + bwd
+    assert r["samples_per_s"] * r["step_ms"] / 1000 == pytest.approx(r["batch_size"])
+    assert r["tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12)
+    assert r["mfu"] is None and r["compile"] is False and r["device"] == "cpu"
+    assert list(tmp_path.iterdir()) == []
