@@ -3,10 +3,11 @@
     python sequence_models/main.py --benchmark --task names --data-dir /path/to/datasets
     python sequence_models/main.py --benchmark --quick --device cpu --benchmark-steps 5
 
-The model, optimiser and step callbacks (metrics, one-cycle, clipping, the non-finite guard, AR/TAR)
-are training's; a few warm-up steps, then --benchmark-steps timed calls of the Learner's one_batch,
-each fetching its batch as training does. Real batches when the task's data is already in
---data-dir (nothing is downloaded), else random ones of the same shape.
+The model (compiled if training's would be), optimiser, precision and step callbacks (metrics,
+one-cycle, clipping, the non-finite guard, AR/TAR) are training's; a few warm-up steps, then
+--benchmark-steps timed calls of the Learner's one_batch, each fetching its batch as training does.
+Real batches when the task's data is already in --data-dir (nothing is downloaded), else random
+ones of the same shape.
 """
 import json
 import resource
@@ -18,8 +19,8 @@ from types import SimpleNamespace
 import torch
 
 from data import IMDB_FILE, NAMES_FILE
-from train import (DATA, FOLDER, GATES, VOCAB_GUESS, Diverged, Learner, check_memory, cross_entropy, model_config,
-                   model_and_optimiser, resolve_device, step_callbacks)
+from train import (DATA, FOLDER, GATES, VOCAB_GUESS, Diverged, Learner, check_memory, cross_entropy, cuda_default,
+                   model_config, model_and_optimiser, on_device, resolve_device, step_callbacks)
 
 WARMUP = 3
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense FLOP/s
@@ -93,13 +94,14 @@ def benchmark(args):
     real = has_data(args)
     if real:
         data, vocab = DATA[args.task](args)
-        config = model_config(args, len(vocab))
+        data, config = on_device(data, device), model_config(args, len(vocab))
     else:
         config = model_config(args, args.vocab_size if args.task in ("imdb", "imdb-lm") else VOCAB_GUESS[args.task])
         batches = random_batches(args, config, device, WARMUP + args.benchmark_steps)
         data = SimpleNamespace(train=batches)
     model, opt = model_and_optimiser(args, config, device)
-    learner = Learner(model, data, cross_entropy, opt, step_callbacks(args, model), device)
+    learner = Learner(model, data, cross_entropy, opt, step_callbacks(args, model), device,
+                      cuda_default(args.bf16, device))
     learner.epochs = args.epochs
     try:
         step_s, batch, T = time_steps(learner, data.train, args.benchmark_steps, device)
@@ -120,4 +122,4 @@ def benchmark(args):
         "mfu": flops * batch / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20,
-        "compile": bool(getattr(args, "compile", False)), "data": "real" if real else "random"}))
+        "compile": cuda_default(args.compile, device), "data": "real" if real else "random"}))

@@ -122,11 +122,22 @@ class ReviewLoader:
     """Batches of (x, mask, y): x (N, L) ids padded on the right with 0, mask (N, L) True at real
     tokens, y (N,) labels. Reviews of similar length share a batch (sorted within pools of 50
     batches), so little time goes into padding; the batch order is shuffled every epoch from
-    (seed, epoch), which makes a resumed run see the same batches as an uninterrupted one."""
+    (seed, epoch), which makes a resumed run see the same batches as an uninterrupted one.
+    All reviews are padded once into one tensor (moved to the training device by to()); a batch
+    is an index gather there, cut to its longest review."""
 
     def __init__(self, encoded, batch_size, shuffle=False, seed=0):
         self.encoded, self.batch_size, self.shuffle, self.seed = encoded, batch_size, shuffle, seed
         self.epoch = 0
+        self.lengths = [len(ids) for ids, _ in encoded]
+        self.x = torch.zeros(len(encoded), max(self.lengths, default=1), dtype=torch.long)  # (reviews, longest)
+        for r, (ids, _) in enumerate(encoded):
+            self.x[r, :len(ids)] = torch.tensor(ids)
+        self.y = torch.tensor([label for _, label in encoded], dtype=torch.long)
+
+    def to(self, device):
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
 
     def __len__(self):
         return -(-len(self.encoded) // self.batch_size)
@@ -134,24 +145,21 @@ class ReviewLoader:
     def batches(self):
         n, bs = len(self.encoded), self.batch_size
         if not self.shuffle:
-            order = sorted(range(n), key=lambda i: len(self.encoded[i][0]))
+            order = sorted(range(n), key=lambda i: self.lengths[i])
             return [order[i:i + bs] for i in range(0, n, bs)]
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order, pool = torch.randperm(n, generator=g).tolist(), 50 * bs
-        order = [i for s in range(0, n, pool)
-                 for i in sorted(order[s:s + pool], key=lambda i: len(self.encoded[i][0]))]
+        order = [i for s in range(0, n, pool) for i in sorted(order[s:s + pool], key=lambda i: self.lengths[i])]
         batches = [order[i:i + bs] for i in range(0, n, bs)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self):
         batches = self.batches()
         self.epoch += 1
-        for idx in batches:
-            rows = [self.encoded[i] for i in idx]
-            x = torch.zeros(len(rows), max(len(ids) for ids, _ in rows), dtype=torch.long)
-            for r, (ids, _) in enumerate(rows):
-                x[r, :len(ids)] = torch.tensor(ids)
-            yield x, x != 0, torch.tensor([label for _, label in rows])
+        order = torch.tensor([i for idx in batches for i in idx], device=self.x.device).split([len(b) for b in batches])
+        for idx, rows in zip(batches, order):  # idx on the host (the lengths), rows on the device (the gather)
+            x = self.x[rows, :max(self.lengths[i] for i in idx)]
+            yield x, x != 0, self.y[rows]
 
 
 # ---- Human numbers
@@ -198,6 +206,10 @@ class StreamLoader:
         if n_out:  # a head over the n_out most frequent ids only: the rarer targets become <unk>
             self.y = torch.where(self.y < n_out, self.y, 1)
         self.bptt = bptt
+
+    def to(self, device):
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
 
     def __len__(self):
         return self.x.size(1) // self.bptt
@@ -285,11 +297,15 @@ class TensorLoader:
         self.X, self.Y, self.batch_size, self.shuffle, self.seed = X, Y, batch_size, shuffle, seed
         self.epoch = 0
 
+    def to(self, device):
+        self.X, self.Y = self.X.to(device), self.Y.to(device)
+        return self
+
     def __len__(self):
         return -(-len(self.X) // self.batch_size)
 
     def __iter__(self):
-        order = epoch_order(len(self.X), self.shuffle, self.seed, self.epoch)
+        order = epoch_order(len(self.X), self.shuffle, self.seed, self.epoch).to(self.X.device)  # one copy an epoch
         self.epoch += 1
         for b in order.split(self.batch_size):
             yield self.X[b], self.Y[b]
@@ -297,25 +313,32 @@ class TensorLoader:
 
 class NameLoader:
     """Whole names for a recurrent LM: x = '.' + name, y = name + '.', padded on the right
-    (x with '.', y with IGNORE); shuffled every epoch from (seed, epoch)."""
+    (x with '.', y with IGNORE); shuffled every epoch from (seed, epoch). All names are framed and
+    padded once (moved to the training device by to()); a batch is an index gather there, cut to
+    its longest name + 1."""
 
     def __init__(self, names, vocab, batch_size, shuffle=False, seed=0):
-        self.ids = [vocab.encode(list(name)) for name in names]
+        ids = [vocab.encode(list(name)) for name in names]
         self.dot, self.batch_size, self.shuffle, self.seed = vocab.stoi["."], batch_size, shuffle, seed
         self.epoch = 0
+        self.lengths = [len(i) for i in ids]
+        self.x = torch.full((len(ids), max(self.lengths) + 1), self.dot)         # (names, longest + 1)
+        self.y = torch.full((len(ids), max(self.lengths) + 1), IGNORE)
+        for r, i in enumerate(ids):
+            self.x[r, 1:len(i) + 1] = torch.tensor(i, dtype=torch.long)
+            self.y[r, :len(i) + 1] = torch.tensor(i + [self.dot])
+
+    def to(self, device):
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
 
     def __len__(self):
-        return -(-len(self.ids) // self.batch_size)
+        return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self):
-        order = epoch_order(len(self.ids), self.shuffle, self.seed, self.epoch)
+        order = epoch_order(len(self.lengths), self.shuffle, self.seed, self.epoch)
         self.epoch += 1
-        for b in order.split(self.batch_size):
-            rows = [self.ids[i] for i in b.tolist()]
-            T = max(len(r) for r in rows) + 1
-            x = torch.full((len(rows), T), self.dot)
-            y = torch.full((len(rows), T), IGNORE)
-            for r, ids in enumerate(rows):
-                x[r, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-                y[r, :len(ids) + 1] = torch.tensor(ids + [self.dot])
-            yield x, y
+        bs, host = self.batch_size, order.tolist()
+        for b, rows in enumerate(order.to(self.x.device).split(bs)):  # one copy to the device an epoch
+            T = max(self.lengths[i] for i in host[b * bs:(b + 1) * bs]) + 1                 # longest name + 1
+            yield self.x[rows, :T], self.y[rows, :T]

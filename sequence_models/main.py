@@ -53,8 +53,8 @@ QUICK = {
 QUICK_OUT_DIR = "runs/sequence_models-quick"
 NUMBERS_PROMPT = "eight thousand one hundred eleven . eight thousand one hundred twelve ."
 # What --resume does not take from the checkpoint's flags.
-NOT_RESUMED = {"command", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "tensorboard",
-               "review", "prompt", "words", "temperature"}
+NOT_RESUMED = {"command", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "compile", "bf16",
+               "benchmark", "benchmark_steps", "wandb", "tensorboard", "review", "prompt", "words", "temperature"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,11 +129,6 @@ def parse_args(argv=None):
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
     g.add_argument("--tensorboard", action="store_true", help="log to OUT_DIR/<task>-<cell>/tensorboard")
 
-    g.add_argument("--benchmark", action="store_true", help="time the training step of these flags' model and print "
-                                                            "one JSON line (real batches if the data is here, else "
-                                                            "random ones); writes nothing")
-    g.add_argument("--benchmark-steps", type=number(int, 1), help="timed steps of --benchmark (default: 20; --quick 10)")
-
     g = p.add_argument_group("model (on --resume, the checkpoint's)")
     g.add_argument("--emb-size", type=number(int, 1), help=f"embedding width {per_task('emb_size')}")
     g.add_argument("--hidden-size", type=number(int, 1), help=f"hidden state width H {per_task('hidden_size')}")
@@ -165,6 +160,19 @@ def parse_args(argv=None):
     g.add_argument("--text", default=None, help="text: the training text file (character level, last 10%% validates)")
     g.add_argument("--context", type=number(int, 1, 1025), default=3, help="mlp: previous characters seen (Bengio's n - 1)")
     g.add_argument("--direct", action="store_true", help="mlp: add Bengio's direct connections W x")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the recurrent time step "
+                                                                            "(the MLP: the model) (default: on CUDA)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast for all but the "
+                                                                         "recurrence (default: on CUDA)")
+    g.add_argument("--log-interval", type=number(int, 1), default=50, help="steps between reads of the loss from "
+                                                                           "the device: progress bar, TensorBoard, "
+                                                                           "W&B, the non-finite check")
+    g.add_argument("--benchmark", action="store_true", help="time the training step of these flags' model and print "
+                                                            "one JSON line (real batches if the data is here, else "
+                                                            "random ones); writes nothing")
+    g.add_argument("--benchmark-steps", type=number(int, 1), help="timed steps of --benchmark (default: 20; --quick 10)")
 
     g = p.add_argument_group("sweep")
     g.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", default=["hidden_size=128,256", "lr=1e-3,3e-3"],

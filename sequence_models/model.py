@@ -21,7 +21,9 @@ class Recurrent(nn.Module):
     """What the three cells share: per-layer weights, layout handling and the time loop.
 
     Each layer first projects the whole input sequence at once, W_ih x_t + b_ih for every t in
-    one matrix product, so that only the recurrent half W_hh h_{t-1} + b_hh is left in the loop.
+    one matrix product, so that only the recurrent half W_hh h_{t-1} + b_hh is left in the loop;
+    the outputs are stacked once at the end. compile_step() fuses that loop's body, one time step,
+    into a few kernels (torch.compile); the loop itself stays Python, so any length runs.
     """
     gates = 1
 
@@ -55,23 +57,33 @@ class Recurrent(nn.Module):
         """One step from the two projections (N, G*H) and the previous state to the new state."""
         raise NotImplementedError
 
+    def step(self, xw_t, state, W_hh, b_hh):
+        """One time step: W_hh h_{t-1} + b_hh, then the cell."""
+        return self.cell(xw_t, F.linear(state[0], W_hh, b_hh), state)
+
+    def compile_step(self, **options):
+        """Fuse step() with torch.compile: the matrix product and one kernel for the gates, forward
+        and backward, instead of a dozen element-wise ops (what a GPU pays per op is the launch)."""
+        self.step = torch.compile(self.step, **options)
+
     def forward(self, input, hx=None):
         # input (L, N, in), or (N, L, in) with batch_first, or unbatched (L, in)
         batched = input.dim() == 3
         x = input if not batched else input.transpose(0, 1) if self.batch_first else input
         x = x if batched else x.unsqueeze(1)                                   # (L, N, in)
-        N = x.size(1)
+        L, N = x.shape[:2]
         states = self.initial_states(hx, batched, N, x)                        # per layer: (h,) or (h, c)
         finals = []
         for k in range(self.num_layers):
             W_ih, W_hh, b_ih, b_hh = self.layer(k)
             if k > 0 and self.dropout and self.training:
                 x = F.dropout(x, self.dropout)                                # between layers, as torch
-            xw = F.linear(x, W_ih, b_ih)                                       # (L, N, G*H): all t at once
+            xw = F.linear(x.flatten(0, 1), W_ih, b_ih).view(L, N, -1)          # (L N, in) -> (L, N, G*H): all t at once
             state, outputs = states[k], []
-            for xw_t in xw.unbind(0):  # unbind, not xw[t]: one backward for all t instead of L
-                state = self.cell(xw_t, F.linear(state[0], W_hh, b_hh), state)
-                outputs.append(state[0])
+            with torch.autocast(x.device.type, enabled=False):  # float32 recurrence: its rounding compounds over t
+                for xw_t in xw.unbind(0):  # unbind, not xw[t]: one backward for all t instead of L
+                    state = self.step(xw_t, state, W_hh, b_hh)
+                    outputs.append(state[0])
             x = torch.stack(outputs)                                           # (L, N, H)
             finals.append(state)
         output = x.transpose(0, 1) if self.batch_first and batched else x if batched else x.squeeze(1)
@@ -81,13 +93,14 @@ class Recurrent(nn.Module):
         return output, final[0] if len(final) == 1 else tuple(final)
 
     def initial_states(self, hx, batched, N, x):
-        """hx (num_layers, N, H) (a tuple of two for the LSTM), or zeros; -> one tuple per layer."""
+        """hx (num_layers, N, H) (a tuple of two for the LSTM), or zeros; -> one tuple per layer,
+        copied out of hx so that every step gets a tensor of its own, as a compiled step expects."""
         n_state = 2 if isinstance(self, LSTM) else 1
         if hx is None:
             hx = (x.new_zeros(self.num_layers, N, self.hidden_size),) * n_state
         else:
             hx = [h if batched else h.unsqueeze(1) for h in (hx if n_state == 2 else (hx,))]
-        return [tuple(h[k] for h in hx) for k in range(self.num_layers)]
+        return [tuple(h[k].clone() for h in hx) for k in range(self.num_layers)]
 
 
 class RNN(Recurrent):

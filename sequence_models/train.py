@@ -63,11 +63,13 @@ class Learner:
 
     State the callbacks read and write: epoch (0-based), step (optimiser steps so far), training,
     batch, xb (inputs), yb (targets), pred, loss, metrics (this epoch's), history (one row per
-    epoch), and epochs (the target of this fit).
+    epoch), and epochs (the target of this fit). bf16: the forward and the loss under bfloat16
+    autocast (the recurrence itself stays float32, see model.Recurrent.forward).
     """
 
-    def __init__(self, model, data, loss_fn, opt, callbacks=(), device="cpu"):
+    def __init__(self, model, data, loss_fn, opt, callbacks=(), device="cpu", bf16=False):
         self.model, self.data, self.loss_fn, self.opt, self.device = model, data, loss_fn, opt, device
+        self.bf16 = bf16
         self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
         for cb in self.callbacks:
             cb.learner = self
@@ -80,12 +82,13 @@ class Learner:
                 method()
 
     def one_batch(self):
-        *self.xb, self.yb = [t.to(self.device) for t in self.batch]
+        *self.xb, self.yb = [t.to(self.device) for t in self.batch]  # already there when the loader is
         self.callback("before_batch")
-        self.pred = self.model(*self.xb)
-        self.callback("before_loss")
-        self.loss = self.loss_fn(self.pred, self.yb)
-        self.callback("after_loss")
+        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
+            self.pred = self.model(*self.xb)
+            self.callback("before_loss")
+            self.loss = self.loss_fn(self.pred, self.yb)
+            self.callback("after_loss")
         if self.training:
             self.callback("before_backward")
             self.loss.backward()
@@ -141,7 +144,7 @@ def accuracy(pred, y):
     """Share of argmax predictions equal to the target (a review's label, or the next token),
     padding (IGNORE) left out."""
     keep = y != IGNORE
-    return (pred.argmax(-1) == y)[keep].float().mean()
+    return ((pred.argmax(-1) == y) & keep).sum() / keep.sum()  # not [keep]: a mask index waits for the device
 
 
 def cross_entropy(pred, y):
@@ -152,38 +155,50 @@ def cross_entropy(pred, y):
 
 class Metrics(Callback):
     """Mean loss and accuracy, weighted by targets, into metrics['train_loss', 'valid_accuracy', ...];
-    at the end of every epoch the row goes into history."""
+    at the end of every epoch the row goes into history. Each batch's (loss, accuracy, targets) stays
+    on the device until its split ends, then all are read at once and summed in float64: a read per
+    batch would make the host wait for the device every step."""
     order = -10
 
     def before_fit(self):
-        self.sums = {}
+        self.rows = {}
 
     def before_epoch(self):
-        self.sums, self.t0 = {}, time.perf_counter()
+        self.rows, self.t0 = {}, time.perf_counter()
 
     def before_validate(self):
-        self.sums = {k: v for k, v in self.sums.items() if not k.startswith("valid")}
+        self.rows["valid"] = []
 
     def after_loss(self):
         L = self.learner
-        split, n = "train" if L.training else "valid", (L.yb != IGNORE).sum().item()
-        for name, value in (("loss", L.loss), ("accuracy", accuracy(L.pred, L.yb))):
-            total, count = self.sums.get(f"{split}_{name}", (0.0, 0))
-            self.sums[f"{split}_{name}"] = (total + value.item() * n, count + n)
+        n = (L.yb != IGNORE).sum()
+        row = torch.stack([L.loss.detach(), accuracy(L.pred, L.yb), n.float()])
+        self.rows.setdefault("train" if L.training else "valid", []).append(row)
+
+    def means(self, split):
+        if not self.rows.get(split):
+            return {}
+        loss, acc, n = torch.stack(self.rows[split]).cpu().double().unbind(1)  # one read for the whole split
+        mean = lambda v: ((v * n).sum() / n.sum()).item()
+        return {f"{split}_loss": mean(loss), f"{split}_accuracy": mean(acc)}
 
     def after_validate(self):
-        self.learner.metrics.update({k: t / n for k, (t, n) in self.sums.items() if k.startswith("valid")})
+        self.learner.metrics.update(self.means("valid"))
 
     def after_epoch(self):
         L = self.learner
-        L.metrics.update({k: t / n for k, (t, n) in self.sums.items() if k.startswith("train")})
+        L.metrics.update(self.means("train"))
         L.metrics.update(lr=L.opt.param_groups[0]["lr"], seconds=time.perf_counter() - self.t0)
         L.history.append(dict(L.metrics))
 
 
 class Progress(Callback):
-    """tqdm bars over the batches, and a log line per epoch (python logging)."""
+    """tqdm bars over the batches, the training loss every `every` steps, and a log line per epoch
+    (python logging)."""
     order = 90
+
+    def __init__(self, every=1):
+        self.every = every
 
     def bar(self, desc):
         self.pbar = tqdm(total=len(self.learner.loader), desc=desc, leave=False, dynamic_ncols=True)
@@ -193,7 +208,7 @@ class Progress(Callback):
 
     def after_batch(self):
         self.pbar.update()
-        if self.learner.training:
+        if self.learner.training and self.learner.step % self.every == 0:
             self.pbar.set_postfix(loss=f"{self.learner.loss.item():.3f}")
 
     def before_validate(self):
@@ -261,21 +276,52 @@ def all_finite(obj):
 
 class StopOnNonFinite(Callback):
     """Stop before a non-finite loss or gradient reaches the weights (Checkpoint also refuses to save
-    a non-finite state). The loss is checked after ARTAR's penalties, the gradient after clipping."""
+    a non-finite state). The loss is checked after ARTAR's penalties, the gradient after clipping.
+
+    every=1 reads both every step. With every > 1 and a fused optimiser nothing is read per step (a
+    read makes the host wait for the device): a non-finite step sets a flag on the device that makes
+    the optimiser skip that update and every later one (fused AdamW's found_inf, which GradScaler
+    uses too), and the flag is read every `every` steps and before the epoch's checkpoint."""
     order = 10
+
+    def __init__(self, every=1):
+        self.every = every
+
+    def before_fit(self):
+        L = self.learner
+        self.deferred = self.every > 1 and all(g.get("fused") for g in L.opt.param_groups)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=L.device)  # the first non-finite step; 0: none
 
     def after_loss(self):
         L = self.learner
-        if L.training and not torch.isfinite(L.loss):
+        if L.training and not self.deferred and not torch.isfinite(L.loss):
             raise Diverged(f"the loss became non-finite ({L.loss.item()}) at step {L.step + 1}; "
                            f"stopped before the update")
 
     def before_step(self):
         L = self.learner
         norm = torch.nn.utils.get_total_norm([p.grad for p in L.model.parameters() if p.grad is not None])
-        if not torch.isfinite(norm):
+        if self.deferred:
+            bad = ~(torch.isfinite(L.loss) & torch.isfinite(norm))
+            self.first_bad = torch.where(bad & (self.first_bad == 0), L.step + 1, self.first_bad)
+            L.opt.found_inf = (self.first_bad > 0).float()  # 1: the fused step leaves weights and moments as they are
+        elif not torch.isfinite(norm):
             raise Diverged(f"the gradient norm became non-finite ({norm.item()}) at step {L.step + 1}; "
                            f"stopped before the update")
+
+    def after_step(self):
+        if self.deferred and self.learner.step % self.every == 0:
+            self.check()
+
+    def after_epoch(self):  # before Checkpoint's save (order 100)
+        if self.deferred:
+            self.check()
+
+    def check(self):
+        step = int(self.first_bad)
+        if step:
+            raise Diverged(f"the loss or the gradient norm became non-finite at step {step}; that update and "
+                           f"the ones after it were skipped")
 
 
 class ARTAR(Callback):
@@ -416,11 +462,11 @@ class CSVLog(Callback):
 
 
 class TensorBoard(Callback):
-    """Train loss and learning rate every step, validation loss and accuracy every epoch."""
+    """Train loss and learning rate every `every` steps, validation loss and accuracy every epoch."""
     order = 95
 
-    def __init__(self, log_dir):
-        self.log_dir = log_dir
+    def __init__(self, log_dir, every=1):
+        self.log_dir, self.every = log_dir, every
 
     def before_fit(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -428,7 +474,7 @@ class TensorBoard(Callback):
 
     def after_batch(self):
         L = self.learner
-        if L.training:
+        if L.training and L.step % self.every == 0:
             self.writer.add_scalar("loss/train", L.loss.item(), L.step)
             self.writer.add_scalar("lr", L.opt.param_groups[0]["lr"], L.step)
 
@@ -447,8 +493,8 @@ class Wandb(Callback):
     """Weights & Biases, opt-in: the same scalars as TensorBoard."""
     order = 95
 
-    def __init__(self, config, out):
-        self.config, self.out = config, out
+    def __init__(self, config, out, every=1):
+        self.config, self.out, self.every = config, out, every
 
     def before_fit(self):
         import wandb
@@ -457,7 +503,7 @@ class Wandb(Callback):
 
     def after_batch(self):
         L = self.learner
-        if L.training:
+        if L.training and L.step % self.every == 0:
             self.wandb.log({"train/loss": L.loss.item(), "lr": L.opt.param_groups[0]["lr"]}, step=L.step)
 
     def after_epoch(self):
@@ -685,7 +731,7 @@ def log_file(path):
 
 def step_callbacks(args, model):
     """What every training step runs: the metrics, schedule, guards and penalties (also --benchmark's)."""
-    callbacks = [Metrics(), OneCycle(), StopOnNonFinite()]
+    callbacks = [Metrics(), OneCycle(), StopOnNonFinite(args.log_interval)]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
     if args.freeze_epochs and args.task == "imdb":
@@ -700,23 +746,43 @@ def step_callbacks(args, model):
 def callbacks_for(args, model, out, meta, ckpt):
     """step_callbacks, and what a run adds: progress, checkpoints, logs, early stopping."""
     monitor = MONITOR[args.task]
-    callbacks = step_callbacks(args, model) + [Progress(), Checkpoint(out, meta, monitor, ckpt), CSVLog(out / "log.csv")]
+    callbacks = step_callbacks(args, model) + [Progress(args.log_interval), Checkpoint(out, meta, monitor, ckpt),
+                                                CSVLog(out / "log.csv")]
     if args.patience:
         callbacks.append(EarlyStopping(args.patience, monitor))
     if args.tensorboard:
-        callbacks.append(TensorBoard(str(out / "tensorboard")))
+        callbacks.append(TensorBoard(str(out / "tensorboard"), args.log_interval))
     if args.wandb:
-        callbacks.append(Wandb(vars(args), str(out)))
+        callbacks.append(Wandb(vars(args), str(out), args.log_interval))
     return callbacks
 
 
+def cuda_default(flag, device):
+    """--compile, --bf16: as given, else on for CUDA (where launches and bandwidth cost) only."""
+    return device.startswith("cuda") if flag is None else flag
+
+
 def model_and_optimiser(args, config, device, pretrained=None, vocab=None):
-    """The model of config on device (its encoder from a pretrained LM if given) and its AdamW."""
+    """The model of config on device (its encoder from a pretrained LM if given; with --compile its
+    time step, or the whole MLP, compiled) and its AdamW, fused: one kernel for the whole update."""
     model = build_model(args.task, config)
     if pretrained:
         load_encoder(model, pretrained, vocab, args.pretrained)
     model = model.to(device)
-    return model, torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
+    if cuda_default(args.compile, device):
+        torch.compiler.reset()  # sweeps and transfer train several models in one process: a cache for each
+        if isinstance(model, MLPLanguageModel):
+            model.compile()
+        else:  # three variants: the first step (no gradient into h_0), the later ones, validation
+            model.rnn.compile_step(dynamic=True)  # dynamic: the last, smaller batch reuses the kernels
+    return model, torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay, fused=True)
+
+
+def on_device(data, device):
+    """Every loader's tensors moved to the training device, once: its batches are index gathers there."""
+    for loader in vars(data).values():
+        loader.to(device)
+    return data
 
 
 def train(args):
@@ -739,7 +805,8 @@ def train(args):
     model, opt = model_and_optimiser(args, config, device, pretrained, vocab)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     meta = {"folder": FOLDER, "task": args.task, "config": config, "vocab": vocab.itos, "args": vars(args)}
-    learner = Learner(model, data, cross_entropy, opt, callbacks_for(args, model, out, meta, ckpt), device)
+    learner = Learner(model, on_device(data, device), cross_entropy, opt, callbacks_for(args, model, out, meta, ckpt),
+                      device, cuda_default(args.bf16, device))
     with log_file(out / "train.log"):
         log.info(f"{args.task} with a from-scratch {args.cell.upper()}: "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(vocab):,}, "

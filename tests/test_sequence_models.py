@@ -770,3 +770,97 @@ def test_benchmark_reports_the_quick_models_parameters_batch_and_flops(task, tmp
     assert r["tflops"] == pytest.approx(flops * r["samples_per_s"] / 1e12, rel=1e-9)
     assert (r["folder"], r["device"], r["mfu"], r["compile"]) == ("sequence_models", "cpu", None, False)
     assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
+
+
+def test_the_input_projection_is_one_matrix_product_per_layer_and_only_the_recurrent_one_loops(monkeypatch):
+    """W_ih x_t + b_ih for all t is one F.linear on the (L N, in) inputs per layer; the loop holds only
+    W_hh h_{t-1}, one (N, H) product per step."""
+    torch.manual_seed(18)
+    ours = sm.model.LSTM(5, 7, 2)
+    calls, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append((w, tuple(x.shape))) or linear(x, w, b))
+    ours(torch.randn(6, 3, 5))
+    expected = [(ours.weight_ih_l0, (6 * 3, 5))] + [(ours.weight_hh_l0, (3, 7))] * 6 \
+        + [(ours.weight_ih_l1, (6 * 3, 7))] + [(ours.weight_hh_l1, (3, 7))] * 6
+    assert [(id(w), shape) for w, shape in calls] == [(id(w), shape) for w, shape in expected]
+
+
+def test_the_compiled_time_step_matches_torch():
+    """compile_step(): the same outputs, states and gradients as torch.nn's LSTM, training and then
+    without gradients on a smaller batch. aot_eager traces what inductor would fuse (dynamo and AOT
+    autograd) and runs it with eager kernels, which keeps the test fast on CPU."""
+    torch.manual_seed(19)
+    ref, ours = pair("lstm", 2, True)
+    torch.compiler.reset()  # the cells share Recurrent.step's code, and so dynamo's cache of its variants
+    ours.compile_step(backend="aot_eager", dynamic=True)
+    x = torch.randn(3, 6, 5)
+    for module in (ref, ours):
+        out, state = module(x)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        ((out * weights).sum() + sum(s.sum() for s in as_tuple(state))).backward()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], atol=1e-5, rtol=0)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for a, b in zip(as_tuple(ours(x[:2])[1]), as_tuple(ref(x[:2])[1]), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_with_a_fused_optimiser_a_non_finite_step_is_skipped_on_the_device_and_reported_at_the_next_read():
+    """StopOnNonFinite(every=4) with fused AdamW reads nothing per step: a NaN gradient at step 2 leaves
+    the weights, Adam's moments and its step count as step 1 left them, through steps 3 and 4 too
+    (every later update is skipped), and the flag read at step 4 names step 2."""
+    class Poison(sm.train.Callback):
+        def after_backward(self):
+            if self.learner.step == 1:
+                self.learner.model.weight.grad[0, 0] = float("nan")
+
+    torch.manual_seed(4)
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    data = sm.train.SimpleNamespace(train=[batch] * 6, valid=[batch])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    seen = []
+    snapshot = lambda L, e: seen.append([model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone(),
+                                         opt.state[model.weight]["step"].clone()])
+    learner = sm.train.Learner(model, data, sm.train.cross_entropy, opt,
+                               [sm.train.StopOnNonFinite(every=4), Poison(), Tap(5, snapshot, "after_step")])
+    with pytest.raises(sm.train.Diverged, match="non-finite at step 2; that update and the ones after it were skipped"):
+        learner.fit(1)
+    assert len(seen) == 4 and seen[0][2] == 1
+    for later in seen[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(later, seen[0], strict=True))
+    assert torch.isfinite(model.weight).all()
+
+
+READS = ("item", "cpu", "tolist", "__bool__", "__int__", "__float__")  # each makes the host wait for the device
+
+
+def test_twenty_training_steps_read_from_the_device_only_at_the_log_interval(tmp_path, monkeypatch):
+    """20 steps of names training at --log-interval 10 (the path CUDA takes: fused AdamW, the deferred
+    non-finite check, metrics summed on the device, batches gathered there): the loop may read a tensor
+    only at the 2 log points (the non-finite flag, the progress bar's loss) and once an epoch (the
+    shuffled order), so at most 2 x 2 + 1 reads; before this was 4 or more per step."""
+    write_names(tmp_path / "data", 200)
+    argv = ["--task", "names", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--device",
+            "cpu", "--epochs", "1", "--emb-size", "8", "--hidden-size", "8", "--batch-size", "4",
+            "--log-interval", "10"]
+    reads, counting = [], []
+    for name in READS:
+        def spy(self, *a, _name=name, _read=getattr(torch.Tensor, name), **k):
+            if counting:
+                reads.append(_name)
+            return _read(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def stop(L, e):
+        if L.step == 20:
+            counting.clear()
+            raise sm.train.CancelFit
+
+    taps = [Tap(-100, lambda L, e: counting.append(True), "before_fit"), Tap(200, stop, "after_step")]
+    with_taps = sm.train.callbacks_for
+    monkeypatch.setattr(sm.train, "callbacks_for", lambda *a: with_taps(*a) + taps)
+    monkeypatch.setattr(sm.train, "evaluate", lambda *a: None)
+    sm.train.train(sm.main.parse_args(argv))
+    assert len(reads) <= 20 // 10 * 2 + 1, reads
