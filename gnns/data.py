@@ -120,14 +120,15 @@ def exclusive_cumsum(counts):
 
 
 def pointers(counts):
-    """Offsets [0, c0, c0 + c1, ...] of consecutive blocks with these sizes."""
-    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    """Offsets [0, c0, c0 + c1, ...] of consecutive blocks with these sizes (along the first dimension)."""
+    return torch.cat([counts.new_zeros((1, *counts.shape[1:])), torch.cumsum(counts, 0)])
 
 
-def ranges(starts, counts):
-    """Concatenated aranges [starts[k], starts[k] + counts[k]) for every k, without a loop."""
-    offsets = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts)
-    return offsets + torch.arange(int(counts.sum()))
+def ranges(starts, counts, total=None):
+    """Concatenated aranges [starts[k], starts[k] + counts[k]) for every k, without a loop; with their
+    total length given (known on the host), nothing waits for the device."""
+    offsets = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts, output_size=total)
+    return offsets + torch.arange(len(offsets), device=counts.device)
 
 
 @dataclass
@@ -144,16 +145,62 @@ class GraphSet:
     def __len__(self):
         return len(self.y)
 
+    def to(self, device):
+        return GraphSet(self.nodes.to(device), self.node_ptr.to(device), self.edges.to(device),
+                        self.edge_ptr.to(device), self.y.to(device), self.side)
+
     def batch(self, idx):
-        """The graphs `idx` (a 1-D long tensor) as one disjoint graph, features on [0, 1]."""
+        """The graphs `idx` (a 1-D long tensor, on the set's device) as one disjoint graph, features on [0, 1]."""
+        x, edge_index, graph, y = self.gather(idx, max(len(idx), 1))
+        return Batch(x, edge_index, graph, len(idx), y)
+
+    def gather(self, idx, batch_size, nodes=None, edges=None):
+        """The graphs `idx` as consecutive batches of batch_size graphs, node and graph numbers starting at
+        0 in each batch. With the total nodes and edges of idx given (known on the host), nothing waits for
+        the device. -> x (N, 3) float, edge_index (2, E) long, graph (N,) long, y (G,)"""
+        device = self.nodes.device
         n_nodes = self.node_ptr[idx + 1] - self.node_ptr[idx]
         n_edges = self.edge_ptr[idx + 1] - self.edge_ptr[idx]
-        nodes = self.nodes[ranges(self.node_ptr[idx], n_nodes)].float()
-        x = nodes / torch.tensor([255.0, self.side - 1, self.side - 1])
-        shift = torch.repeat_interleave(exclusive_cumsum(n_nodes), n_edges)  # local -> batch node numbers
-        edge_index = self.edges[:, ranges(self.edge_ptr[idx], n_edges)].long() + shift
-        batch = torch.repeat_interleave(torch.arange(len(idx)), n_nodes)
-        return Batch(x, edge_index, batch, len(idx), self.y[idx])
+        x = self.nodes[ranges(self.node_ptr[idx], n_nodes, nodes)].float()
+        x = x / torch.tensor([255.0, self.side - 1, self.side - 1], device=device)
+        k = torch.arange(len(idx), device=device)
+        first = exclusive_cumsum(n_nodes)                                # first node of each graph
+        shift = torch.repeat_interleave(first - first[k - k % batch_size], n_edges, output_size=edges)
+        edge_index = self.edges[:, ranges(self.edge_ptr[idx], n_edges, edges)].long() + shift  # local -> batch
+        graph = torch.repeat_interleave(k % batch_size, n_nodes, output_size=nodes)
+        return x, edge_index, graph, self.y[idx]
+
+
+class Batches:
+    """The batches of an epoch: the graphs `order` of a GraphSet, batch_size at a time (the last batch
+    may be smaller). Their sizes are read on the host once, here; then batch(s) waits for nothing.
+    Built `chunk` batches at a time, on first use: on a GPU the whole epoch at once (a few dozen
+    launches), on a CPU one batch at a time, which stays in cache (a whole epoch of 55,000 digits at
+    once, 52M edges, took 8.3 s here against 1.7 s batch by batch)."""
+
+    def __init__(self, graphs, order, batch_size, chunk):
+        self.graphs, self.order, self.batch_size, self.chunk = graphs, order, batch_size, chunk
+        steps = -(-len(order) // batch_size)
+        bounds = torch.arange(0, steps * batch_size + 1, batch_size, device=order.device).clamp(max=len(order))
+        sizes = torch.stack([graphs.node_ptr[order + 1] - graphs.node_ptr[order],
+                             graphs.edge_ptr[order + 1] - graphs.edge_ptr[order]], 1)      # (G, 2)
+        self.node_ptr, self.edge_ptr = pointers(sizes)[bounds].T.tolist()  # batch s: nodes node_ptr[s]:node_ptr[s+1]
+        self.built = None, None                                            # (chunk number, its tensors)
+
+    def __len__(self):
+        return len(self.node_ptr) - 1
+
+    def batch(self, s):
+        c, B = s // self.chunk, self.batch_size
+        first, last = c * self.chunk, min((c + 1) * self.chunk, len(self))     # the chunk's batches
+        if self.built[0] != c:
+            nodes, edges = self.node_ptr[last] - self.node_ptr[first], self.edge_ptr[last] - self.edge_ptr[first]
+            self.built = c, self.graphs.gather(self.order[first * B:last * B], B, nodes, edges)
+        x, edge_index, graph, y = self.built[1]
+        n0, n1 = self.node_ptr[s] - self.node_ptr[first], self.node_ptr[s + 1] - self.node_ptr[first]
+        e0, e1 = self.edge_ptr[s] - self.edge_ptr[first], self.edge_ptr[s + 1] - self.edge_ptr[first]
+        y = y[(s - first) * B:(s - first + 1) * B]
+        return Batch(x[n0:n1], edge_index[:, e0:e1], graph[n0:n1], len(y), y)
 
 
 def build_graphs(images, labels, background="drop"):

@@ -36,12 +36,19 @@ def add_self_loops(edge_index, num_nodes):
     return torch.cat([edge_index, torch.stack([loops, loops])], 1)
 
 
+def count(index, size):
+    """How often each of 0..size-1 occurs in index, as float32: a bincount that does not wait for the
+    device (bincount reads the largest index on the host to size its output)."""
+    ones = torch.ones((), device=index.device).expand(len(index))
+    return torch.zeros(size, device=index.device).index_add_(0, index, ones)
+
+
 def gcn_norm(edge_index, num_nodes):
     """Edges of A + I and d^-1/2, D the degree matrix of A + I: the weight of edge (j, i) in
     D^-1/2 (A + I) D^-1/2 is d_j^-1/2 d_i^-1/2. Every node has its self-loop, so d >= 1 and
     isolated nodes are fine."""
     edge_index = add_self_loops(edge_index, num_nodes)
-    deg = torch.bincount(edge_index[1], minlength=num_nodes).float()
+    deg = count(edge_index[1], num_nodes)
     return edge_index, deg.rsqrt()
 
 
@@ -62,8 +69,10 @@ class GCNLayer(nn.Module):
         self.W = nn.Linear(d_in, d_out, bias=False)
         self.b = nn.Parameter(torch.zeros(d_out))
 
-    def forward(self, h, edge_index):                           # h (N, d_in), edge_index (2, E)
-        edge_index, d = gcn_norm(edge_index, h.shape[0])
+    prepare = staticmethod(gcn_norm)                            # what every layer of a forward shares
+
+    def forward(self, h, edge_index, prepared=None):            # h (N, d_in), edge_index (2, E)
+        edge_index, d = gcn_norm(edge_index, h.shape[0]) if prepared is None else prepared
         j, i = edge_index
         hw = self.W(h) * d[:, None]                             # D^-1/2 H W, (N, d_out)
         out = torch.zeros_like(hw).index_add_(0, i, hw.index_select(0, j))  # (A + I) D^-1/2 H W: sum over j
@@ -91,9 +100,11 @@ class GATLayer(nn.Module):
         nn.init.xavier_uniform_(self.a_dst)
         nn.init.xavier_uniform_(self.a_src)
 
-    def forward(self, h, edge_index):                           # h (N, d_in), edge_index (2, E)
+    prepare = staticmethod(add_self_loops)                      # what every layer of a forward shares
+
+    def forward(self, h, edge_index, prepared=None):            # h (N, d_in), edge_index (2, E)
         N = h.shape[0]
-        edge_index = add_self_loops(edge_index, N)
+        edge_index = add_self_loops(edge_index, N) if prepared is None else prepared
         j, i = edge_index
         z = rearrange(self.W(h), "n (k f) -> n k f", k=self.K)  # W^k h, (N, K, F)
         s_dst, s_src = (z * self.a_dst).sum(-1), (z * self.a_src).sum(-1)  # (N, K) each
@@ -170,8 +181,9 @@ class GNN(nn.Module):
             mx = h.masked_fill(~m, float("-inf")).amax(1)
             mx = mx.masked_fill(~m.any(1), 0.0)                 # an empty graph pools to 0, not -inf
         else:
-            h, att = self.blocks(self.encoder(x), lambda layer, h: layer(h, edge_index))
-            counts = torch.bincount(batch, minlength=num_graphs).clamp(min=1)
+            prepared = self.convs[0].prepare(edge_index, len(x))  # self-loops (and GCN's degrees) once, not per layer
+            h, att = self.blocks(self.encoder(x), lambda layer, h: layer(h, edge_index, prepared))
+            counts = count(batch, num_graphs).clamp(min=1)
             mean = h.new_zeros(num_graphs, h.shape[1]).index_add_(0, batch, h) / counts[:, None]
             mx = h.new_zeros(num_graphs, h.shape[1]).scatter_reduce(
                 0, batch[:, None].expand_as(h), h, "amax", include_self=False)  # empty graphs stay 0

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DATASETS, build_graphs, cached_graphs, find, idx_files, load_data, load_images, random_images,
-                  subset)
+from data import (DATASETS, Batches, build_graphs, cached_graphs, find, idx_files, load_data, load_images,
+                  random_images, subset)
 from model import GNN, GNNConfig
 
 FOLDER = "gnns"  # stamped into checkpoints, so that another folder's checkpoint is refused
@@ -82,11 +82,11 @@ def forward(model, b, device, dense=False, **kw):
 
 @torch.no_grad()
 def predict(model, graphs, device, batch_size=1000):
-    """Logits (G, classes) of every graph of a GraphSet, in order."""
+    """Logits (G, classes) of every graph of a GraphSet, in order (batches built where the set lives)."""
     was_training = model.training
     model.eval()
-    logits = [forward(model, graphs.batch(torch.arange(i, min(i + batch_size, len(graphs)))), device)[0]
-              for i in range(0, len(graphs), batch_size)]
+    batches = make_batches(graphs, torch.arange(len(graphs), device=graphs.y.device), batch_size)
+    logits = [forward(model, batches.batch(s), device)[0] for s in range(len(batches))]
     model.train(was_training)
     return torch.cat(logits)
 
@@ -111,18 +111,48 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
-def check_finite(loss, grad_norm, step, ckpt_path):
-    """Stop before a non-finite loss or gradient reaches the weights (and so the checkpoint)."""
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+def stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path):
+    """One line and exit once a loss or gradient norm has been non-finite (`finite` is False), before
+    that update reaches the weights (off CUDA) and before any checkpoint."""
+    if not finite:
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
         raise SystemExit(f"gnns: the loss or its gradient became non-finite (loss {loss.item():g}, "
                          f"gradient norm {grad_norm.item():g}) at step {step}; stopping before the update ({kept}); "
                          f"try a lower --lr")
 
 
-def get_batch(train_set, order, s, args):
-    """Batch s of an epoch: the graphs order[s B:(s + 1) B] as one disjoint graph."""
-    return train_set.batch(order[s * args.batch_size:(s + 1) * args.batch_size])
+def checks_every_step(device):
+    """Off CUDA reading a flag from the device costs nothing, so divergence is checked every step; on
+    CUDA each read waits for the GPU to finish its queue, so only every --log-interval steps."""
+    return torch.device(device).type != "cuda"
+
+
+def precision(device):
+    """TF32 matmuls on CUDA. No bf16 autocast: the layers are 64-wide, so the step is bound by kernel
+    launches and by the gathers and scatters along the edges, not by matmuls, and autocast would sum
+    the messages (index_add_) in bf16."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def adamw(model, args):
+    """AdamW; on CUDA the fused kernel (one launch per step instead of several per parameter)."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                             fused=True if next(model.parameters()).is_cuda else None)
+
+
+def make_batches(graphs, order, batch_size):
+    """Batches of the graphs `order`, built where the graphs live: on a GPU the whole epoch at once, on
+    a CPU one batch at a time (see data.Batches)."""
+    return Batches(graphs, order, batch_size, chunk=len(order) if graphs.y.device.type != "cpu" else 1)
+
+
+def epoch_batches(train_set, epoch, args):
+    """The epoch's batches: the order is drawn on the CPU from (seed, epoch), so resuming replays it,
+    and moved to the device once; the last partial batch is dropped."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    order = torch.randperm(len(train_set), generator=g)[:len(train_set) // args.batch_size * args.batch_size]
+    return make_batches(train_set, order.to(train_set.y.device), args.batch_size)
 
 
 def train_step(model, fwd, optimizer, b, lr, args, device, before_update):
@@ -142,24 +172,34 @@ def train_step(model, fwd, optimizer, b, lr, args, device, before_update):
 
 
 def train_epoch(epoch, model, fwd, optimizer, train_set, schedule, ckpt_path, args, device):
-    """One pass over a fresh permutation of the training graphs. -> (losses, correct) per step, tensors,
-    and the last lr."""
+    """One pass over a fresh permutation of the training graphs. Whether a loss or gradient norm was
+    non-finite is folded into a device tensor every step and read (a host sync) before the update:
+    every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
+    that no checkpoint holds a non-finite state. -> (losses, correct) per step, tensors, and the last lr."""
     steps_per_epoch, total_steps, warmup_steps = schedule
-    # Everything random in an epoch is seeded by (seed, epoch): resuming replays it exactly.
-    torch.manual_seed(args.seed * 100_003 + epoch)          # dropout
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train_set), generator=g)
+    every_step = checks_every_step(device)
+    finite, last = torch.ones((), dtype=torch.bool, device=device), None
+    torch.manual_seed(args.seed * 100_003 + epoch)          # dropout, seeded by (seed, epoch) like the order
+    batches = epoch_batches(train_set, epoch, args)
     losses, correct = [], []
     pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
     for s in pbar:
         step = epoch * steps_per_epoch + s
         lr = get_lr(step, total_steps, warmup_steps, args)
-        loss, right = train_step(model, fwd, optimizer, get_batch(train_set, order, s, args), lr, args, device,
-                                 lambda loss, grad_norm: check_finite(loss, grad_norm, step, ckpt_path))
+
+        def check(loss, grad_norm):
+            nonlocal last
+            last = (loss, grad_norm, step)
+            finite.logical_and_(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if every_step or s % args.log_interval == 0:
+                stop_if_non_finite(finite, *last, ckpt_path)
+
+        loss, right = train_step(model, fwd, optimizer, batches.batch(s), lr, args, device, check)
         losses.append(loss)
         correct.append(right)
         if s % args.log_interval == 0:
             pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+    stop_if_non_finite(finite, *last, ckpt_path)
     return losses, correct, lr
 
 
@@ -170,7 +210,8 @@ def train(args):
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"gnns: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    data = load_data(args)
+    precision(device)
+    data = {k: graphs.to(device) for k, graphs in load_data(args).items() if k != "test"}  # on the device once
     train_set = data["train"]
 
     cfg = model_config(args)
@@ -179,7 +220,7 @@ def train(args):
                          f"resume without model flags, or train it in another --out-dir")
     torch.manual_seed(args.seed)
     model = GNN(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = adamw(model, args)
     epoch = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -192,8 +233,7 @@ def train(args):
         raise SystemExit(f"gnns: --batch-size {args.batch_size} exceeds the {len(train_set)} training graphs")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     out.mkdir(parents=True, exist_ok=True)
-    nodes = (train_set.node_ptr[-1] / len(train_set)).item()
-    edges = (train_set.edge_ptr[-1] / len(train_set)).item()
+    nodes, edges = train_set.node_ptr[-1].item() / len(train_set), train_set.edge_ptr[-1].item() / len(train_set)
     print(f"{cfg.model.upper()}: {model.num_params():,} parameters; {args.dataset} as pixel graphs "
           f"(background {args.background}: {nodes:.0f} nodes, {edges:.0f} directed edges per graph on average); "
           f"{len(train_set):,} train / {len(data['val']):,} val graphs on {device}"
@@ -285,14 +325,16 @@ def benchmark(args):
     steps, then the median of --benchmark-steps timed optimiser steps, on graphs drawn at random from
     the training set (random blob images when the data are not there). Prints one JSON line; writes nothing."""
     device = resolve_device(args.device)
+    precision(device)
     warmup, B = 3, args.batch_size
     graphs, data = benchmark_graphs(args, B * (warmup + args.benchmark_steps))
     cfg = model_config(args)
     torch.manual_seed(args.seed)
     model = GNN(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = adamw(model, args)
     fwd = torch.compile(model, dynamic=True) if args.compile else model
-    order = torch.arange(len(graphs))
+    batches = make_batches(graphs.to(device), torch.arange(len(graphs), device=device), B)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     cuda = device.startswith("cuda")
 
     def synchronize():
@@ -303,8 +345,8 @@ def benchmark(args):
     for s in range(warmup + args.benchmark_steps):
         synchronize()
         t0 = time.perf_counter()
-        train_step(model, fwd, optimizer, get_batch(graphs, order, s, args), args.lr, args, device,
-                   lambda loss, grad_norm: check_finite(loss, grad_norm, s, Path("(benchmark)")))
+        train_step(model, fwd, optimizer, batches.batch(s), args.lr, args, device,  # what training folds in
+                   lambda loss, grad_norm: finite.logical_and_(torch.isfinite(loss) & torch.isfinite(grad_norm)))
         synchronize()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[warmup:])

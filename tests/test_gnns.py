@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import import_folder, write_idx
+from conftest import ROOT, import_folder, write_idx
 from torch.utils.flop_counter import FlopCounterMode
 
 gnns = import_folder("gnns")
@@ -455,3 +455,60 @@ def test_a_cache_built_from_other_images_is_rebuilt_not_used(tmp_path):
     assert torch.equal(b.y, labels) and torch.equal(b.nodes, expected.nodes) and not torch.equal(a.y, b.y)
     assert torch.equal(gnns.data.cached_graphs(args[1], "test").nodes, expected.nodes)   # and the cache now holds b
     assert gnns.data.cached_graphs(args[0], "test") is None
+
+
+# ---- host-device synchronisation
+
+SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain
+
+
+def count_syncs(monkeypatch, module, folder):
+    """Spies on the Tensor methods that read a value on the host, counting the calls made by `folder`'s
+    code while `module.train_epoch` runs (the step loop; the end-of-epoch logging is outside it)."""
+    calls, active = [], []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            if active and sys._getframe(1).f_code.co_filename.startswith(str(ROOT / folder)):
+                calls.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    train_epoch = module.train_epoch
+
+    def counted(*a, **kw):
+        active.append(1)
+        try:
+            return train_epoch(*a, **kw)
+        finally:
+            active.pop()
+    monkeypatch.setattr(module, "train_epoch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("model, log_interval", [("gcn", 10), ("gat", 20)])
+def test_twenty_steps_read_the_device_only_at_log_steps(model, log_interval, tmp_path, monkeypatch):
+    """One epoch of 20 steps on the CPU with CUDA's schedule (divergence read at log steps only): the loop
+    reads a tensor on the host twice per log step (the divergence flag, the loss for the progress bar),
+    and per epoch the batches' offsets (two lists, read once) and the divergence flag at the end."""
+    monkeypatch.setattr(gnns.main, "sample", lambda args: None)
+    monkeypatch.setattr(gnns.train, "checks_every_step", lambda device: False)
+    calls = count_syncs(monkeypatch, gnns.train, "gnns")
+    data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=10)
+    gnns.main.main(run_args(data, tmp_path / "runs" / model, "--model", model, "--epochs", "1", "--train-size", "200",
+                            "--batch-size", "10", "--log-interval", str(log_interval)))
+    assert calls and len(calls) <= 2 * (20 // log_interval) + 3, calls        # the spies see them: not zero
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_an_epochs_batches_are_the_graphs_of_its_order_batched_one_by_one(chunk):
+    images = gnns.data.random_images(23, torch.Generator().manual_seed(0))
+    graphs = gnns.data.build_graphs(images, torch.arange(23) % 10)
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(1))
+    batches = gnns.data.Batches(graphs, order, 5, chunk)                         # 4 batches of 5, one of 3
+    assert len(batches) == 5
+    for s in range(5):
+        a, b = batches.batch(s), graphs.batch(order[5 * s:5 * s + 5])
+        assert a.num_graphs == b.num_graphs == (3 if s == 4 else 5)
+        for t, u in ((a.x, b.x), (a.edge_index, b.edge_index), (a.batch, b.batch), (a.y, b.y)):
+            assert torch.equal(t, u)
