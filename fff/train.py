@@ -144,11 +144,19 @@ def open_log(path, resume_epoch):
     return f, writer
 
 
+def training_pixels(pixels, dataset):
+    """The training pixels as the step reads them: on a GPU uint8 (a quarter of the memory; each batch
+    is standardised there, three small kernels); on the CPU standardised once, as before, since
+    standardising every batch there cost up to 0.2 ms per step (a dense step of width 32 takes 1.3 ms)."""
+    return pixels if pixels.device.type != "cpu" else normalize(pixels, dataset)
+
+
 def get_batch(train_x, train_y, order, i, args):
-    """Batch i of an epoch, gathered by index from the uint8 pixels where they live, then standardised.
+    """Batch i of an epoch, gathered by index where the pixels live, standardised if they are uint8.
     -> x (B, I) float, y (B,)"""
     idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-    return normalize(train_x[idx], args.dataset), train_y[idx]
+    x = train_x[idx]
+    return normalize(x, args.dataset) if x.dtype == torch.uint8 else x, train_y[idx]
 
 
 def train_step(model, fwd, optimizer, x, y, lr, h, args, before_update):
@@ -313,6 +321,7 @@ def benchmark(args):
         n = args.train_size or 60_000 - args.val_size
         train_x = torch.randint(0, 256, (n, 784), dtype=torch.uint8, device=device)
         train_y = torch.randint(0, 10, (n,), device=device)
+    train_x = training_pixels(train_x, args.dataset)
     cfg = {"in_dim": train_x.shape[1], "leaf_width": args.leaf_width, "out_dim": 10, "depth": args.depth}
     torch.manual_seed(args.seed)
     model = build(name, cfg).to(device)
@@ -358,9 +367,9 @@ def train(args):
     if existing and not args.resume and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"fff: {existing[0]} exists; pass --resume to continue, or another --out-dir")
     tf32(device)
-    # All of it on the device once: training pixels as uint8 (standardised per batch), the validation
-    # split standardised once.
+    # All of it on the device once; the validation split standardised once.
     data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args).items()}
+    data["train"] = (training_pixels(data["train"][0], args.dataset), data["train"][1])
     data["val"] = (normalize(data["val"][0], args.dataset), data["val"][1])
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"in_dim": data["train"][0].shape[1], "leaf_width": args.leaf_width, "out_dim": 10, "depth": args.depth}

@@ -447,3 +447,16 @@ def test_twenty_steps_of_each_model_read_the_device_only_at_log_steps(log_interv
     fff.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "200", "--batch-size", "10",
                            "--log-interval", str(log_interval), "--device", "cpu"))
     assert calls and len(calls) <= 3 * (20 // log_interval + 1), calls        # the spies see them: not zero
+
+
+def test_uint8_pixels_are_standardised_per_batch_exactly_as_the_cpu_standardises_them_once():
+    """On a GPU the training pixels stay uint8 and each batch is standardised; on the CPU the set is
+    standardised once. Both give the batch (x / 255 - mean) / std, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    pixels, y = torch.randint(0, 256, (30, 784), dtype=torch.uint8, generator=g), torch.arange(30) % 10
+    args = fff.main.parse_args(["--batch-size", "8", "--device", "cpu"])
+    order = torch.randperm(30, generator=g)
+    x_gpu, y_gpu = fff.train.get_batch(pixels, y, order, 1, args)                              # as on a GPU
+    x_cpu, y_cpu = fff.train.get_batch(fff.train.training_pixels(pixels, "mnist"), y, order, 1, args)
+    expected = (pixels[order[8:16]].float() / 255 - 0.1307) / 0.3081
+    assert torch.equal(x_gpu, expected) and torch.equal(x_cpu, expected) and torch.equal(y_gpu, y[order[8:16]])
