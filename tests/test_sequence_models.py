@@ -16,6 +16,15 @@ sm = import_folder("sequence_models")
 TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train many times faster on one thread than on two that spin on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pair(cell, num_layers, batch_first):
     ref = TORCH[cell](5, 7, num_layers, batch_first=batch_first)
     ours = sm.model.CELLS[cell](5, 7, num_layers, batch_first=batch_first)
