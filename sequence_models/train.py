@@ -288,9 +288,11 @@ class StopOnNonFinite(Callback):
         self.every = every
 
     def before_fit(self):
-        L = self.learner
-        self.deferred = self.every > 1 and all(g.get("fused") for g in L.opt.param_groups)
-        self.first_bad = torch.zeros((), dtype=torch.long, device=L.device)  # the first non-finite step; 0: none
+        self.first_bad = torch.zeros((), dtype=torch.long, device=self.learner.device)  # first non-finite step; 0: none
+
+    @property
+    def deferred(self):  # asked each time: a resumed checkpoint's optimiser state may not be fused
+        return self.every > 1 and all(g.get("fused") for g in self.learner.opt.param_groups)
 
     def after_loss(self):
         L = self.learner
