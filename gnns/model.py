@@ -39,8 +39,8 @@ def add_self_loops(edge_index, num_nodes):
 def count(index, size):
     """How often each of 0..size-1 occurs in index, as float32: a bincount that does not wait for the
     device (bincount reads the largest index on the host to size its output)."""
-    ones = torch.ones((), device=index.device).expand(len(index))
-    return torch.zeros(size, device=index.device).index_add_(0, index, ones)
+    ones = torch.ones(len(index), device=index.device)
+    return torch.zeros(size, device=index.device).scatter_add_(0, index, ones)
 
 
 def gcn_norm(edge_index, num_nodes):
