@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from data import DATASETS, find, idx_files, load_data, normalize, random_crop
 from model import ViT, ViTConfig
