@@ -242,3 +242,69 @@ def test_divergence_stops_with_one_line_and_no_non_finite_checkpoint(folder, tmp
     for path in sorted(out.rglob("*.safetensors")):
         for t in safetensors.torch.load_file(path).values():
             assert not t.is_floating_point() or torch.isfinite(t).all(), f"{path} holds a non-finite tensor"
+
+
+# --- one meaning for a number flag, and README links that cannot go stale (issue 30) -------------
+
+def _number_source(folder):
+    source = (ROOT / folder / "main.py").read_text()
+    defs = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "number"]
+    assert len(defs) == 1, f"{folder}/main.py should define `number` once"
+    return ast.get_source_segment(source, defs[0])
+
+
+def test_every_folder_validates_numbers_with_the_same_function():
+    """`number(kind, low, high, low_open)` means [low, high] (or (low, high]) in every folder: the
+    eleven copies are the same text, so a bound cannot mean one thing here and another there."""
+    sources = {folder: _number_source(folder) for folder in FOLDERS}
+    reference = sources["gpt"]
+    assert "v <= high" in reference, "the upper bound is inclusive"
+    assert [f for f, s in sources.items() if s != reference] == []
+
+
+BAD_VALUES = [("--lr", "0"), ("--seed", "-1"), ("--batch-size", "0")]
+SAME_MEANING = {"ppo": {"--batch-size": "--num-minibatches"}}  # PPO's batch is num_envs x num_steps
+
+
+@pytest.mark.parametrize("flag,value", BAD_VALUES, ids=[f for f, _ in BAD_VALUES])
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_same_bad_value_gets_the_same_one_line_error(folder, flag, value, capsys):
+    import re
+    flag = SAME_MEANING.get(folder, {}).get(flag, flag)
+    line = error_line(folder, [*TRAIN_CMD.get(folder, []), flag, value, "--device", "cpu"], capsys)
+    assert re.search(rf"error: argument [^:]*{flag}: '{value}': must be (> 0|>= 0|>= 1)\b", line), line
+
+
+LINK = r"\[([^\]]*)\]\(([\w./-]+\.py)#L(\d+)(?:-L(\d+))?\)"
+
+
+def _readme_links():
+    import re
+    for readme in sorted(ROOT.glob("*/README.md")):
+        for n, line in enumerate(readme.read_text().splitlines(), 1):
+            for m in re.finditer(LINK, line):
+                quoted = re.findall(r"`([^`]+)`", m.group(1))
+                adjacent = re.search(r"`([^`]+)`\s*$", line[:m.start()])
+                yield (f"{readme.parent.name}/README.md:{n}", readme.parent / m.group(2), int(m.group(3)),
+                       int(m.group(4) or m.group(3)), quoted or ([adjacent.group(1)] if adjacent else []))
+
+
+def test_readme_line_links_name_lines_that_hold_what_they_quote():
+    """Every `file.py#Lx-Ly` link in a folder README names lines that exist, one thing at a time
+    (at most 60 lines: no function is longer), and contains the identifier quoted in backticks in
+    or right before the link text."""
+    import re
+    problems = []
+    for where, path, a, b, quoted in _readme_links():
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if not 1 <= a <= b <= len(lines):
+            problems.append(f"{where}: {path.name}#L{a}-L{b} is not a range of the file")
+            continue
+        if b - a + 1 > 60:
+            problems.append(f"{where}: {path.name}#L{a}-L{b} spans {b - a + 1} lines; link each part")
+        body = "\n".join(lines[a - 1:b])
+        for ident in quoted:
+            names = re.findall(r"[A-Za-z_]\w*", ident)
+            if names and not ident.endswith(".py") and names[-1] not in body:
+                problems.append(f"{where}: `{ident}` is not in {path.name} L{a}-{b}")
+    assert problems == []
