@@ -19,8 +19,11 @@ from types import SimpleNamespace
 import torch
 
 from data import IMDB_FILE, NAMES_FILE
-from train import (DATA, FOLDER, GATES, VOCAB_GUESS, Diverged, Learner, check_memory, cross_entropy, cuda_default,
-                   model_config, model_and_optimiser, on_device, resolve_device, step_callbacks)
+from callbacks import FOLDER, Diverged, cross_entropy
+from data import DATA
+from learner import Learner
+from train import (GATES, VOCAB_GUESS, check_memory, cuda_default, is_mlp, model_config, model_and_optimiser, on_device,
+                   resolve_device, step_callbacks)
 
 WARMUP = 3
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}  # dense FLOP/s
@@ -33,7 +36,7 @@ def flops_per_token(task, config):
     rows each; an LM adds its head (H -> out); the MLP its H, U and W. The element-wise gate math, the
     embedding lookup and the softmax are not counted (FlopCounterMode does not count them either)."""
     V, E, H = config["vocab_size"], config["emb_size"], config["hidden_size"]
-    if config["cell"] == "mlp":
+    if is_mlp(config):
         nm = config["context"] * E
         return 3 * 2 * (nm * H + H * V + (nm * V if config["direct"] else 0))
     G = GATES[config["cell"]]
@@ -53,7 +56,7 @@ def random_batches(args, config, device, n):
     if args.task == "imdb":  # full-length reviews, no padding
         x = [torch.randint(2, V, (N, args.max_len), device=device) for _ in range(n)]
         return [(xi, xi != 0, torch.randint(0, 2, (N,), device=device)) for xi in x]
-    if args.cell == "mlp":
+    if args.model == "mlp":
         return [(torch.randint(0, V, (N, args.context), device=device), torch.randint(0, V, (N,), device=device))
                 for _ in range(n)]
     L, out = NAMES_STEPS if args.task == "names" else args.bptt, config.get("out_size") or V

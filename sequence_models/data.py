@@ -9,6 +9,9 @@ stream; the first 8,000 numbers train, the rest validate. Generated here, nothin
 
 Characters: makemore's 32,032 names (DATA_DIR/names/names.txt, downloaded there when missing),
 80/10/10 by a fixed shuffle, each name framed by '.'; or any text file, its first 90% for training.
+
+At the end, one builder per --task (DATA): the flags -> (loaders for train, valid and maybe test,
+vocabulary).
 """
 import os
 import re
@@ -17,6 +20,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -342,3 +346,85 @@ class NameLoader:
         for b, rows in enumerate(order.to(self.x.device).split(bs)):  # one copy to the device an epoch
             T = max(self.lengths[i] for i in host[b * bs:(b + 1) * bs]) + 1                 # longest name + 1
             yield self.x[rows, :T], self.y[rows, :T]
+
+
+# ---- The tasks: flags -> (loaders, vocabulary)
+
+def imdb_splits(args, vocab=None):
+    """The train / valid / test reviews and the vocabulary of the train text: one construction for
+    the classifier and its pretrained language model, so that their word ids agree."""
+    reviews = read_imdb(args.data_dir)
+    train, valid = split_valid(reviews["train"])
+    test = reviews["test"]
+    if args.limit:  # --quick: a slice of each split, classes still balanced by the shuffle
+        g = torch.Generator().manual_seed(1)
+        test = [test[i] for i in torch.randperm(len(test), generator=g)[:args.limit // 2].tolist()]
+        train, valid = train[:args.limit], valid[:args.limit // 4]
+    vocab = vocab or Vocab.build((tokenize(text) for text, _ in train), args.vocab_size)
+    return train, valid, test, vocab
+
+
+def imdb_data(args, vocab=None):
+    """Loaders for train / valid / test and the vocabulary (built on the train reviews)."""
+    train, valid, test, vocab = imdb_splits(args, vocab)
+    if args.valid_size:
+        valid = valid[:args.valid_size]
+    if args.labels:  # only N labelled reviews, half of each class; the vocabulary still comes from all the text
+        train = ([r for r in train if r[1] == 1][:args.labels // 2]
+                 + [r for r in train if r[1] == 0][:args.labels - args.labels // 2])
+    enc = lambda reviews: encode_reviews(reviews, vocab, args.max_len)
+    data = SimpleNamespace(train=ReviewLoader(enc(train), args.batch_size, shuffle=True, seed=args.seed),
+                           valid=ReviewLoader(enc(valid), 2 * args.batch_size),
+                           test=ReviewLoader(enc(test), 2 * args.batch_size))
+    return data, vocab
+
+
+def imdb_lm_data(args, vocab=None):
+    """IMDb as unlabelled text, for pretraining the classifier's encoder: the train split's reviews
+    as one token stream (labels unused), the validation reviews' text to validate. The vocabulary
+    is the classifier's; the head predicts only the --lm-vocab most frequent words."""
+    train, valid, _, vocab = imdb_splits(args, vocab)
+    stream = lambda reviews: [i for text, _ in reviews for i in vocab.encode(tokenize(text))]
+    return SimpleNamespace(train=StreamLoader(stream(train), args.batch_size, args.bptt, args.lm_vocab),
+                           valid=StreamLoader(stream(valid), args.batch_size, args.bptt, args.lm_vocab)), vocab
+
+
+def numbers_data(args, vocab=None):
+    train, valid = human_numbers()
+    vocab = vocab or Vocab([w for w in dict.fromkeys(["<pad>", "<unk>"] + train + valid)])
+    return SimpleNamespace(train=StreamLoader(vocab.encode(train), args.batch_size, args.bptt),
+                           valid=StreamLoader(vocab.encode(valid), args.batch_size, args.bptt)), vocab
+
+
+def names_data(args, vocab=None):
+    """makemore's names: the MLP sees (context, next character) examples, a recurrent LM whole names."""
+    train, valid, test = split_names(read_names(args.data_dir))
+    vocab = vocab or char_vocab("".join(train))
+    if args.model == "mlp":
+        loader = lambda names, shuffle: TensorLoader(*name_contexts(names, vocab, args.context), args.batch_size,
+                                                     shuffle, args.seed)
+    else:
+        loader = lambda names, shuffle: NameLoader(names, vocab, args.batch_size, shuffle, args.seed)
+    return SimpleNamespace(train=loader(train, True), valid=loader(valid, False), test=loader(test, False)), vocab
+
+
+def text_data(args, vocab=None):
+    """Any text file, character level: its first 90% trains, the rest validates."""
+    path = Path(args.text)
+    if not path.is_file():
+        raise SystemExit(f"sequence_models: --text {path}: no such file")
+    text = read_utf8(path, "--text takes a UTF-8 text file")
+    cut = int(0.9 * len(text))
+    if cut < 2 * max(args.context, args.bptt) + 2:
+        raise SystemExit(f"sequence_models: --text {path} is too short ({len(text)} characters) to train on")
+    vocab = vocab or char_vocab(text[:cut])
+    train, valid = vocab.encode(list(text[:cut])), vocab.encode(list(text[cut:]))
+    if args.model == "mlp":
+        return SimpleNamespace(train=TensorLoader(*stream_contexts(train, args.context), args.batch_size, True, args.seed),
+                               valid=TensorLoader(*stream_contexts(valid, args.context), args.batch_size)), vocab
+    return SimpleNamespace(train=StreamLoader(train, args.batch_size, args.bptt),
+                           valid=StreamLoader(valid, args.batch_size, args.bptt)), vocab
+
+
+DATA = {"imdb": imdb_data, "imdb-lm": imdb_lm_data, "numbers": numbers_data, "names": names_data,
+        "text": text_data}

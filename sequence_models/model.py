@@ -10,6 +10,7 @@ and Bengio et al. (2003)'s MLPLanguageModel (characters).
 Shapes: L time steps, N batch, H hidden size, G gates (RNN 1, LSTM 4, GRU 3), V vocabulary.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -175,14 +176,20 @@ class SentimentClassifier(nn.Module):
         return self.head(self.dropout(masked_pool(outputs, mask)))      # (N, classes) logits
 
 
+class LMOutput(NamedTuple):
+    logits: torch.Tensor    # (N, L, V)
+    hidden: torch.Tensor    # (N, L, H) the last layer's outputs h_t, for TAR
+    dropped: torch.Tensor   # (N, L, H) dropout(h_t), what the head reads, for AR
+
+
 class LanguageModel(nn.Module):
     """Embedding -> recurrent layers -> linear over the vocabulary, stateful as in fastbook ch. 12.
 
     The hidden state is carried from one batch to the next (detached: backpropagation through
     time is truncated at the batch edge), so the network sees further back than one window;
     reset() clears it at the start of every epoch and of every validation. As in fastbook's
-    LMModel7, dropout acts on the last layer's outputs only; they are kept (`outputs`, `dropped`)
-    for the AR and TAR penalties of train.ARTAR.
+    LMModel7, dropout acts on the last layer's outputs only; forward returns them next to the
+    logits (LMOutput), undropped and dropped, for the AR and TAR penalties of callbacks.ARTAR.
     """
 
     def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1,
@@ -201,13 +208,14 @@ class LanguageModel(nn.Module):
         self.state = None
 
     def forward(self, x, state=None):
-        # x (N, L) token ids -> logits (N, L, V); starts from `state` if given, else from self.state
-        # (stateful) or zeros, and keeps the final state in self.state for the next call
+        # x (N, L) token ids -> LMOutput: logits (N, L, V), h and dropout(h) (N, L, H); starts from
+        # `state` if given, else from self.state (stateful) or zeros, and keeps the final state in
+        # self.state for the next call
         state = state if state is not None else self.state if self.stateful else None
-        self.outputs, state = self.rnn(self.embedding(x), state)                                   # (N, L, H)
+        h, state = self.rnn(self.embedding(x), state)                                               # (N, L, H)
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-        self.dropped = self.dropout(self.outputs)
-        return self.head(self.dropped)
+        dropped = self.dropout(h)
+        return LMOutput(self.head(dropped), h, dropped)
 
 
 class MLPLanguageModel(nn.Module):
@@ -232,3 +240,19 @@ class MLPLanguageModel(nn.Module):
         x = rearrange(self.C(x), "N n m -> N (n m)")                         # x = (C(w_{t-n}), ..., C(w_{t-1}))
         y = self.U(torch.tanh(self.H(x)))                                    # y = b + U tanh(d + H x)
         return y if self.W is None else y + self.W(x)                        # ... + W x
+
+
+def is_mlp(config):
+    """Bengio's MLP is configured by its window (`context`); checkpoints from before --model
+    also said cell='mlp'."""
+    return "context" in config
+
+
+def build_model(task, config):
+    """The model of a task (imdb: the classifier; the others: a language model) from its config,
+    the constructor's keyword arguments as checkpoints store them."""
+    if task == "imdb":
+        return SentimentClassifier(**config)
+    if is_mlp(config):
+        return MLPLanguageModel(**{k: v for k, v in config.items() if k != "cell"})
+    return LanguageModel(**config)

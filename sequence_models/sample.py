@@ -1,6 +1,7 @@
 """From a trained run to what a person looks at: a review's sentiment, numbers or text continued
 from a prompt, new names, and the training curves of every model trained on the task."""
 import csv
+import io
 import logging
 import sys
 from pathlib import Path
@@ -8,9 +9,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
+from callbacks import FOLDER
 from data import Vocab, tokenize
-from model import MLPLanguageModel
-from train import FOLDER, build_model, load_checkpoint, resolve_device, run_dir
+from model import MLPLanguageModel, build_model
+from pretrained import PRETRAINED, verified
+from train import load_best, resolve_device
 
 log = logging.getLogger(FOLDER)
 EXAMPLES = [  # written for this README, not from IMDb
@@ -22,10 +25,8 @@ EXAMPLES = [  # written for this README, not from IMDb
 
 
 def load_model(args):
-    path = run_dir(args) / "best.pt"
-    ckpt = load_checkpoint(path)
-    if ckpt["task"] != args.task:
-        raise SystemExit(f"sequence_models: {path} is a {ckpt['task']} model, not {args.task}")
+    """best.pt of the run, or with --pretrained the shipped weights: (model, vocabulary, its flags)."""
+    ckpt = load_best(args)
     device = resolve_device(args.device)
     model = build_model(ckpt["task"], ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
@@ -56,7 +57,7 @@ def generate(model, ids, n, temperature=0.0, stop=None, pad=0, generator=None):
         window = ([pad] * model.context + ids)[-model.context:]
     else:
         model.reset()
-        logits = model(torch.tensor([ids], device=device), model.state)[0, -1]
+        logits = model(torch.tensor([ids], device=device), model.state).logits[0, -1]
     out = []
     for _ in range(n):
         if mlp:
@@ -71,7 +72,7 @@ def generate(model, ids, n, temperature=0.0, stop=None, pad=0, generator=None):
         if mlp:
             window = window[1:] + [nxt]
         else:
-            logits = model(torch.tensor([[nxt]], device=device), model.state)[0, -1]
+            logits = model(torch.tensor([[nxt]], device=device), model.state).logits[0, -1]
     return out
 
 
@@ -129,17 +130,28 @@ def interact(args):
         print("no review given: pass --review, or lines on stdin")
 
 
+def curve_logs(args):
+    """({label: log.csv rows}, figure name): every model trained on the task in --out-dir, or with
+    --pretrained the shipped run's log (a figure of its own: the README's curves are other runs')."""
+    if args.pretrained:
+        text = verified(PRETRAINED / f"{args.task}-{args.model}.log.csv").decode()
+        return ({f"{args.model} (shipped)": list(csv.DictReader(io.StringIO(text)))},
+                f"sequence_models_{args.task}_pretrained_curves.png")
+    paths = {model: Path(args.out_dir) / f"{args.task}-{model}" / "log.csv" for model in ("rnn", "lstm", "gru", "mlp")}
+    return ({model: list(csv.DictReader(open(path))) for model, path in paths.items() if path.is_file()},
+            f"sequence_models_{args.task}_curves.png")
+
+
 def plot_curves(args):
-    """Validation accuracy and loss per epoch of every cell that has a log for this task."""
-    runs = {cell: list(csv.DictReader(open(path)))
-            for cell in ("rnn", "lstm", "gru", "mlp") if (path := Path(args.out_dir) / f"{args.task}-{cell}" / "log.csv").is_file()}
+    """Validation accuracy and loss per epoch of every model that has a log for this task."""
+    runs, name = curve_logs(args)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for cell, rows in runs.items():
+    for label, rows in runs.items():
         epochs = [int(r["epoch"]) for r in rows]
-        line, = ax_loss.plot(epochs, [float(r["valid_loss"]) for r in rows], marker="o", label=f"{cell} valid")
+        line, = ax_loss.plot(epochs, [float(r["valid_loss"]) for r in rows], marker="o", label=f"{label} valid")
         ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], ls="--", color=line.get_color(),
-                     label=f"{cell} train")
-        ax_acc.plot(epochs, [100 * float(r["valid_accuracy"]) for r in rows], marker="o", label=cell)
+                     label=f"{label} train")
+        ax_acc.plot(epochs, [100 * float(r["valid_accuracy"]) for r in rows], marker="o", label=label)
     metric = "next-word accuracy" if args.task == "numbers" else "accuracy"
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy (nats)", title=f"{args.task}: loss")
     ax_acc.set(xlabel="epoch", ylabel=f"validation {metric} (%)", title=f"{args.task}: validation {metric}")
@@ -147,7 +159,7 @@ def plot_curves(args):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(args.figures_dir) / f"sequence_models_{args.task}_curves.png"
+    path = Path(args.figures_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from train import FOLDER, MONITOR, train
+from callbacks import FOLDER, MONITOR
+from train import train
 
 log = logging.getLogger(FOLDER)
 SWEEPABLE = {"emb_size": int, "hidden_size": int, "context": int, "layers": int, "lr": float, "dropout": float,
@@ -43,20 +44,20 @@ def configs(grid, trials, seed):
 
 
 def sweep(args):
-    out = Path(args.out_dir) / "sweep" / f"{args.task}-{args.cell}"
+    out = Path(args.out_dir) / "sweep" / f"{args.task}-{args.model}"
     monitor = MONITOR[args.task]
     records = []
     for i, cfg in enumerate(configs(args.grid, args.trials, args.seed)):
         run = copy.copy(args)
         vars(run).update(cfg, out_dir=str(out / f"run{i:03d}"), resume=False, tensorboard=False)
-        results_path = Path(run.out_dir) / f"{args.task}-{args.cell}" / "results.json"
+        results_path = Path(run.out_dir) / f"{args.task}-{args.model}" / "results.json"
         log.info(f"sweep run {i}: {cfg}")
         results = json.loads(results_path.read_text()) if results_path.is_file() else train(run)
         records.append({"run": i, **cfg, monitor: results[monitor], "epochs": results["epochs_run"],
                         "seconds": results["train_seconds"], "curve": [h[monitor] for h in results["history"]]})
         (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     best = (min if monitor.endswith("loss") else max)(records, key=lambda r: r[monitor])
-    plot(records, list(args.grid), monitor, best, Path(args.figures_dir) / f"sequence_models_sweep_{args.task}_{args.cell}.png")
+    plot(records, list(args.grid), monitor, best, Path(args.figures_dir) / f"sequence_models_sweep_{args.task}_{args.model}.png")
     flags = " ".join(f"--{k.replace('_', '-')} {best[k]}" for k in args.grid)
     log.info(f"best of {len(records)}: run {best['run']}, {monitor} {best[monitor]:.4f}: {flags}")
     return records, best

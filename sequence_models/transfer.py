@@ -9,7 +9,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from train import FOLDER, train
+from callbacks import FOLDER
+from train import train
 
 log = logging.getLogger(FOLDER)
 # About 100-300 optimiser steps for the small sets; all labels: --epochs. No early stopping: every run
@@ -24,16 +25,16 @@ KINDS = {"scratch": dict(pretrained=False, freeze=0, lr_decay=1.0),
 
 
 def transfer(args):
-    pretrained = Path(args.pretrained or Path(args.out_dir) / "imdb-lm-lstm" / "best.pt")
-    if any(KINDS[k]["pretrained"] for k in args.kinds) and not pretrained.is_file():
-        raise SystemExit(f"sequence_models: no pretrained encoder at {pretrained}; pretrain first: python "
+    encoder = Path(args.encoder or Path(args.out_dir) / "imdb-lm-lstm" / "best.pt")
+    if any(KINDS[k]["pretrained"] for k in args.kinds) and not encoder.is_file():
+        raise SystemExit(f"sequence_models: no pretrained encoder at {encoder}; pretrain first: python "
                          f"sequence_models/main.py --task imdb-lm --data-dir {args.data_dir}")
     out = Path(args.out_dir) / "transfer"
     for n in args.label_counts:
         for kind in args.kinds:
             run, recipe = copy.copy(args), KINDS[kind]
-            vars(run).update(task="imdb", cell="lstm", labels=n, out_dir=str(out / f"{kind}-{n}"), resume=False,
-                             pretrained=str(pretrained) if recipe["pretrained"] else None,
+            vars(run).update(task="imdb", model="lstm", labels=n, out_dir=str(out / f"{kind}-{n}"), resume=False,
+                             encoder=str(encoder) if recipe["pretrained"] else None,
                              epochs=EPOCHS.get(n, args.epochs), valid_size=500, patience=0, tensorboard=False)
             vars(run).update(freeze_epochs=round(recipe["freeze"] * run.epochs), lr_decay=recipe["lr_decay"])
             if not (Path(run.out_dir) / "imdb-lstm" / "results.json").is_file():
