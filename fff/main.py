@@ -14,9 +14,11 @@ files kept elsewhere: --data-dir /path/to/datasets.
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
-from data import DATASETS
+from data import DATASETS, load_split
+from pretrained import export, pretrained_sizes
 from model import MAX_DEPTH
 from sample import SPEED_BATCHES, sample, speed
 from train import MODELS, QUICK_OUT_DIR, benchmark, ckpt_path, device_memory, load_checkpoint, resolve_device, train
@@ -27,7 +29,9 @@ QUICK = dict(epochs=2, train_size=15_000, val_size=2000, speed_depths=[2, 4], be
              out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoints: where things go, what to print.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "speed", "speed_depths", "compile", "log_interval", "benchmark", "benchmark_steps"}
+               "speed", "speed_depths", "compile", "log_interval", "benchmark", "benchmark_steps", "pretrained",
+               "export_pretrained"}
+MODEL_FLAGS = {"depth", "leaf_width"}  # --pretrained takes these from its JSON
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,27 +46,21 @@ def device(s):
 
 
 def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
 
 def positive(kind):
     return number(kind, 0, low_open=True)
-
-
-def fraction(s):
-    v = number(float, 0)(s)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"{s!r}: must be in [0, 1]")
-    return v
 
 
 def depth(s):
@@ -131,8 +129,10 @@ def check_memory(p, args):
                     f"--leaf-width or --batch-size")
 
 
-def parse_args(argv=None):
-    p = Parser(prog="fff/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every flag, declared once with its default and help."""
+    p = Parser(prog="fff/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto",
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps; --speed times on this device")
@@ -147,6 +147,8 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: test accuracy and figures from --out-dir")
     g.add_argument("--quick", action="store_true", help="15k images, 2 epochs per model, small speed table: under a minute on CPU")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="use the shipped weights in pretrained/fff/ instead of a run folder")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist (the paper's) or fashion")
@@ -161,7 +163,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("training")
     g.add_argument("--hardening", type=number(float, 0), default=3.0, help="h in L = L_pred + h * sum_nodes H(c): pushes node decisions to 0 or 1")
-    g.add_argument("--hardening-ramp", type=fraction, default=1.0,
+    g.add_argument("--hardening-ramp", type=number(float, 0, 1), default=1.0,
                    help="fraction of training over which h grows linearly from 0 to --hardening (0: constant h, as in the paper)")
     g.add_argument("--region-leak", type=number(float, 0, 0.5), default=0.1, help="probability of a randomized child transposition per node and sample")
     g.add_argument("--compile", action="store_true", help="torch.compile the models' training forward")
@@ -171,37 +173,101 @@ def parse_args(argv=None):
                    help="time training steps of the first of --models and print one JSON line (images/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
+    g.add_argument("--export-pretrained", metavar="RUN_DIR", default=None,
+                   help="write pretrained/fff/<model>.{safetensors,json,log.csv} from the finished run in RUN_DIR, then stop")
+
     g = p.add_argument_group("speed")
     g.add_argument("--speed", action="store_true", help="only time inference (batch 1 and 1024) of FFF-hard against dense layers")
     g.add_argument("--speed-depths", type=depths, default=[3, 6, 9], help="comma-separated depths to time")
+    return p
 
-    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
-    args = p.parse_args(argv)
-    if args.quick:
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
-    output_folder(p, "--out-dir", args.out_dir)
+
+def typed_flags(p, argv):
+    """The flags typed on the command line (their dests): presets and checkpoints never override these.
+    The parser takes no abbreviations, so each typed flag is one of its option strings."""
+    actions = p._option_string_actions
+    return {actions[a.split("=")[0]].dest for a in argv if a.split("=")[0] in actions}
+
+
+def overrides(p, args, typed):
+    """The flags that replace the defaults, in one place: --quick's, then the resumed run's (or, with
+    --pretrained, the shipped models' sizes); a flag typed on the command line wins over all of them."""
+    o = dict(QUICK) if args.quick else {}
+    out_dir = args.out_dir if "out_dir" in typed else o.get("out_dir", args.out_dir)
+    output_folder(p, "--out-dir", out_dir)
     if args.figures_dir:
         output_folder(p, "--figures-dir", args.figures_dir)
-    if (args.resume or args.sample_only) and not args.speed:
-        path = next((ckpt_path(args.out_dir, n) for n in args.models if ckpt_path(args.out_dir, n).exists()), None)
+    if args.pretrained and not args.speed:
+        o.update(pretrained_sizes())
+    elif (args.resume or args.sample_only) and not args.speed:
+        names = args.models if "models" in typed else MODELS
+        path = next((ckpt_path(out_dir, n) for n in names if ckpt_path(out_dir, n).exists()), None)
         if path is None:
-            p.error(f"no checkpoint ckpt_<model>.pt in {args.out_dir} to resume or sample from")
+            p.error(f"no checkpoint ckpt_<model>.pt in {out_dir} to resume or sample from")
         saved = load_checkpoint(path, "cpu")["args"]
-        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        args = p.parse_args(argv)
-        if args.dataset != saved["dataset"]:
-            p.error(f"--dataset {args.dataset}, but {args.out_dir} holds a {saved['dataset']} run")
+        if args.dataset != saved["dataset"] and "dataset" in typed:
+            p.error(f"--dataset {args.dataset}, but {out_dir} holds a {saved['dataset']} run")
+        o.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    return o
+
+
+def apply_overrides(args, o, typed):
+    for k, v in o.items():
+        if k not in typed:
+            setattr(args, k, v)
+
+
+def validate(p, args, typed):
+    """What the types alone cannot say, before anything is read or allocated."""
     if args.benchmark and (args.resume or args.sample_only or args.speed):
         p.error("--benchmark times a fresh model's training; leave out --resume, --sample-only and --speed")
+    if args.pretrained and args.resume:
+        p.error("--pretrained starts from the shipped weights, --resume from --out-dir's; choose one")
+    if args.pretrained and not args.speed and MODEL_FLAGS & typed:
+        p.error(f"--pretrained uses the shipped models' sizes; leave out --{' --'.join(sorted(MODEL_FLAGS & typed))}"
+                .replace("_", "-"))
     if not args.sample_only or args.speed:
         check_memory(p, args)
+
+
+def parse_args(argv=None):
+    """Parse once; then the defaults are replaced by --quick's, the checkpoint's or the shipped models'
+    flags (overrides), and a flag typed now always wins."""
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.export_pretrained:
+        return args
+    typed = typed_flags(p, argv)
+    apply_overrides(args, overrides(p, args, typed), typed)
+    validate(p, args, typed)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
+def command_of(saved):
+    """The command line of a run, from its checkpoint's flags: those that differ from the defaults."""
+    p, skip = build_parser(), {"resume", "sample_only", "figures_dir"}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, list) else v}")
+             for k, v in saved.items() if k not in skip and v != p.get_default(k) and v is not False]
+    return " ".join(["python fff/main.py", *flags])
+
+
+def export_run(args):
+    """--export-pretrained RUN_DIR: the finished run's checkpoints -> pretrained/fff/<model>.*"""
+    run_dir = Path(args.export_pretrained)
+    names = [n for n in MODELS if ckpt_path(run_dir, n).exists()]
+    if not names:
+        raise SystemExit(f"fff: no checkpoint ckpt_<model>.pt in {run_dir} to export")
+    ckpts = {n: load_checkpoint(ckpt_path(run_dir, n), "cpu") for n in names}
+    test = load_split(args.data_dir, ckpts[names[0]]["args"]["dataset"], "test")
+    return export(ckpts, run_dir, command_of(ckpts[names[0]]["args"]), test)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_pretrained:
+        return export_run(args)
     if args.benchmark:
         return benchmark(args)
     if args.speed:

@@ -119,3 +119,11 @@ class FF(nn.Module):
 
     def inference_flops(self):
         return self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * self.fc2.out_features
+
+
+def build(name, cfg):
+    """The FFF or a baseline of §4 by name; cfg: in_dim, leaf_width, out_dim, depth (the FFF's sizes; the
+    dense layer of equal training width is l 2^d wide, the one of equal inference width l)."""
+    I, l, O, d = cfg["in_dim"], cfg["leaf_width"], cfg["out_dim"], cfg["depth"]
+    return {"fff": lambda: FFF(I, l, O, d), "ff_train": lambda: FF(I, l * 2 ** d, O),
+            "ff_infer": lambda: FF(I, l, O)}[name]()

@@ -13,12 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from data import load_split, normalize
-from model import FF, FFF
-from train import build, ckpt_path, load_checkpoint, predict, resolve_device
+from data import DATASETS, load_split, normalize
+from model import FF, FFF, build
+from pretrained import decode_examples, load_model, paths, read_meta
+from train import ckpt_path, load_checkpoint, predict, resolve_device
 
 SPEED_BATCHES = (1, 1024)  # batch sizes the speed table times
 LABELS = {"fff": "FFF", "ff_train": "FF, equal training width", "ff_infer": "FF, equal inference width"}
+
+
+def has_test_set(data_dir, dataset):
+    raw = Path(data_dir) / DATASETS[dataset] / "raw"
+    return all((raw / n).is_file() or (raw / f"{n}.gz").is_file()
+               for n in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
 
 
 def write_json(obj, path):
@@ -53,10 +60,11 @@ def plot_leaves(leaf, y, n_leaves, path):
     plt.close(fig)
 
 
-def plot_curves(out, names, path):
+def plot_curves(logs, path):
+    """Validation accuracy per epoch of each model; logs: {name: log_<name>.csv path}."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in names:
-        with open(out / f"log_{name}.csv") as f:
+    for name, log in logs.items():
+        with open(log) as f:
             rows = list(csv.DictReader(f))
         epochs = [int(r["epoch"]) for r in rows]
         ax.plot(epochs, [100 * float(r["val_acc"]) for r in rows], "o-", ms=3,
@@ -72,23 +80,70 @@ def plot_curves(out, names, path):
     plt.close(fig)
 
 
-def sample(args):
-    """Test accuracy of every trained model (FFF in both modes) and the figures."""
-    device = resolve_device(args.device)
-    out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
+def load_models(args, device):
+    """The models to look at, from --out-dir's checkpoints or (--pretrained) the shipped weights.
+    -> {name: (model in eval mode, facts for metrics.json, its training log)}"""
+    out = Path(args.out_dir)
+    if args.pretrained:
+        shipped = {name: load_model(name, device) for name in args.models}
+        return {name: (model, {"epochs": meta["epochs"], "train_time_s": meta["wall_time_s"],
+                               "weights": f"pretrained/fff/{name}.safetensors"}, paths(name)[2])
+                for name, (model, meta) in shipped.items()}
     names = [n for n in args.models if ckpt_path(out, n).exists()]
     if not names:
         raise SystemExit(f"fff: no checkpoints ckpt_{{{','.join(args.models)}}}.pt in {out}; train first")
-    pixels, y = (t.to(device) for t in load_split(args.data_dir, args.dataset, "test"))
-    x = normalize(pixels, args.dataset)
-    metrics = {}
+    models = {}
     for name in names:
         ckpt = load_checkpoint(ckpt_path(out, name), device)
         model = build(name, ckpt["config"]).to(device)
         model.load_state_dict(ckpt["model"])
+        models[name] = (model, {"epochs": ckpt["epoch"], "train_time_s": round(ckpt["train_time"], 1)},
+                        out / f"log_{name}.csv")
+    return models
+
+
+def write_curves(models, fig_dir):
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    if all(log.is_file() for _, _, log in models.values()):
+        plot_curves({name: log for name, (_, _, log) in models.items()}, fig_dir / "fff_curves.png")
+        print(f"wrote {fig_dir / 'fff_curves.png'}")
+
+
+def try_shipped_digits(models, args, device):
+    """--pretrained without the test set in --data-dir: the test digits shipped in pretrained/fff/fff.json
+    through each model (the FFF's leaf by hard routing), and the shipped training curves; no download."""
+    pixels, y = (t.to(device) for t in decode_examples(read_meta("fff")))
+    x = normalize(pixels, args.dataset)
+    print(f"fff: no {args.dataset} test set in {Path(args.data_dir) / DATASETS[args.dataset] / 'raw'}/ (put "
+          f"t10k-{{images-idx3,labels-idx1}}-ubyte[.gz] there for test accuracies and the leaf figure); the "
+          f"{len(y)} test digits shipped in pretrained/fff/fff.json:")
+    print(f"{'label':>26}: {' '.join(f'{v:>3}' for v in y.tolist())}")
+    for name, (model, _, _) in models.items():
+        pred = predict(model, x, "hard" if name == "fff" else "soft")
+        print(f"{LABELS[name] + (' (hard)' if name == 'fff' else ''):>26}: {' '.join(f'{v:>3}' for v in pred.tolist())}"
+              f"   {(pred == y).sum().item()} of {len(y)} right")
+        if name == "fff":
+            with torch.no_grad():
+                leaf = model.route(x)
+            print(f"{'FFF leaf (path, 1 = right)':>26}: "
+                  f"{' '.join(format(v, f'0{model.depth}b') for v in leaf.tolist())}")
+    write_curves(models, Path(args.figures_dir))
+
+
+def sample(args):
+    """Test accuracy of every trained model (FFF in both modes) and the figures."""
+    device = resolve_device(args.device)
+    out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
+    models = load_models(args, device)
+    if args.pretrained and not has_test_set(args.data_dir, args.dataset):
+        return try_shipped_digits(models, args, device)
+    pixels, y = (t.to(device) for t in load_split(args.data_dir, args.dataset, "test"))
+    x = normalize(pixels, args.dataset)
+    metrics = {}
+    for name, (model, facts, _) in models.items():
         soft = predict(model, x, "soft")
-        m = {"parameters": sum(p.numel() for p in model.parameters()), "epochs": ckpt["epoch"],
-             "inference_multiply_adds": model.inference_flops(), "train_time_s": round(ckpt["train_time"], 1),
+        m = {"parameters": sum(p.numel() for p in model.parameters()), "epochs": facts["epochs"],
+             "inference_multiply_adds": model.inference_flops(), "train_time_s": facts["train_time_s"],
              "test_acc": (soft == y).float().mean().item()}
         if name == "fff":
             hard = predict(model, x, "hard")
@@ -105,11 +160,9 @@ def sample(args):
             if name == "fff" else ""
         print(f"{LABELS[name]:>26}: test accuracy {m['test_acc']:.2%}{hard}; {m['parameters']:,} parameters, "
               f"{m['inference_multiply_adds']:,} multiply-adds per sample")
+    out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / "metrics.json")
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    if all((out / f"log_{n}.csv").is_file() for n in names):
-        plot_curves(out, names, fig_dir / "fff_curves.png")
-        print(f"wrote {fig_dir / 'fff_curves.png'}")
+    write_curves(models, fig_dir)
     return metrics
 
 

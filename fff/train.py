@@ -9,6 +9,7 @@ import re
 import resource
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from data import DATASETS, load_data, normalize
-from model import FF, FFF
+from model import FFF, build
+from pretrained import load_pretrained
 
 FOLDER = "fff"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/fff-quick"  # the one place a fresh (--quick) run may overwrite checkpoints
@@ -35,13 +37,6 @@ def resolve_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("fff: --device mps, but MPS is not available here (try --device cpu)")
     return name
-
-
-def build(name, cfg):
-    """cfg: in_dim, leaf_width, out_dim, depth (the FFF's sizes; the baselines derive theirs)."""
-    I, l, O, d = cfg["in_dim"], cfg["leaf_width"], cfg["out_dim"], cfg["depth"]
-    return {"fff": lambda: FFF(I, l, O, d), "ff_train": lambda: FF(I, l * 2 ** d, O),
-            "ff_infer": lambda: FF(I, l, O)}[name]()
 
 
 def device_memory(device):
@@ -223,67 +218,84 @@ def train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y, total_step
     return losses, entropies, correct, lr
 
 
-def train_one(name, cfg, data, args, device):
-    out = Path(args.out_dir)
-    path = ckpt_path(out, name)
+def resume_or_start(name, cfg, args, device):
+    """Model `name` (weights seeded by --seed), its optimiser and where its training stands: the
+    checkpoint's state with --resume, the shipped weights with --pretrained (fine-tuning from epoch 0),
+    else fresh. -> (model, optimizer, epoch, train_time)"""
+    path = ckpt_path(args.out_dir, name)
     ckpt = load_checkpoint(path, device) if args.resume and path.exists() else None
     torch.manual_seed(args.seed)
     model = build(name, cfg).to(device)
     optimizer = adam(model, args)
-    epoch, train_time = 0, 0.0
-    if ckpt:
-        if ckpt["config"] != cfg:
-            raise SystemExit(f"fff: {path} holds sizes {ckpt['config']}, not {cfg}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, train_time = ckpt["epoch"], ckpt["train_time"]
-    fwd = torch.compile(model) if args.compile else model
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{name}: {n_params:,} parameters, {model.inference_flops():,} multiply-adds per sample at inference"
-          + (f"; resuming after epoch {epoch}" if ckpt else ""))
-    if epoch >= args.epochs:
-        return
-    train_x, train_y = data["train"]
-    total_steps = args.epochs * math.ceil(len(train_x) / args.batch_size)
-    is_fff = name == "fff"
-    log_file, log = open_log(out / f"log_{name}.csv", epoch)
+    if ckpt is None:
+        if args.pretrained:
+            model.load_state_dict(load_pretrained(name, cfg))
+        return model, optimizer, 0, 0.0
+    if ckpt["config"] != cfg:
+        raise SystemExit(f"fff: {path} holds sizes {ckpt['config']}, not {cfg}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return model, optimizer, ckpt["epoch"], ckpt["train_time"]
+
+
+@contextmanager
+def run_log(out, name, epoch, args):
+    """log_<name>.csv (and W&B with --wandb) for the epochs to come -> log(row, step); on Ctrl-C, one
+    line about what was kept, exit 130."""
+    log_file, writer = open_log(out / f"log_{name}.csv", epoch)
     if args.wandb:
         try:
             import wandb
         except ImportError:
             raise SystemExit("fff: --wandb needs the wandb package (pip install wandb)")
         wandb.init(project="papers-fff", name=name, config={**vars(args), "model": name}, dir=out, reinit=True)
+
+    def log(row, step):
+        writer.writerow(row)
+        log_file.flush()
+        if args.wandb:
+            wandb.log(row, step=step)
     try:
-        for epoch in range(epoch, args.epochs):
-            t0 = time.perf_counter()
-            losses, entropies, correct, lr = train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y,
-                                                         total_steps, path, args)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            done = epoch + 1
-            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(),
-                   "train_acc": torch.stack(correct).sum().item() / len(train_x), "lr": lr,
-                   "val_acc": accuracy(model, *data["val"], "soft"), "elapsed_s": round(train_time, 2)}
-            if is_fff:
-                row["node_entropy"] = torch.stack(entropies).mean().item() / model.n_nodes  # mean per node
-                row["val_acc_hard"] = accuracy(model, *data["val"], "hard")
-            save_atomic({"folder": FOLDER, "name": name, "model": model.state_dict(), "config": cfg,
-                         "optimizer": optimizer.state_dict(), "epoch": done, "args": vars(args),
-                         "train_time": train_time, "val_acc": row["val_acc"]}, path)
-            log.writerow(row)
-            log_file.flush()
-            hard = f" (hard {row['val_acc_hard']:.4f}, node entropy {row['node_entropy']:.3f})" if is_fff else ""
-            tqdm.write(f"{name} epoch {done:3d}  loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}{hard}"
-                       f"  {train_time:.0f} s")
-            if args.wandb:
-                wandb.log(row, step=done)
+        yield log
     except KeyboardInterrupt:
-        print(f"\ninterrupted; {name}'s last checkpoint is {path} (end of an epoch), if any: continue with --resume")
+        print(f"\ninterrupted; {name}'s last checkpoint is {ckpt_path(out, name)} (end of an epoch), if any: "
+              f"continue with --resume")
         raise SystemExit(130)
     finally:
         log_file.close()
         if args.wandb:
             wandb.finish()
+
+
+def train_one(name, cfg, data, args, device):
+    """One model: per epoch a pass with the cosine lr and (FFF) the hardening ramp, validation accuracy
+    (FFF: soft and hard), an atomic checkpoint and a row of log_<name>.csv."""
+    model, optimizer, epoch, train_time = resume_or_start(name, cfg, args, device)
+    fwd = torch.compile(model) if args.compile else model
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {model.inference_flops():,} "
+          f"multiply-adds per sample at inference" + (f"; resuming after epoch {epoch}" if epoch else ""))
+    train_x, train_y = data["train"]
+    total_steps = args.epochs * math.ceil(len(train_x) / args.batch_size)
+    path = ckpt_path(args.out_dir, name)
+    with run_log(Path(args.out_dir), name, epoch, args) if epoch < args.epochs else nullcontext() as log:
+        for epoch in range(epoch, args.epochs):
+            t0 = time.perf_counter()
+            losses, entropies, correct, lr = train_epoch(epoch, name, model, fwd, optimizer, train_x, train_y,
+                                                         total_steps, path, args)
+            train_time += time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "train_loss": torch.stack(losses).mean().item(),
+                   "train_acc": torch.stack(correct).sum().item() / len(train_x), "lr": lr,
+                   "val_acc": accuracy(model, *data["val"], "soft"), "elapsed_s": round(train_time, 2)}
+            if name == "fff":
+                row["node_entropy"] = torch.stack(entropies).mean().item() / model.n_nodes  # mean per node
+                row["val_acc_hard"] = accuracy(model, *data["val"], "hard")
+            save_atomic({"folder": FOLDER, "name": name, "model": model.state_dict(), "config": cfg,
+                         "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
+                         "train_time": train_time, "val_acc": row["val_acc"]}, path)
+            log(row, epoch + 1)
+            hard = f" (hard {row['val_acc_hard']:.4f}, node entropy {row['node_entropy']:.3f})" if name == "fff" else ""
+            tqdm.write(f"{name} epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val acc {row['val_acc']:.4f}{hard}"
+                       f"  {train_time:.0f} s")
 
 
 def peak_flops(device):

@@ -460,3 +460,53 @@ def test_uint8_pixels_are_standardised_per_batch_exactly_as_the_cpu_standardises
     x_cpu, y_cpu = fff.train.get_batch(fff.train.training_pixels(pixels, "mnist"), y, order, 1, args)
     expected = (pixels[order[8:16]].float() / 255 - 0.1307) / 0.3081
     assert torch.equal(x_gpu, expected) and torch.equal(x_cpu, expected) and torch.equal(y_gpu, y[order[8:16]])
+
+
+# ---- the shipped weights (pretrained/fff/)
+
+@pytest.mark.parametrize("name", ["fff", "ff_train", "ff_infer"])
+def test_the_shipped_weights_load_into_todays_models_and_reproduce_their_check(name):
+    """The weights in pretrained/fff/ load into the model code as it is now and give, on the JSON's fixed
+    random inputs, the outputs recorded at export: a model change that forgets to re-export fails here."""
+    import safetensors.torch
+    model, meta = fff.pretrained.load_model(name, "cpu")
+    check = meta["check"]
+    x = torch.randn(*check["shape"], generator=torch.Generator().manual_seed(check["seed"]))
+    with torch.no_grad():
+        logits, _ = model(x, mode="soft")
+    assert logits.sum().item() == pytest.approx(check["logits_sum"], rel=1e-3, abs=1e-3)
+    assert logits.abs().sum().item() == pytest.approx(check["logits_abs_sum"], rel=1e-3)
+    assert logits.argmax(-1).tolist() == check["argmax"]
+    w = safetensors.torch.load_file(ROOT / "pretrained" / "fff" / f"{name}.safetensors")
+    if name == "fff":   # the leaf reached is Algorithm 1's FORWARD_I on the file's tensors, written out
+        assert model.route(x).tolist() == check["leaves"] == [forward_i(model, xi) for xi in x]
+        assert model(x, mode="hard")[0].sum().item() == pytest.approx(check["hard_logits_sum"], rel=1e-3, abs=1e-3)
+    else:               # a dense layer: W2 relu(W1 x + b1) + b2 from the file's tensors
+        ref = torch.relu(x @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T + w["fc2.bias"]
+        torch.testing.assert_close(logits, ref)
+    assert meta["config"] == {"in_dim": 784, "leaf_width": 32, "out_dim": 10, "depth": 3}
+
+
+def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    """A flipped byte in a shipped file, or a file missing from pretrained/SHA256SUMS: one line naming
+    the file, before anything is loaded."""
+    import shutil
+    shutil.copytree(ROOT / "pretrained" / "fff", tmp_path / "pretrained" / "fff")
+    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    monkeypatch.setattr(fff.pretrained, "ROOT", tmp_path / "pretrained")
+    weights = tmp_path / "pretrained" / "fff" / "fff.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    argv = ["--sample-only", "--pretrained", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
+            "--data-dir", str(tmp_path / "nothing")]
+    with pytest.raises(SystemExit) as e:
+        fff.main.main(argv)
+    assert str(e.value.code) == ("fff: pretrained/fff/fff.safetensors does not match pretrained/SHA256SUMS; "
+                                 "restore it with git checkout")
+    sums = tmp_path / "pretrained" / "SHA256SUMS"
+    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith("fff/fff.json")))
+    with pytest.raises(SystemExit) as e:
+        fff.main.main(argv)
+    assert "pretrained/fff/fff.json does not match pretrained/SHA256SUMS" in str(e.value.code)
+    assert not (tmp_path / "run").exists()
