@@ -115,6 +115,8 @@ def export(run):
     split = "test" if task == "imdb" else "valid"
     info = {"folder": FOLDER, "name": name, "config": best["config"], "flags": {k: flags[k] for k in FLAGS},
             "command": command(task, flags), "hardware": hardware(), "wall_time_s": results["train_seconds"],
+            "wall_time_note": "the training and validation epochs, summed from log.csv (reading the data and the "
+                              "final test are not counted)",
             "metric": {"name": f"{split}_accuracy", "value": results[f"{split}_accuracy"], "split": split,
                        "loss": results[f"{split}_loss"], "best_epoch": results["best_epoch"]},
             "dtype": str(dtype).removeprefix("torch."), "params": results["params"], "check": check(task, model),

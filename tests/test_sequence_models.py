@@ -875,3 +875,127 @@ def test_twenty_training_steps_read_from_the_device_only_at_the_log_interval(tmp
     monkeypatch.setattr(sm.train, "evaluate", lambda *a: None)
     sm.train.train(sm.main.parse_args(argv))
     assert len(reads) <= 20 // 10 * 2 + 1, reads
+
+
+# ---- the shipped weights (pretrained/sequence_models/)
+
+SHIPPED = ["imdb-lstm", "numbers-lstm"]
+
+
+def shipped_meta(name):
+    return json.loads((sm.pretrained.PRETRAINED / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(name):
+    """The safetensors (sha256-checked) load into today's model code and answer the JSON's fixed
+    input (seeded token ids, no data files) as they did at export: logit sums within 1e-3, and the
+    same argmax wherever the top two logits are not a near-tie."""
+    task, model_kind = name.split("-")
+    ckpt = sm.pretrained.load_shipped(task, model_kind)
+    expected = shipped_meta(name)["check"]
+    model = sm.model.build_model(task, ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    got = sm.pretrained.check(task, model)
+    assert got["shape"] == expected["shape"]
+    assert got["logits_abs_sum"] == pytest.approx(expected["logits_abs_sum"], rel=1e-3)
+    assert got["logits_sum"] == pytest.approx(expected["logits_sum"], abs=1e-3 * expected["logits_abs_sum"])
+    x = torch.randint(2, model.embedding.num_embeddings, tuple(expected["shape"]),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x, x != 0) if task == "imdb" else model(x, None).logits
+    top2 = logits.topk(2, -1).values.flatten(0, -2)
+    clear = (top2[:, 0] - top2[:, 1] > 1e-3).tolist()
+    assert [a for a, c in zip(got["argmax"], clear) if c] == [b for b, c in zip(expected["argmax"], clear) if c]
+
+
+def test_the_shipped_numbers_lm_reproduces_its_validation_accuracy():
+    """The human numbers are generated in code, so the JSON's metric itself is checked: next-word
+    accuracy over every token of numbers 8,001-9,999, the stream read statefully as in training."""
+    meta = shipped_meta("numbers-lstm")
+    args = SimpleNamespace(batch_size=64, bptt=meta["flags"]["bptt"])
+    ckpt = sm.pretrained.load_shipped("numbers", "lstm")
+    data, _ = sm.data.numbers_data(args, sm.data.Vocab(ckpt["vocab"]))
+    model = sm.model.build_model("numbers", ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    learner = sm.learner.Learner(model, data, sm.callbacks.cross_entropy, None,
+                                 [sm.callbacks.Metrics(), sm.callbacks.ResetState()])
+    learner.callback("before_fit")
+    assert learner.validate()["valid_accuracy"] == pytest.approx(meta["metric"]["value"], abs=1e-4)
+
+
+def test_interact_and_fine_tuning_read_the_shipped_weights(capsys):
+    """interact --pretrained classifies with the shipped IMDb model; a training run with --pretrained
+    takes the shipped model's flags (not the task's defaults) and starts from its weights."""
+    for review in sm.sample.EXAMPLES[:2]:
+        sm.main.main(["interact", "--pretrained", "--task", "imdb", "--device", "cpu", "--review", review])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["positive", "negative"]
+    args = sm.main.parse_args(["--pretrained", "--device", "cpu", "--epochs", "1"])
+    flags = shipped_meta("imdb-lstm")["flags"]
+    assert (args.emb_size, args.hidden_size, args.vocab_size) == (flags["emb_size"], flags["hidden_size"],
+                                                                   flags["vocab_size"]) != (128, 256, 30_000)
+    start = sm.train.starting_weights(args, None)
+    config = sm.train.model_config(args, len(start["vocab"]))
+    model, _ = sm.train.model_and_optimiser(args, config, "cpu", start, sm.data.Vocab(start["vocab"]))
+    shipped = sm.pretrained.load_shipped("imdb", "lstm")["model"]
+    assert model.state_dict().keys() == shipped.keys()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+
+
+def copy_of_the_shipped_weights(tmp_path, monkeypatch):
+    """pretrained/sequence_models/ and pretrained/SHA256SUMS copied to tmp_path, and read from there."""
+    import shutil
+    shutil.copytree(sm.pretrained.PRETRAINED, tmp_path / "pretrained" / "sequence_models")
+    shutil.copyfile(sm.pretrained.PRETRAINED.parent / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    monkeypatch.setattr(sm.pretrained, "PRETRAINED", tmp_path / "pretrained" / "sequence_models")
+    return tmp_path / "pretrained"
+
+
+def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
+    root = copy_of_the_shipped_weights(tmp_path, monkeypatch)
+    weights = root / "sequence_models" / "imdb-lstm.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        sm.main.main(["interact", "--pretrained", "--task", "imdb", "--review", "fine", "--device", "cpu"])
+    assert e.value.code == ("sequence_models: pretrained/sequence_models/imdb-lstm.safetensors does not match "
+                            "pretrained/SHA256SUMS; restore it with git checkout")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_shipped_file_without_its_sha256_line_is_refused(tmp_path, monkeypatch):
+    root = copy_of_the_shipped_weights(tmp_path, monkeypatch)
+    sums = root / "SHA256SUMS"
+    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if "numbers-lstm.json" not in line))
+    assert sm.pretrained.load_shipped("imdb", "lstm")["task"] == "imdb"  # the other files still pass
+    with pytest.raises(SystemExit, match=r"pretrained/sequence_models/numbers-lstm\.json does not match"):
+        sm.pretrained.load_shipped("numbers", "lstm")
+
+
+def test_export_writes_weights_that_load_back_and_refreshes_only_this_folders_sums(tmp_path, monkeypatch):
+    """--export-pretrained RUN_DIR of a small numbers run: the weights load back equal to best.pt's
+    (float32: small), the JSON carries the run's metric, flags, vocabulary and a check that today's code
+    reproduces, and SHA256SUMS gets this folder's lines next to another folder's, which stay."""
+    import hashlib
+    sm.main.main(NUMBERS + ["--out-dir", str(tmp_path / "runs")])
+    shipped = tmp_path / "pretrained" / "sequence_models"
+    shipped.parent.mkdir()
+    (shipped.parent / "SHA256SUMS").write_text("ab" * 32 + "  gpt/x.safetensors\n")
+    monkeypatch.setattr(sm.pretrained, "PRETRAINED", shipped)
+    sm.main.main(["--export-pretrained", str(tmp_path / "runs" / "numbers-lstm")])
+    best = torch.load(tmp_path / "runs" / "numbers-lstm" / "best.pt", weights_only=True)
+    results = json.loads((tmp_path / "runs" / "numbers-lstm" / "results.json").read_text())
+    ckpt = sm.pretrained.load_shipped("numbers", "lstm")
+    assert ckpt["model"].keys() == best["model"].keys()
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in best["model"].items())
+    meta = json.loads((shipped / "numbers-lstm.json").read_text())
+    assert meta["metric"]["value"] == results["valid_accuracy"] and meta["vocab"] == best["vocab"]
+    assert (meta["flags"]["emb_size"], meta["flags"]["bptt"], meta["dtype"]) == (8, 16, "float32")
+    model = sm.model.build_model("numbers", ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    assert sm.pretrained.check("numbers", model) == meta["check"]
+    lines = (shipped.parent / "SHA256SUMS").read_text().splitlines()
+    assert lines[0] == "ab" * 32 + "  gpt/x.safetensors"
+    assert lines[1:] == [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  sequence_models/{f.name}"
+                         for f in sorted(shipped.iterdir())]
