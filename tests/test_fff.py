@@ -510,3 +510,22 @@ def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monk
         fff.main.main(argv)
     assert "pretrained/fff/fff.json does not match pretrained/SHA256SUMS" in str(e.value.code)
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_without_sample_only_fine_tunes_from_the_shipped_weights(tmp_path, monkeypatch, one_line_error):
+    """--pretrained on a training command starts each model from its shipped weights (not from the seed's
+    initialisation), at epoch 0; size flags that disagree with the shipped models are refused."""
+    import safetensors.torch
+    data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=20)
+    seen, train_epoch = {}, fff.train.train_epoch
+
+    def spy(epoch, name, model, *a, **kw):
+        seen.setdefault((name, epoch), {k: v.clone() for k, v in model.state_dict().items()})
+        return train_epoch(epoch, name, model, *a, **kw)
+    monkeypatch.setattr(fff.train, "train_epoch", spy)
+    monkeypatch.setattr(fff.main, "sample", lambda args: None)
+    fff.main.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--val-size", "100",
+                   "--pretrained", "--epochs", "1", "--models", "fff", "--device", "cpu"])
+    shipped = safetensors.torch.load_file(ROOT / "pretrained" / "fff" / "fff.safetensors")
+    assert list(seen) == [("fff", 0)] and all(torch.equal(seen["fff", 0][k], v) for k, v in shipped.items())
+    assert "leave out --depth" in one_line_error("--pretrained", "--depth", "2", "--out-dir", str(tmp_path / "r2"))
