@@ -13,9 +13,11 @@ files kept elsewhere: --data-dir /path/to/datasets.
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
-from data import DATASETS
+from data import DATASETS, load_split
+from pretrained import export, pretrained_config
 from sample import sample
 from train import QUICK_OUT_DIR, benchmark, device_memory, load_checkpoint, resolve_device, train
 
@@ -25,7 +27,9 @@ QUICK = dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=64, epochs=6, train
              batch_size=128, lr=3e-3, warmup_epochs=0.5, num_examples=8, benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and what to draw.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "num_examples", "compile", "log_interval", "benchmark", "benchmark_steps"}
+               "num_examples", "compile", "log_interval", "benchmark", "benchmark_steps", "pretrained",
+               "export_pretrained"}
+MODEL_FLAGS = {"patch_size", "dim", "depth", "heads", "mlp_dim", "dropout"}  # --pretrained takes these from its JSON
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,14 +44,15 @@ def device(s):
 
 
 def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
@@ -90,8 +95,10 @@ def check_memory(p, args):
                 f"choose a smaller model or --batch-size")
 
 
-def parse_args(argv=None):
-    p = Parser(prog="vit/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every flag, declared once with its default and help."""
+    p = Parser(prog="vit/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seeds weights, batch order, augmentation, dropout (>= 0)")
@@ -105,12 +112,14 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: evaluate and draw figures from --out-dir's checkpoint")
     g.add_argument("--quick", action="store_true", help="small model (P=7), 30k images, 6 epochs: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="use the shipped weights in pretrained/vit/ instead of a run folder")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
     g.add_argument("--val-size", type=number(int, 0), default=5000, help="last training images held out for validation")
     g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--crop-padding", type=number(int, 0, 14), default=2, help="augmentation: random crop after padding by this many pixels (0: off)")
+    g.add_argument("--crop-padding", type=number(int, 0, 13), default=2, help="augmentation: random crop after padding by this many pixels (0: off)")
 
     g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
     g.add_argument("--patch-size", type=positive(int), default=4, help=f"patch side P; divides the {IMAGE_SIZE}x{IMAGE_SIZE} images")
@@ -133,27 +142,55 @@ def parse_args(argv=None):
                    help="time training steps of this config and print one JSON line (images/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
+    g.add_argument("--export-pretrained", metavar="RUN_DIR", default=None,
+                   help="write pretrained/vit/<dataset>.{safetensors,json} from the finished run in RUN_DIR, then stop")
+
     g = p.add_argument_group("figures")
     g.add_argument("--num-examples", type=positive(int), default=16, help="test digits in the attention-map grid")
+    return p
 
-    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
-    args = p.parse_args(argv)
-    if args.quick:
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
-    out_dir = args.out_dir or f"runs/vit/{args.dataset}"
-    output_folder(p, "--out-dir", out_dir)
+
+def typed_flags(p, argv):
+    """The flags typed on the command line (their dests): presets and checkpoints never override these.
+    The parser takes no abbreviations, so each typed flag is one of its option strings."""
+    actions = p._option_string_actions
+    return {actions[a.split("=")[0]].dest for a in argv if a.split("=")[0] in actions}
+
+
+def overrides(p, args, typed):
+    """The flags that replace the defaults, in one place: --quick's, then the resumed run's (or, with
+    --pretrained, the shipped model's); a flag typed on the command line wins over all of them."""
+    o = dict(QUICK) if args.quick else {}
+    o["out_dir"] = args.out_dir if "out_dir" in typed else o.get("out_dir", f"runs/vit/{args.dataset}")
+    output_folder(p, "--out-dir", o["out_dir"])
     if args.figures_dir:
         output_folder(p, "--figures-dir", args.figures_dir)
-    if args.resume or args.sample_only:
-        saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
-        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        args = p.parse_args(argv)
-        if args.dataset != saved["dataset"]:
-            p.error(f"--dataset {args.dataset}, but {out_dir} holds a {saved['dataset']} run")
+    if args.pretrained:
+        saved = pretrained_config(args.dataset)
+        o.update({k: v for k, v in saved.items() if k in MODEL_FLAGS})
+    elif args.resume or args.sample_only:
+        saved = load_checkpoint(Path(o["out_dir"]) / "ckpt.pt", "cpu")["args"]
+        if args.dataset != saved["dataset"] and "dataset" in typed:
+            p.error(f"--dataset {args.dataset}, but {o['out_dir']} holds a {saved['dataset']} run")
+        o.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    return o
+
+
+def apply_overrides(args, o, typed):
+    for k, v in o.items():
+        if k not in typed:
+            setattr(args, k, v)
+
+
+def validate(p, args, typed):
+    """What the types alone cannot say, before anything is read or allocated."""
     if args.benchmark and (args.resume or args.sample_only):
         p.error("--benchmark times a fresh model; leave out --resume and --sample-only")
-    args.out_dir = out_dir
+    if args.pretrained and args.resume:
+        p.error("--pretrained starts from the shipped weights, --resume from --out-dir's; choose one")
+    if args.pretrained and MODEL_FLAGS & typed:
+        p.error(f"--pretrained uses the shipped model's sizes; leave out --{' --'.join(sorted(MODEL_FLAGS & typed))}"
+                .replace("_", "-"))
     if IMAGE_SIZE % args.patch_size:
         divisors = ", ".join(str(d) for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0)
         p.error(f"--patch-size {args.patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} images; choose {divisors}")
@@ -161,12 +198,43 @@ def parse_args(argv=None):
         p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     if not args.sample_only:
         check_memory(p, args)
+
+
+def parse_args(argv=None):
+    """Parse once; then the defaults are replaced by --quick's, the checkpoint's or the shipped model's
+    flags (overrides), and a flag typed now always wins."""
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.export_pretrained:
+        return args
+    typed = typed_flags(p, argv)
+    apply_overrides(args, overrides(p, args, typed), typed)
+    validate(p, args, typed)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
+def command_of(saved):
+    """The command line of a run, from its checkpoint's flags: those that differ from the defaults."""
+    p, skip = build_parser(), {"resume", "sample_only", "figures_dir", "num_examples"}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in saved.items()
+             if k not in skip and v != p.get_default(k) and v is not False]
+    return " ".join(["python vit/main.py", *flags])
+
+
+def export_run(args):
+    """--export-pretrained RUN_DIR: the finished run's checkpoint -> pretrained/vit/<dataset>.*"""
+    run_dir = Path(args.export_pretrained)
+    ckpt = load_checkpoint(run_dir / "ckpt.pt", "cpu")
+    test = load_split(args.data_dir, ckpt["args"]["dataset"], "test")
+    return export(ckpt, run_dir, command_of(ckpt["args"]), test)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_pretrained:
+        return export_run(args)
     if args.benchmark:
         return benchmark(args)
     if not args.sample_only:

@@ -14,8 +14,9 @@ import matplotlib.ticker
 import torch
 import torch.nn.functional as F
 
-from data import CLASSES, load_split, normalize
+from data import CLASSES, DATASETS, find, idx_files, load_split, normalize
 from model import ViT, ViTConfig, attention_rollout
+from pretrained import decode_examples, load_model, paths, read_meta
 from train import load_checkpoint, predict, resolve_device
 
 
@@ -92,14 +93,54 @@ def plot_curve(log_path, dataset, path):
     plt.close(fig)
 
 
+def load_for_sampling(args, device):
+    """The model to look at, from --out-dir's checkpoint or (--pretrained) the shipped weights.
+    -> (model in eval mode, dataset, facts for metrics.json, the training log or None)"""
+    if args.pretrained:
+        model, meta = load_model(args.dataset, device)
+        facts = {"epochs": meta["epochs"], "val_acc": meta["val_acc"], "train_time_s": meta["wall_time_s"],
+                 "weights": f"pretrained/vit/{args.dataset}.safetensors"}
+        return model, args.dataset, facts, paths(args.dataset)[2]
+    out = Path(args.out_dir)
+    ckpt = load_checkpoint(out / "ckpt.pt", device)
+    model = ViT(ViTConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    facts = {"epochs": ckpt["epoch"], "val_acc": None if math.isnan(ckpt["val_acc"]) else ckpt["val_acc"],
+             "train_time_s": round(ckpt["train_time"], 1)}
+    return model.eval(), ckpt["args"]["dataset"], facts, out / "log.csv"
+
+
+def has_test_set(data_dir, dataset):
+    raw = Path(data_dir) / DATASETS[dataset] / "raw"
+    return all(find(raw, n) for n in idx_files("test"))
+
+
+def sample_shipped_examples(model, dataset, log, args, device):
+    """--pretrained without the test set in --data-dir: the attention maps of the test images shipped in
+    the JSON (the same images as the README's figure) and the shipped training curve; no download."""
+    images, labels = (t.to(device) for t in decode_examples(read_meta(dataset)))
+    preds = predict(model, images, dataset, 1000, nullcontext())
+    raw = Path(args.data_dir) / DATASETS[dataset] / "raw"
+    print(f"vit: no {dataset} test set in {raw}/ (put t10k-{{images-idx3,labels-idx1}}-ubyte[.gz] there for the "
+          f"test accuracy and confusion matrix); the {len(labels)} test images shipped in pretrained/vit/"
+          f"{dataset}.json: {(preds == labels).sum().item()} of {len(labels)} right")
+    fig_dir = Path(args.figures_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"attention": lambda p: plot_attention(model, images, labels, preds, torch.arange(len(labels)),
+                                                     dataset, p),
+               "curve": lambda p: plot_curve(log, dataset, p)}
+    for name, draw in figures.items():
+        path = fig_dir / f"vit_{dataset}_{name}.png"
+        draw(path)
+        print(f"wrote {path}")
+
+
 def sample(args):
     device = resolve_device(args.device)
     out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
-    ckpt = load_checkpoint(out / "ckpt.pt", device)
-    dataset = ckpt["args"]["dataset"]
-    model = ViT(ViTConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, dataset, facts, log = load_for_sampling(args, device)
+    if args.pretrained and not has_test_set(args.data_dir, dataset):
+        return sample_shipped_examples(model, dataset, log, args, device)
     images, labels = (t.to(device) for t in load_split(args.data_dir, dataset, "test"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     logits = predict(model, images, dataset, 1000, autocast)
@@ -107,14 +148,13 @@ def sample(args):
     wrong = (preds != labels).nonzero()[:, 0]
     metrics = {"dataset": dataset, "test_acc": (preds == labels).float().mean().item(),
                "test_errors": len(wrong), "test_loss": F.cross_entropy(logits, labels).item(),
-               "parameters": model.num_params(), "epochs": ckpt["epoch"],
-               "val_acc": None if math.isnan(ckpt["val_acc"]) else ckpt["val_acc"],
-               "train_time_s": round(ckpt["train_time"], 1)}
+               "parameters": model.num_params(), **facts}
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / "metrics.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, out / "metrics.json")
     print(f"test accuracy {metrics['test_acc']:.2%} ({len(wrong)} of {len(labels):,} wrong) on {dataset}, "
-          f"{metrics['parameters']:,} parameters, {ckpt['epoch']} epochs, {ckpt['train_time']:.0f} s training")
+          f"{metrics['parameters']:,} parameters, {facts['epochs']} epochs, {facts['train_time_s']:.0f} s training")
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     n, K = args.num_examples, len(CLASSES[dataset])
@@ -122,8 +162,8 @@ def sample(args):
     figures = {"attention": lambda p: plot_attention(model, images, labels, preds, idx, dataset, p),
                "confusion": lambda p: plot_confusion(
                    torch.bincount(labels.cpu() * K + preds.cpu(), minlength=K * K).reshape(K, K), dataset, p)}
-    if (out / "log.csv").is_file():
-        figures["curve"] = lambda p: plot_curve(out / "log.csv", dataset, p)
+    if log.is_file():
+        figures["curve"] = lambda p: plot_curve(log, dataset, p)
     for name, draw in figures.items():
         path = fig_dir / f"vit_{dataset}_{name}.png"
         draw(path)

@@ -8,7 +8,7 @@ import re
 import resource
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data import DATASETS, find, idx_files, load_data, normalize, random_crop
 from model import ViT, ViTConfig
+from pretrained import load_pretrained
 
 FOLDER = "vit"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/vit-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -285,45 +286,53 @@ def benchmark(args):
         "compile": bool(args.compile), "data": "real" if real else "random"}))
 
 
-def train(args):
-    device = resolve_device(args.device)
-    autocast = precision(device.split(":")[0])
-
-    # ---- checkpoint, data (on the device once: 60k small images fit anywhere)
-    out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
+def resume_or_refuse(args, device):
+    """--out-dir/ckpt.pt and, with --resume, its contents. A fresh run refuses to overwrite a checkpoint
+    (only --quick may, in its own default --out-dir)."""
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"vit: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args).items()}
-    train_x, train_y = data["train"]
+    return ckpt_path, ckpt
+
+
+def model_config(args, train_x):
     H, W = train_x.shape[1:]
     if H != W:
         raise SystemExit(f"vit: images are {H}x{W}; this ViT takes square images")
+    return ViTConfig(image_size=H, patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
+                     mlp_dim=args.mlp_dim, dropout=args.dropout)
 
-    # ---- model and optimiser
-    cfg = ViTConfig(image_size=H, patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
-                    mlp_dim=args.mlp_dim, dropout=args.dropout)
-    if ckpt and asdict(cfg) != ckpt["config"]:
+
+def restore(model, optimizer, ckpt, cfg, ckpt_path, args):
+    """The state to continue from: the checkpoint's (weights, optimiser, epoch, time), or with
+    --pretrained the shipped weights (fine-tuning starts at epoch 0), or nothing. -> (epoch, train_time, val_acc)"""
+    if ckpt is None:
+        if args.pretrained:
+            model.load_state_dict(load_pretrained(args.dataset, cfg))
+        return 0, 0.0, float("nan")
+    if asdict(cfg) != ckpt["config"]:
         raise SystemExit(f"vit: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
-    model, optimizer, fwd = build(cfg, args, device)
-    epoch = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch = ckpt["epoch"]
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["train_time"], ckpt["val_acc"]
 
-    steps_per_epoch = len(train_x) // args.batch_size  # the last partial batch of each epoch is dropped
+
+def schedule_of(n_train, args):
+    """(steps per epoch, total steps, warmup steps); the last partial batch of each epoch is dropped."""
+    steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"vit: --batch-size {args.batch_size} exceeds the {len(train_x)} training images")
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+        raise SystemExit(f"vit: --batch-size {args.batch_size} exceeds the {n_train} training images")
+    return steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+
+
+@contextmanager
+def run_log(out, epoch, args):
+    """log.csv (and W&B with --wandb) for the epochs to come -> log(row, step); on Ctrl-C, one line
+    about what was kept, exit 130."""
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}, "
-          f"D={cfg.dim}, L={cfg.depth}, k={cfg.heads}); {args.dataset}: {len(train_x):,} train / "
-          f"{len(data['val'][0]):,} val / {len(data['test'][0]):,} test images on {device}"
-          + (f"; resuming after epoch {epoch}" if ckpt else ""))
-    log_file, log = open_log(out / "log.csv", epoch)
+    log_file, writer = open_log(out / "log.csv", epoch)
     if args.wandb:
         try:
             import wandb
@@ -331,43 +340,66 @@ def train(args):
             raise SystemExit("vit: --wandb needs the wandb package (pip install wandb)")
         wandb.init(project="papers-vit", config=vars(args), dir=out)
 
-    # ---- the loop: one epoch = one pass over a fresh permutation of the training set
-    train_time = ckpt["train_time"] if ckpt else 0.0
-    val_acc = ckpt["val_acc"] if ckpt else float("nan")
-    if epoch >= args.epochs:
-        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    def log(row, step):
+        writer.writerow(row)
+        log_file.flush()
+        if args.wandb:
+            wandb.log(row, step=step)
     try:
-        for epoch in range(epoch, args.epochs):
-            t0 = time.perf_counter()
-            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_x, train_y,
-                                              (steps_per_epoch, total_steps, warmup_steps), ckpt_path, args, autocast)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            done = epoch + 1
-            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(),
-                   "train_acc": torch.stack(correct).sum().item() / (steps_per_epoch * args.batch_size),
-                   "lr": lr, "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
-            if len(data["val"][0]):
-                row["val_loss"], row["val_acc"] = evaluate(model, *data["val"], args.dataset, 1000, autocast)
-                val_acc = row["val_acc"]
-            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": done, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
-                         "train_time": train_time}, ckpt_path)
-            log.writerow(row)
-            log_file.flush()
-            tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['images_per_s']:,.0f} img/s  {train_time:.0f} s")
-            if args.wandb:
-                wandb.log(row, step=done)
+        yield log
     except KeyboardInterrupt:
-        if ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
-                  f"continue with --resume")
-        else:
-            print("\ninterrupted before the first epoch ended; nothing was saved")
+        ckpt_path = out / "ckpt.pt"
+        print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: continue with --resume"
+              if ckpt_path.exists() else "\ninterrupted before the first epoch ended; nothing was saved")
         raise SystemExit(130)
     finally:
         log_file.close()
         if args.wandb:
             wandb.finish()
+
+
+def describe(model, cfg, data, device, args, epoch):
+    train_x = data["train"][0]
+    print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}, "
+          f"D={cfg.dim}, L={cfg.depth}, k={cfg.heads}); {args.dataset}: {len(train_x):,} train / "
+          f"{len(data['val'][0]):,} val / {len(data['test'][0]):,} test images on {device}"
+          + (f"; resuming after epoch {epoch}" if epoch else ""))
+    if epoch >= args.epochs:
+        print(f"{Path(args.out_dir) / 'ckpt.pt'} is at epoch {epoch}, which is not below --epochs {args.epochs}: "
+              f"nothing to train")
+
+
+def train(args):
+    """Data on the device once, the ViT and AdamW, then per epoch: a pass over a fresh permutation with
+    warmup + cosine lr (train_epoch), validation accuracy, an atomic checkpoint, a row of log.csv."""
+    device = resolve_device(args.device)
+    autocast = precision(device.split(":")[0])
+    ckpt_path, ckpt = resume_or_refuse(args, device)
+    data = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args).items()}
+    train_x, train_y = data["train"]
+    cfg = model_config(args, train_x)
+    model, optimizer, fwd = build(cfg, args, device)
+    epoch, train_time, val_acc = restore(model, optimizer, ckpt, cfg, ckpt_path, args)
+    schedule = schedule_of(len(train_x), args)
+    describe(model, cfg, data, device, args, epoch)
+    with run_log(Path(args.out_dir), epoch, args) as log:
+        for epoch in range(epoch, args.epochs):
+            t0 = time.perf_counter()
+            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_path,
+                                              args, autocast)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            n = schedule[0] * args.batch_size
+            row = {"epoch": epoch + 1, "train_loss": torch.stack(losses).mean().item(),
+                   "train_acc": torch.stack(correct).sum().item() / n, "lr": lr, "images_per_s": n / dt,
+                   "elapsed_s": train_time}
+            if len(data["val"][0]):
+                row["val_loss"], row["val_acc"] = evaluate(model, *data["val"], args.dataset, 1000, autocast)
+                val_acc = row["val_acc"]
+            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
+                         "train_time": train_time}, ckpt_path)
+            log(row, epoch + 1)
+            tqdm.write(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['images_per_s']:,.0f} img/s  {train_time:.0f} s")
     return model
