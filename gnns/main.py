@@ -15,9 +15,11 @@ files kept elsewhere: --data-dir /path/to/datasets.
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
-from data import DATASETS
+from data import DATASETS, load_images
+from pretrained import export, pretrained_flags
 from sample import sample, speed
 from train import QUICK_OUT_DIR, benchmark, device_memory, load_checkpoint, resolve_device, train
 
@@ -30,7 +32,8 @@ QUICK = dict(hidden=32, layers=2, epochs=2, train_size=10_000, val_size=1000, ba
 GRAPH_SIZE = {"drop": (200, 1400), "keep": (784, 6724)}
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
                "cache_dir", "speed", "speed_sides", "speed_steps", "speed_batch", "compile", "log_interval",
-               "benchmark", "benchmark_steps"}
+               "benchmark", "benchmark_steps", "pretrained", "export_pretrained"}
+MODEL_FLAGS = {"hidden", "layers", "heads", "dropout", "background", "dataset"}  # --pretrained: from its JSON
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,14 +48,15 @@ def device(s):
 
 
 def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
@@ -109,8 +113,10 @@ def check_memory(p, args):
                 f"activations ({device} here has {have / 2 ** 30:,.1f} GiB); choose a smaller model or batch")
 
 
-def parse_args(argv=None):
-    p = Parser(prog="gnns/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every flag, declared once with its default and help."""
+    p = Parser(prog="gnns/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seeds weights, batch order and dropout (>= 0)")
@@ -124,6 +130,8 @@ def parse_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training: evaluate and draw figures from --out-dir's checkpoint")
     g.add_argument("--quick", action="store_true", help="small GCN, 10k graphs, 2 epochs, small speed table: under a minute on CPU")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="use the shipped weights in pretrained/gnns/ instead of a run folder")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
@@ -150,41 +158,101 @@ def parse_args(argv=None):
                    help="time training steps of this config and print one JSON line (graphs/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
+    g.add_argument("--export-pretrained", metavar="RUN_DIR", default=None,
+                   help="write pretrained/gnns/<model>.{safetensors,json,log.csv} from the finished run in RUN_DIR, then stop")
+
     g = p.add_argument_group("speed")
     g.add_argument("--speed", action="store_true", help="only time training steps, sparse against dense, GCN and GAT")
     g.add_argument("--speed-sides", type=sides, default=[7, 14, 21, 28], help="image sides to time (28: 784 nodes)")
     g.add_argument("--speed-batch", type=positive(int), default=64, help="graphs per timed step")
     g.add_argument("--speed-steps", type=positive(int), default=3, help="timed steps per setting (after one warm-up)")
+    return p
 
-    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
-    args = p.parse_args(argv)
-    if args.quick:
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
-    out_dir = args.out_dir or ("runs/gnns" if args.speed else f"runs/gnns/{args.model}")
-    for flag, path in (("--out-dir", out_dir), ("--figures-dir", args.figures_dir), ("--cache-dir", args.cache_dir)):
+
+def typed_flags(p, argv):
+    """The flags typed on the command line (their dests): presets and checkpoints never override these.
+    The parser takes no abbreviations, so each typed flag is one of its option strings."""
+    actions = p._option_string_actions
+    return {actions[a.split("=")[0]].dest for a in argv if a.split("=")[0] in actions}
+
+
+def overrides(p, args, typed):
+    """The flags that replace the defaults, in one place: --quick's, then the resumed run's (or, with
+    --pretrained, the shipped model's); a flag typed on the command line wins over all of them."""
+    o = dict(QUICK) if args.quick else {}
+    default_out = "runs/gnns" if args.speed else f"runs/gnns/{args.model}"
+    o["out_dir"] = args.out_dir if "out_dir" in typed else o.get("out_dir", default_out)
+    for flag, path in (("--out-dir", o["out_dir"]), ("--figures-dir", args.figures_dir),
+                       ("--cache-dir", o.get("cache_dir", args.cache_dir))):
         if path:
             output_folder(p, flag, path)
-    if (args.resume or args.sample_only) and not args.speed:
-        saved = load_checkpoint(Path(out_dir) / "ckpt.pt", "cpu")["args"]
-        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        args = p.parse_args(argv)
+    if args.pretrained and not args.speed:
+        o.update(pretrained_flags(args.model))
+    elif (args.resume or args.sample_only) and not args.speed:
+        saved = load_checkpoint(Path(o["out_dir"]) / "ckpt.pt", "cpu")["args"]
         for flag in ("model", "dataset"):
-            if getattr(args, flag) != saved[flag]:
-                p.error(f"--{flag} {getattr(args, flag)}, but {out_dir} holds a {saved[flag]} run")
-    args.out_dir = out_dir
+            if flag in typed and getattr(args, flag) != saved[flag]:
+                p.error(f"--{flag} {getattr(args, flag)}, but {o['out_dir']} holds a {saved[flag]} run")
+        o.update({k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    return o
+
+
+def apply_overrides(args, o, typed):
+    for k, v in o.items():
+        if k not in typed:
+            setattr(args, k, v)
+
+
+def validate(p, args, typed):
+    """What the types alone cannot say, before anything is read or allocated."""
     if args.benchmark and (args.resume or args.sample_only or args.speed):
         p.error("--benchmark times a fresh model's training; leave out --resume, --sample-only and --speed")
+    if args.pretrained and args.resume:
+        p.error("--pretrained starts from the shipped weights, --resume from --out-dir's; choose one")
+    if args.pretrained and not args.speed and MODEL_FLAGS & typed:
+        p.error(f"--pretrained uses the shipped model's sizes; leave out --{' --'.join(sorted(MODEL_FLAGS & typed))}"
+                .replace("_", "-"))
     if (args.model == "gat" or args.speed or args.quick) and args.hidden % args.heads:  # --speed times GAT too
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if not args.sample_only or args.speed:
         check_memory(p, args)
+
+
+def parse_args(argv=None):
+    """Parse once; then the defaults are replaced by --quick's, the checkpoint's or the shipped model's
+    flags (overrides), and a flag typed now always wins."""
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.export_pretrained:
+        return args
+    typed = typed_flags(p, argv)
+    apply_overrides(args, overrides(p, args, typed), typed)
+    validate(p, args, typed)
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
+def command_of(saved):
+    """The command line of a run, from its checkpoint's flags: those that differ from the defaults."""
+    p, skip = build_parser(), {"resume", "sample_only", "figures_dir"}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, list) else v}")
+             for k, v in saved.items() if k not in skip and v != p.get_default(k) and v is not False]
+    return " ".join(["python gnns/main.py", *flags])
+
+
+def export_run(args):
+    """--export-pretrained RUN_DIR: the finished run's checkpoint -> pretrained/gnns/<model>.*"""
+    run_dir = Path(args.export_pretrained)
+    ckpt = load_checkpoint(run_dir / "ckpt.pt", "cpu")
+    images, labels = load_images(args.data_dir, ckpt["args"]["dataset"], "test")
+    return export(ckpt, run_dir, command_of(ckpt["args"]), images, labels)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_pretrained:
+        return export_run(args)
     if args.benchmark:
         return benchmark(args)
     if args.speed:

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.collections import LineCollection
 
-from data import CLASSES, build_graphs, load_graphs, load_images
+from data import CLASSES, DATASETS, build_graphs, find, idx_files, load_graphs, load_images
 from model import GNN, GNNConfig, gcn_norm
+from pretrained import decode_examples, load_model, paths, read_meta
 from train import forward, load_checkpoint, predict, resolve_device
 
 
@@ -86,14 +87,60 @@ def draw_digit_graph(model, graphs, preds, device, dataset, path):
     plot_graph(b, edge_index, weight, f"test digit {label} (predicted {pred}) as a pixel graph:\n{what}", path)
 
 
-def sample(args):
-    device = resolve_device(args.device)
-    out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
+def load_for_sampling(args, device):
+    """The model to look at, from --out-dir's checkpoint or (--pretrained) the shipped weights.
+    -> (model in eval mode, the flags it was trained with, facts for metrics.json, {GCN/GAT: training log})"""
+    if args.pretrained:
+        model, meta = load_model(args.model, device)
+        facts = {"epochs": meta["epochs"], "val_acc": meta["val_acc"], "train_time_s": meta["wall_time_s"],
+                 "weights": f"pretrained/gnns/{args.model}.safetensors"}
+        logs = {n.upper(): paths(n)[2] for n in ("gcn", "gat") if paths(n)[2].is_file()}
+        return model, {k: meta[k] for k in ("dataset", "background", "val_size")}, facts, logs
+    out = Path(args.out_dir)
     ckpt = load_checkpoint(out / "ckpt.pt", device)
-    saved = ckpt["args"]
     model = GNN(GNNConfig(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
-    model.eval()
+    facts = {"epochs": ckpt["epoch"], "val_acc": None if math.isnan(ckpt["val_acc"]) else ckpt["val_acc"],
+             "train_time_s": round(ckpt["train_time"], 1)}
+    # the seed's plot: this run's curve, with the other model's when it sits next to it (runs/gnns/{gcn,gat})
+    logs = {name.upper(): out / "log.csv" if name == model.cfg.model else out.parent / name / "log.csv"
+            for name in ("gcn", "gat")}
+    return model.eval(), ckpt["args"], facts, {k: v for k, v in logs.items() if v.is_file()}
+
+
+def draw_figures(model, test, preds, logs, saved, device, fig_dir):
+    """The first test digit as its graph with its edge weights, and the training curves."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"gnns_{saved['dataset']}"
+    path = fig_dir / f"{tag}_{model.cfg.model}_graph.png"
+    draw_digit_graph(model, test, preds, device, saved["dataset"], path)
+    print(f"wrote {path}")
+    if logs:
+        path = fig_dir / f"{tag}_curves.png"
+        plot_curves(logs, saved["val_size"], path)
+        print(f"wrote {path} ({' and '.join(logs)})")
+
+
+def try_shipped_digits(model, saved, logs, args, device):
+    """--pretrained without the test set in --data-dir: the test digits shipped in the JSON (the first is
+    the README figure's) as pixel graphs through the model, the figures; no download."""
+    images, labels = decode_examples(read_meta(args.model))
+    test = build_graphs(images, labels, saved["background"])
+    preds = predict(model, test, device).argmax(-1).cpu()
+    print(f"gnns: no {saved['dataset']} test set in {Path(args.data_dir) / DATASETS[saved['dataset']] / 'raw'}/ "
+          f"(put t10k-{{images-idx3,labels-idx1}}-ubyte[.gz] there for the test accuracy); the {len(labels)} test "
+          f"digits shipped in pretrained/gnns/{args.model}.json: labels {labels.tolist()}, {model.cfg.model.upper()} "
+          f"predicts {preds.tolist()} ({(preds == labels).sum().item()} of {len(labels)} right)")
+    draw_figures(model, test, preds, logs, saved, device, Path(args.figures_dir))
+
+
+def sample(args):
+    device = resolve_device(args.device)
+    out = Path(args.out_dir)
+    model, saved, facts, logs = load_for_sampling(args, device)
+    raw = Path(args.data_dir) / DATASETS[saved["dataset"]] / "raw"
+    if args.pretrained and not all(find(raw, n) for n in idx_files("test")):
+        return try_shipped_digits(model, saved, logs, args, device)
     # the checkpoint's graphs (dataset, background), from this invocation's paths
     test = load_graphs(SimpleNamespace(dataset=saved["dataset"], background=saved["background"],
                                        data_dir=args.data_dir, cache_dir=args.cache_dir), "test")
@@ -102,29 +149,13 @@ def sample(args):
     preds = logits.argmax(-1)
     metrics = {"model": model.cfg.model, "dataset": saved["dataset"], "background": saved["background"],
                "test_acc": (preds == y).float().mean().item(), "test_errors": int((preds != y).sum()),
-               "test_loss": F.cross_entropy(logits, y).item(), "parameters": model.num_params(),
-               "epochs": ckpt["epoch"], "val_acc": None if math.isnan(ckpt["val_acc"]) else ckpt["val_acc"],
-               "train_time_s": round(ckpt["train_time"], 1)}
+               "test_loss": F.cross_entropy(logits, y).item(), "parameters": model.num_params(), **facts}
+    out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / "metrics.json")
     print(f"{model.cfg.model.upper()} test accuracy {metrics['test_acc']:.2%} ({metrics['test_errors']} of "
-          f"{len(y):,} wrong) on {saved['dataset']}, {metrics['parameters']:,} parameters, {ckpt['epoch']} epochs, "
-          f"{ckpt['train_time']:.0f} s training")
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"gnns_{saved['dataset']}"
-    path = fig_dir / f"{tag}_{model.cfg.model}_graph.png"
-    draw_digit_graph(model, test, preds, device, saved["dataset"], path)
-    print(f"wrote {path}")
-    # the seed's plot: this run's curve, with the other model's when it sits next to it (runs/gnns/{gcn,gat})
-    runs = {}
-    for name in ("gcn", "gat"):
-        log_path = out / "log.csv" if name == model.cfg.model else out.parent / name / "log.csv"
-        if log_path.is_file():
-            runs[name.upper()] = log_path
-    if runs:
-        path = fig_dir / f"{tag}_curves.png"
-        plot_curves(runs, saved["val_size"], path)
-        print(f"wrote {path} ({' and '.join(runs)})")
+          f"{len(y):,} wrong) on {saved['dataset']}, {metrics['parameters']:,} parameters, {facts['epochs']} epochs, "
+          f"{facts['train_time_s']:.0f} s training")
+    draw_figures(model, test, preds, logs, saved, device, Path(args.figures_dir))
     return metrics
 
 

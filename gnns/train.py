@@ -8,6 +8,7 @@ import re
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from data import (DATASETS, Batches, build_graphs, cached_graphs, find, idx_files, load_data, load_images,
                   random_images, subset)
 from model import GNN, GNNConfig
+from pretrained import load_pretrained
 
 FOLDER = "gnns"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/gnns-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -203,41 +205,52 @@ def train_epoch(epoch, model, fwd, optimizer, train_set, schedule, ckpt_path, ar
     return losses, correct, lr
 
 
-def train(args):
-    device = resolve_device(args.device)
-    out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
+def resume_or_refuse(args, device):
+    """--out-dir/ckpt.pt and, with --resume, its contents. A fresh run refuses to overwrite a checkpoint
+    (only --quick may, in its own default --out-dir)."""
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"gnns: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    precision(device)
-    data = {k: graphs.to(device) for k, graphs in load_data(args).items() if k != "test"}  # on the device once
-    train_set = data["train"]
+    return ckpt_path, ckpt
 
-    cfg = model_config(args)
-    if ckpt and asdict(cfg) != ckpt["config"]:
+
+def restore(model, optimizer, ckpt, cfg, ckpt_path, args):
+    """The state to continue from: the checkpoint's (weights, optimiser, epoch, time), or with
+    --pretrained the shipped weights (fine-tuning starts at epoch 0), or nothing. -> (epoch, train_time, val_acc)"""
+    if ckpt is None:
+        if args.pretrained:
+            model.load_state_dict(load_pretrained(cfg.model, cfg))
+        return 0, 0.0, float("nan")
+    if asdict(cfg) != ckpt["config"]:
         raise SystemExit(f"gnns: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
-    torch.manual_seed(args.seed)
-    model = GNN(cfg).to(device)
-    optimizer = adamw(model, args)
-    epoch = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch = ckpt["epoch"]
-    fwd = torch.compile(model, dynamic=True) if args.compile else model
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["train_time"], ckpt["val_acc"]
 
-    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
+
+def schedule_of(n_train, args):
+    """(steps per epoch, total steps, warmup steps); the last partial batch of each epoch is dropped."""
+    steps_per_epoch = n_train // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"gnns: --batch-size {args.batch_size} exceeds the {len(train_set)} training graphs")
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    out.mkdir(parents=True, exist_ok=True)
+        raise SystemExit(f"gnns: --batch-size {args.batch_size} exceeds the {n_train} training graphs")
+    return steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+
+
+def describe(model, cfg, data, device, args, epoch):
+    train_set = data["train"]
     nodes, edges = train_set.node_ptr[-1].item() / len(train_set), train_set.edge_ptr[-1].item() / len(train_set)
     print(f"{cfg.model.upper()}: {model.num_params():,} parameters; {args.dataset} as pixel graphs "
           f"(background {args.background}: {nodes:.0f} nodes, {edges:.0f} directed edges per graph on average); "
           f"{len(train_set):,} train / {len(data['val']):,} val graphs on {device}"
-          + (f"; resuming after epoch {epoch}" if ckpt else ""))
+          + (f"; resuming after epoch {epoch}" if epoch else ""))
+
+
+@contextmanager
+def run_log(out, epoch, args):
+    """log.csv (and W&B with --wandb) for the epochs to come -> log(row, step); on Ctrl-C, one line
+    about what was kept, exit 130."""
     if args.wandb:
         try:
             import wandb
@@ -246,46 +259,65 @@ def train(args):
             raise SystemExit("gnns: --wandb needs the wandb package (pip install wandb)")
         except Exception as e:  # not logged in, no network: say so in one line
             raise SystemExit(f"gnns: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    log_file, log = open_log(out / "log.csv", epoch)
+    log_file, writer = open_log(out / "log.csv", epoch)
 
-    train_time = ckpt["train_time"] if ckpt else 0.0
-    val_acc = ckpt["val_acc"] if ckpt else float("nan")
-    if epoch >= args.epochs:
-        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    def log(row, step):
+        writer.writerow(row)
+        log_file.flush()
+        if args.wandb:
+            wandb.log(row, step=step)
     try:
-        for epoch in range(epoch, args.epochs):
-            t0 = time.perf_counter()
-            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_set,
-                                              (steps_per_epoch, total_steps, warmup_steps), ckpt_path, args, device)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            done = epoch + 1
-            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(),
-                   "train_acc": torch.stack(correct).sum().item() / (steps_per_epoch * args.batch_size),
-                   "lr": lr, "graphs_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
-            if len(data["val"]):
-                row["val_loss"], row["val_acc"] = evaluate(model, data["val"], device)
-                val_acc = row["val_acc"]
-            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": done, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
-                         "train_time": train_time}, ckpt_path)
-            log.writerow(row)
-            log_file.flush()
-            tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['graphs_per_s']:,.0f} graphs/s  {train_time:.0f} s")
-            if args.wandb:
-                wandb.log(row, step=done)
+        yield log
     except KeyboardInterrupt:
-        if ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
-                  f"continue with --resume")
-        else:
-            print("\ninterrupted before the first epoch ended; nothing was saved")
+        ckpt_path = out / "ckpt.pt"
+        print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: continue with --resume"
+              if ckpt_path.exists() else "\ninterrupted before the first epoch ended; nothing was saved")
         raise SystemExit(130)
     finally:
         log_file.close()
         if args.wandb:
             wandb.finish()
+
+
+def train(args):
+    """The graph sets on the device once, the GNN and AdamW, then per epoch: a pass over a fresh
+    permutation with warmup + cosine lr (train_epoch), validation accuracy, an atomic checkpoint, a
+    row of log.csv."""
+    device = resolve_device(args.device)
+    ckpt_path, ckpt = resume_or_refuse(args, device)
+    precision(device)
+    data = {k: graphs.to(device) for k, graphs in load_data(args).items() if k != "test"}  # on the device once
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    model = GNN(cfg).to(device)
+    optimizer = adamw(model, args)
+    epoch, train_time, val_acc = restore(model, optimizer, ckpt, cfg, ckpt_path, args)
+    fwd = torch.compile(model, dynamic=True) if args.compile else model
+    schedule = schedule_of(len(data["train"]), args)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    describe(model, cfg, data, device, args, epoch)
+    if epoch >= args.epochs:
+        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    with run_log(Path(args.out_dir), epoch, args) as log:
+        for epoch in range(epoch, args.epochs):
+            t0 = time.perf_counter()
+            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, data["train"], schedule, ckpt_path,
+                                              args, device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            n = schedule[0] * args.batch_size
+            row = {"epoch": epoch + 1, "train_loss": torch.stack(losses).mean().item(),
+                   "train_acc": torch.stack(correct).sum().item() / n, "lr": lr, "graphs_per_s": n / dt,
+                   "elapsed_s": train_time}
+            if len(data["val"]):
+                row["val_loss"], row["val_acc"] = evaluate(model, data["val"], device)
+                val_acc = row["val_acc"]
+            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
+                         "train_time": train_time}, ckpt_path)
+            log(row, epoch + 1)
+            tqdm.write(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['graphs_per_s']:,.0f} graphs/s  {train_time:.0f} s")
     return model
 
 
