@@ -255,9 +255,12 @@ def apply_overrides(explicit):
 
 def validate(p, args):
     """What one flag's type cannot check: combinations, and output paths that are files."""
-    modes = [m for m in ("benchmark", "sample_only", "evaluate", "export_pretrained") if getattr(args, m)]
-    if len(modes) > 1 or (modes and args.command != "train"):
-        p.error(f"--{modes[0].replace('_', '-')} goes alone, with no command")
+    modes = ["--" + m.replace("_", "-") for m in ("benchmark", "sample_only", "evaluate", "export_pretrained")
+             if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"{' and '.join(modes)}: give one of them")
+    if modes and args.command != "train":
+        p.error(f"{modes[0]} does not go with {args.command}")
     if args.pretrained and (args.resume or args.command in ("sweep", "transfer") or args.export_pretrained):
         p.error("--pretrained goes with interact, --sample-only, --evaluate or a training run (which fine-tunes "
                 "the shipped weights); transfer pretrains with --task imdb-lm and reads --encoder")
