@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen, without a display
+from pretrained import file_name, load_pretrained, log_path as shipped_log
 from train import Normalizer, agent_for, clip_action, evaluate, load_checkpoint, make_env
 
 
@@ -44,22 +45,28 @@ def record_gif(agent, normalizer, env_id, path, steps, seed):
 
 
 def sample(args, evaluate_policy=True):
+    """The greedy return, the learning curve and a GIF of the run in --out-dir (or of the shipped agent)."""
     out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
-    ckpt = load_checkpoint(out / "ckpt.pt", args.env_id)
     env = make_env(args.env_id)
     agent = agent_for(env.observation_space, env.action_space)
-    agent.load_state_dict(ckpt["agent"])
-    agent.eval()
     normalizer = Normalizer(env.observation_space.shape[0], 1, args.gamma, enabled=args.normalize)
-    normalizer.load_state_dict(ckpt["normalizer"])
     env.close()
+    if args.pretrained and args.sample_only:
+        load_pretrained(agent, normalizer, args.env_id)
+        log_csv, source = shipped_log(args.env_id), f"pretrained/ppo/{file_name(args.env_id)}.safetensors"
+    else:
+        ckpt = load_checkpoint(out / "ckpt.pt", args.env_id)
+        agent.load_state_dict(ckpt["agent"])
+        normalizer.load_state_dict(ckpt["normalizer"])
+        log_csv, source = out / "log.csv", out / "ckpt.pt"
+    agent.eval()
     if evaluate_policy:
-        print(f"greedy evaluation: {evaluate(agent, args.env_id, normalizer, args.eval_episodes, args.seed, 'cpu'):.1f} "
+        print(f"{source}: greedy evaluation {evaluate(agent, args.env_id, normalizer, args.eval_episodes, args.seed, 'cpu'):.1f} "
               f"mean return over {args.eval_episodes} episodes")
     fig_dir.mkdir(parents=True, exist_ok=True)
-    name = f"ppo_{args.env_id.split('-')[0].lower()}"
-    if (out / "log.csv").is_file():
-        plot_curve(out / "log.csv", fig_dir / f"{name}_curve.png", args.env_id)
+    name = f"ppo_{file_name(args.env_id)}"
+    if log_csv is not None and log_csv.is_file():
+        plot_curve(log_csv, fig_dir / f"{name}_curve.png", args.env_id)
         print(f"wrote {fig_dir / f'{name}_curve.png'}")
     n = record_gif(agent, normalizer, args.env_id, fig_dir / f"{name}.gif", args.gif_steps, args.seed)
     print(f"wrote {fig_dir / f'{name}.gif'} ({n} frames)")

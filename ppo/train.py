@@ -11,6 +11,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -19,6 +20,7 @@ from gymnasium.vector import AutoresetMode
 from tqdm import tqdm
 
 from model import Agent, RunningMeanStd
+from pretrained import load_pretrained
 
 FOLDER = "ppo"
 QUICK_OUT_DIR = "runs/ppo-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -247,7 +249,7 @@ def rollout_buffers(envs, T, N, device):
                                                                    "dones"]})
 
 
-def collect_rollout(agent, envs, normalizer, buf, next_obs, recent):
+def run_policy(agent, envs, normalizer, buf, next_obs, recent):
     """Algorithm 1's "run policy pi_old in the environment for T timesteps" in each of the N actors,
     into buf; appends finished episodes' raw returns to recent (the last 20 kept); returns s_T."""
     device = next_obs.device
@@ -272,121 +274,151 @@ def collect_rollout(agent, envs, normalizer, buf, next_obs, recent):
     return next_obs
 
 
-def ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args, iteration, ckpt_path):
-    """One iteration of Algorithm 1, the step training repeats (and --benchmark times): the rollout,
-    GAE, then K epochs of minibatch updates. Returns s_T, the flattened batch and the update's stats."""
+def rollout(agent, envs, normalizer, buf, next_obs, recent, args):
+    """Algorithm 1, lines 2-5: each of the N actors runs pi_old for T timesteps, then the advantage
+    estimates A_1..A_T by GAE. Returns s_T and the batch of N T samples, flattened for the update."""
     T, N = buf["rewards"].shape
-    next_obs = collect_rollout(agent, envs, normalizer, buf, next_obs, recent)
+    next_obs = run_policy(agent, envs, normalizer, buf, next_obs, recent)
     with torch.no_grad():
         next_values = agent.get_value(buf["next_obs"].flatten(0, 1)).view(T, N)
         advantages, returns = compute_gae(buf["rewards"], buf["values"], next_values, buf["terminated"],
                                           buf["dones"], args.gamma, args.gae_lambda)
-    batch = dict(obs=buf["obs"].flatten(0, 1), actions=buf["actions"].flatten(0, 1),
-                 logprobs=buf["logprobs"].flatten(), advantages=advantages.flatten(), returns=returns.flatten(),
-                 values=buf["values"].flatten())
-    stats = update(agent, optimizer, batch, args, T * N // args.num_minibatches, iteration, ckpt_path)
-    return next_obs, batch, stats
+    return next_obs, dict(obs=buf["obs"].flatten(0, 1), actions=buf["actions"].flatten(0, 1),
+                          logprobs=buf["logprobs"].flatten(), advantages=advantages.flatten(),
+                          returns=returns.flatten(), values=buf["values"].flatten())
 
 
 def train(args):
+    """Algorithm 1: for each iteration, rollout() (N actors run pi_old for T steps, GAE), then update()
+    (K epochs of minibatch Adam on the clipped surrogate); theta_old <- theta is the next rollout's policy."""
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+    run = start_run(args, device)  # envs, agent, Adam, normaliser, counters; restored on --resume
+    log = RunLog(run.out, args, run.global_step)
+    T, N = args.num_steps, args.num_envs
+    raw_obs, _ = run.envs.reset(seed=args.seed + run.iteration)
+    next_obs = torch.as_tensor(run.normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
+    run.start_time, run.start_step = time.time(), run.global_step
+    pbar = tqdm(range(run.iteration, run.num_iterations), initial=run.iteration, total=run.num_iterations,
+                desc=args.env_id, dynamic_ncols=True)
+    try:
+        for iteration in pbar:
+            lr = annealed_lr(args.lr, iteration, run.num_iterations, args.anneal_lr)
+            run.optimizer.param_groups[0]["lr"] = lr
+            next_obs, batch = rollout(run.agent, run.envs, run.normalizer, run.buf, next_obs, run.recent, args)
+            stats = update(run.agent, run.optimizer, batch, args, T * N // args.num_minibatches, iteration,
+                           run.ckpt_path)
+            run.iteration, run.global_step = iteration + 1, run.global_step + T * N
+            row = log.write(run, args, batch, stats, lr)
+            pbar.set_postfix(ret=f"{row['episodic_return']:.1f}", kl=f"{row['approx_kl']:.4f}", sps=f"{row['sps']:.0f}")
+            if run.iteration % args.save_interval == 0 or run.iteration == run.num_iterations:
+                save_checkpoint(run, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last checkpoint is {run.ckpt_path}: continue with --resume")
+        raise SystemExit(130)
+    finally:
+        run.envs.close()
+        log.close()
+    return finish(run, args, device, log)
+
+
+def start_run(args, device):
+    """Everything train() keeps between iterations: refuses to overwrite another run's checkpoint,
+    checks memory, builds the envs, agent, Adam and normaliser, and restores them on --resume (or the
+    shipped agent with --pretrained)."""
     out = Path(args.out_dir)
     ckpt_path = out / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, args.env_id) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"ppo: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-
     env = make_env(args.env_id)  # one env, for the sizes: the check comes before the N envs and buffers
     check_memory(args, int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape or (1,))), device)
     env.close()
     envs = make_envs(args.env_id, args.num_envs)
-    T, N = args.num_steps, args.num_envs
-    batch_size = T * N
-    num_iterations = args.total_timesteps // batch_size
     agent = agent_for(envs.single_observation_space, envs.single_action_space).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)  # detail: Adam eps 1e-5
-    normalizer = Normalizer(envs.single_observation_space.shape[0], N, args.gamma,
-                            enabled=args.normalize)
-    iteration, global_step, recent, solved_at = 0, 0, [], None  # recent: the last 20 episodes' returns
+    run = SimpleNamespace(
+        out=out, ckpt_path=ckpt_path, envs=envs, agent=agent, train_time=0.0,
+        optimizer=torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5),  # detail: Adam eps 1e-5
+        normalizer=Normalizer(envs.single_observation_space.shape[0], args.num_envs, args.gamma, args.normalize),
+        buf=rollout_buffers(envs, args.num_steps, args.num_envs, device),
+        num_iterations=args.total_timesteps // (args.num_steps * args.num_envs),
+        iteration=0, global_step=0, recent=[], solved_at=None)  # recent: the last 20 episodes' returns
+    if args.pretrained:  # fine-tuning: the shipped agent and normaliser, a fresh optimiser and schedule
+        load_pretrained(agent, run.normalizer, args.env_id)
     if ckpt:
         agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        normalizer.load_state_dict(ckpt["normalizer"])
-        iteration, global_step = ckpt["iteration"], ckpt["global_step"]
-        recent, solved_at = ckpt["recent"], ckpt["solved_at"]
-        torch.manual_seed(args.seed + iteration)  # fresh random streams, not a replay of iteration 0's
-
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.normalizer.load_state_dict(ckpt["normalizer"])
+        run.iteration, run.global_step = ckpt["iteration"], ckpt["global_step"]
+        run.recent, run.solved_at = ckpt["recent"], ckpt["solved_at"]
+        run.train_time = ckpt.get("train_time", 0.0)
+        torch.manual_seed(args.seed + run.iteration)  # fresh random streams, not a replay of iteration 0's
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    if ckpt and (out / "log.csv").is_file():  # keep the log up to the checkpoint, drop lost work
-        with open(out / "log.csv") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["global_step"]) <= global_step]
-    log_file = open(out / "log.csv", "w", newline="")
-    log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-    log.writeheader()
-    log.writerows(rows)
-    if args.wandb:
-        import wandb
-        wandb.init(project="papers-ppo", config=vars(args), dir=out)
+    return run
 
-    def checkpoint():
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"folder": FOLDER, "env_id": args.env_id, "agent": agent.state_dict(),
-                    "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-                    "iteration": iteration, "global_step": global_step, "recent": recent,
-                    "solved_at": solved_at, "args": vars(args)}, tmp)
-        os.replace(tmp, ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
 
-    buf = rollout_buffers(envs, T, N, device)
-    raw_obs, _ = envs.reset(seed=args.seed + iteration)
-    next_obs = torch.as_tensor(normalizer.obs(raw_obs, update=True), dtype=torch.float32, device=device)
-    start_time, start_step = time.time(), global_step
-    pbar = tqdm(range(iteration, num_iterations), initial=iteration, total=num_iterations,
-                desc=args.env_id, dynamic_ncols=True)
-    try:
-        for iteration in pbar:
-            lr = annealed_lr(args.lr, iteration, num_iterations, args.anneal_lr)
-            optimizer.param_groups[0]["lr"] = lr
-            next_obs, batch, stats = ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args,
-                                                   iteration, ckpt_path)
-            global_step += T * N
+class RunLog:
+    """log.csv (on --resume: the rows up to the checkpoint, lost work dropped) and, with --wandb, W&B."""
 
-            # ---- log, checkpoint
-            iteration += 1
-            y, v = batch["returns"].cpu().numpy(), batch["values"].cpu().numpy()
-            mean_return = float(np.mean(recent)) if recent else float("nan")
-            if (solved_at is None and args.solve_return is not None and len(recent) >= 20
-                    and mean_return >= args.solve_return):
-                solved_at = global_step
-            sps = (global_step - start_step) / (time.time() - start_time)
-            row = {"global_step": global_step, "episodic_return": mean_return, **stats,
-                   "explained_var": float(1 - np.var(y - v) / np.var(y)) if np.var(y) > 0 else float("nan"),
-                   "lr": lr, "sps": sps}
-            log.writerow(row)
-            log_file.flush()
-            if args.wandb:
-                wandb.log(row, step=global_step)
-            pbar.set_postfix(ret=f"{mean_return:.1f}", kl=f"{row['approx_kl']:.4f}", sps=f"{sps:.0f}")
-            if iteration % args.save_interval == 0 or iteration == num_iterations:
-                checkpoint()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the last checkpoint is {ckpt_path}: continue with --resume")
-        raise SystemExit(130)
-    finally:
-        envs.close()
-        log_file.close()
+    def __init__(self, out, args, resume_step):
+        rows = []
+        if resume_step and (out / "log.csv").is_file():
+            with open(out / "log.csv") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["global_step"]) <= resume_step]
+        self.file = open(out / "log.csv", "w", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        self.wandb = None
+        if args.wandb:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project="papers-ppo", config=vars(args), dir=out)
 
-    greedy = evaluate(agent, args.env_id, normalizer, args.eval_episodes, args.seed, device)
-    sps = (global_step - start_step) / (time.time() - start_time)
-    mean_return = float(np.mean(recent)) if recent else float("nan")
+    def write(self, run, args, batch, stats, lr):
+        """The iteration's row: mean return of the last 20 episodes (and the step it first reached
+        --solve-return), the update's losses, explained variance of the value targets, LR, steps/s."""
+        y, v = batch["returns"].cpu().numpy(), batch["values"].cpu().numpy()
+        mean_return = float(np.mean(run.recent)) if run.recent else float("nan")
+        if (run.solved_at is None and args.solve_return is not None and len(run.recent) >= 20
+                and mean_return >= args.solve_return):
+            run.solved_at = run.global_step
+        sps = (run.global_step - run.start_step) / (time.time() - run.start_time)
+        row = {"global_step": run.global_step, "episodic_return": mean_return, **stats,
+               "explained_var": float(1 - np.var(y - v) / np.var(y)) if np.var(y) > 0 else float("nan"),
+               "lr": lr, "sps": sps}
+        self.csv.writerow(row)
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(row, step=run.global_step)
+        return row
+
+    def close(self):
+        self.file.close()
+
+
+def save_checkpoint(run, args):
+    tmp = run.ckpt_path.with_suffix(".tmp")
+    torch.save({"folder": FOLDER, "env_id": args.env_id, "agent": run.agent.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "normalizer": run.normalizer.state_dict(),
+                "iteration": run.iteration, "global_step": run.global_step, "recent": run.recent,
+                "solved_at": run.solved_at, "args": vars(args),
+                "train_time": run.train_time + time.time() - run.start_time}, tmp)
+    os.replace(tmp, run.ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+
+def finish(run, args, device, log):
+    """The greedy evaluation of the trained agent and the run's one-line summary."""
+    greedy = evaluate(run.agent, args.env_id, run.normalizer, args.eval_episodes, args.seed, device)
+    sps = (run.global_step - run.start_step) / (time.time() - run.start_time)
+    mean_return = float(np.mean(run.recent)) if run.recent else float("nan")
     solved = "" if args.solve_return is None else \
-        f"{args.solve_return:g} first reached at step {solved_at if solved_at else 'never'}; "
+        f"{args.solve_return:g} first reached at step {run.solved_at if run.solved_at else 'never'}; "
     print(f"{args.env_id}: mean return of the last 20 training episodes {mean_return:.1f}; {solved}"
           f"greedy evaluation {greedy:.1f} over {args.eval_episodes} episodes; {sps:.0f} steps/s")
-    if args.wandb:
-        wandb.finish()
-    return {"solved_at": solved_at, "greedy_return": greedy, "sps": sps, "agent": agent}
+    if log.wandb:
+        log.wandb.finish()
+    return {"solved_at": run.solved_at, "greedy_return": greedy, "sps": sps, "agent": run.agent}
 
 
 def flops_per_env_step(obs_dim, act_dim, update_epochs):
@@ -400,8 +432,8 @@ def flops_per_env_step(obs_dim, act_dim, update_epochs):
 
 
 def benchmark(args):
-    """--benchmark: the agent, optimiser, envs and iteration step of training (ppo_iteration: rollout of
-    N x T env steps, GAE, K epochs of updates), 3 warm-up iterations (1 with --quick), then the median of --benchmark-steps
+    """--benchmark: the agent, optimiser, envs and iteration of training (rollout: N x T env steps and GAE;
+    update: K epochs of minibatches), 3 warm-up iterations (1 with --quick), then the median of --benchmark-steps
     timed ones. The data are the simulated environments themselves ("real"). Prints one JSON line;
     writes nothing."""
     device = resolve_device(args.device)
@@ -418,18 +450,19 @@ def benchmark(args):
     next_obs = torch.as_tensor(normalizer.obs(envs.reset(seed=args.seed)[0], update=True), dtype=torch.float32,
                                device=device)
     cuda = device.startswith("cuda")
-    warmup, times, recent = 1 if args.quick else 3, [], []
+    warmup, times, recent, steps = 1 if args.quick else 3, [], [], args.num_envs * args.num_steps
     for i in range(warmup + args.benchmark_steps):
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        next_obs, _, _ = ppo_iteration(agent, optimizer, envs, normalizer, buf, next_obs, recent, args, i,
-                                       Path(args.out_dir) / "ckpt.pt")  # only named in a divergence message
+        next_obs, batch = rollout(agent, envs, normalizer, buf, next_obs, recent, args)
+        update(agent, optimizer, batch, args, steps // args.num_minibatches, i,
+               Path(args.out_dir) / "ckpt.pt")  # the path is only named in a divergence message
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     envs.close()
-    step_s, steps = statistics.median(times[warmup:]), args.num_envs * args.num_steps
+    step_s = statistics.median(times[warmup:])
     n_out = act_dim if isinstance(envs.single_action_space, gym.spaces.Box) else envs.single_action_space.n
     flops = flops_per_env_step(obs_dim, int(n_out), args.update_epochs)
     name = torch.cuda.get_device_name(device) if cuda else ""

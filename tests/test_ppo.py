@@ -4,6 +4,7 @@ a spy on that math inside a real update (the flags reach it), learning, and clea
 import csv
 import json
 import math
+import shutil
 
 import gymnasium as gym
 import numpy as np
@@ -350,3 +351,72 @@ def test_benchmark_json_against_the_parameters_and_flops_written_out(tmp_path, c
     assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3), rel=1e-9)
     assert r["tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12, rel=1e-9)
     assert r["peak_mem_mb"] > 0 and r["torch"] == torch.__version__ and r["compile"] is False
+
+
+# ---- the shipped agents (pretrained/ppo/)
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_the_shipped_agents_load_into_todays_code_and_reproduce_their_check(env_id):
+    env = ppo.train.make_env(env_id)
+    agent = ppo.train.agent_for(env.observation_space, env.action_space)
+    normalizer = ppo.train.Normalizer(env.observation_space.shape[0], 1, 0.99, enabled=env_id == "Pendulum-v1")
+    env.close()
+    card = ppo.pretrained.load_pretrained(agent, normalizer, env_id)
+    check, obs_dim = card["check"], env.observation_space.shape[0]
+    obs = torch.randn(8, obs_dim, generator=torch.Generator().manual_seed(0))  # the card's fixed input
+    with torch.no_grad():
+        out, value = agent.actor(obs), agent.critic(obs)[:, 0]
+    assert check["shape"] == [8, obs_dim]
+    assert out.sum().item() == pytest.approx(check["actor_sum"], rel=1e-4, abs=1e-4)
+    assert out.abs().sum().item() == pytest.approx(check["actor_abs_sum"], rel=1e-4)
+    assert value.sum().item() == pytest.approx(check["value_sum"], rel=1e-4)
+    greedy = out.argmax(-1) if env_id == "CartPole-v1" else out  # arg max, or the Gaussian mean
+    torch.testing.assert_close(greedy, torch.tensor(check["greedy_actions"], dtype=greedy.dtype), rtol=1e-4, atol=1e-5)
+    if env_id == "CartPole-v1":  # and it balances the pole for a whole fresh episode
+        assert ppo.train.evaluate(agent, env_id, normalizer, 1, 7, "cpu") == 500.0
+
+
+def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "pretrained"
+    shutil.copytree(ppo.pretrained.ROOT / "ppo", root / "ppo")
+    shutil.copy(ppo.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    monkeypatch.setattr(ppo.pretrained, "ROOT", root)
+    weights = root / "ppo" / "cartpole.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    argv = ["--sample-only", "--pretrained", "--out-dir", str(tmp_path / "out")]
+    one_line_error(capsys, argv, "pretrained/ppo/cartpole.safetensors", "SHA256SUMS", "git checkout")
+    sums = root / "SHA256SUMS"  # a file the manifest does not list is refused the same way
+    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if "ppo/cartpole.json" not in l))
+    one_line_error(capsys, argv, "pretrained/ppo/cartpole.json", "SHA256SUMS")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_starts_from_the_shipped_agent(tmp_path):
+    """--pretrained without --sample-only trains on from the shipped weights: after one iteration at a
+    tiny learning rate the agent still balances the pole (a fresh one falls within ~30 steps)."""
+    result = ppo.train.train(ppo.main.parse_args(["--pretrained", "--total-timesteps", "256", "--lr", "1e-12",
+                                                  "--eval-episodes", "1", "--out-dir", str(tmp_path)]))
+    shipped, _ = ppo.pretrained.pretrained_weights("CartPole-v1")
+    for k, v in result["agent"].state_dict().items():
+        torch.testing.assert_close(v, shipped[k], atol=1e-6, rtol=0)
+    assert result["greedy_return"] == 500.0
+
+
+def test_export_writes_weights_card_and_manifest_line_that_load_back(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    ppo.main.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
+                   "--update-epochs", "1", "--total-timesteps", "128", "--eval-episodes", "1", "--gif-steps", "2",
+                   "--lr", "1e-3", "--out-dir", str(run)])
+    monkeypatch.setattr(ppo.pretrained, "ROOT", tmp_path / "pretrained")
+    ppo.main.main(["--export-pretrained", str(run)])
+    card = ppo.pretrained.pretrained_card("Pendulum-v1")  # passes the sha256 check of the fresh manifest line
+    assert card["command"] == ("python ppo/main.py --total-timesteps 128 --lr 0.001 --env-id Pendulum-v1 --num-envs 2 "
+                               "--num-steps 64 --update-epochs 1 --num-minibatches 2")  # the training flags typed
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    weights, stats = ppo.pretrained.pretrained_weights("Pendulum-v1")
+    for k, v in ckpt["agent"].items():
+        assert torch.equal(weights[k], v), k  # float32: exact
+    assert stats["obs_rms"]["mean"] == pytest.approx(ckpt["normalizer"]["obs_rms"]["mean"])
+    assert card["config"]["normalize"] is True and card["training"]["env_steps"] == 128
