@@ -244,7 +244,8 @@ def apply_overrides(explicit):
     layers = [DEFAULTS[task], QUICK[task] if quick else {}, dict(out_dir=QUICK_OUT_DIR) if quick else {}]
     if explicit.get("resume"):
         saved = load_checkpoint(run_dir(Config(**{**layers[0], **layers[2], **explicit})) / "ckpt.pt")["args"]
-        layers.append({RENAMED.get(k, k): v for k, v in saved.items() if RENAMED.get(k, k) not in NOT_RESUMED})
+        saved = {RENAMED[k] if k in RENAMED and RENAMED[k] not in saved else k: v for k, v in saved.items()}
+        layers.append({k: v for k, v in saved.items() if k not in NOT_RESUMED})
     elif explicit.get("pretrained"):
         layers.append(shipped_flags(task, explicit.get("model", Config.model)))
     merged = {}

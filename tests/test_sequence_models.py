@@ -382,6 +382,20 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert list((tmp_path / "resumed" / "numbers-lstm" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_resume_takes_the_flags_of_a_checkpoint_written_before_the_renames(tmp_path):
+    """A checkpoint from before --model and --encoder stored `cell` and `pretrained` (a path): --resume
+    reads them as --model and --encoder, and its other flags as before; flags typed now still win."""
+    old = vars(sm.main.parse_args(["--task", "numbers", "--model", "gru", "--hidden-size", "24", "--epochs", "3"]))
+    old["cell"], old["pretrained"] = old.pop("model"), "lm/best.pt"
+    del old["encoder"], old["evaluate"], old["export_pretrained"]
+    (tmp_path / "numbers-gru").mkdir()
+    torch.save({"folder": "sequence_models", "args": old}, tmp_path / "numbers-gru" / "ckpt.pt")
+    args = sm.main.parse_args(["--task", "numbers", "--model", "gru", "--resume", "--out-dir", str(tmp_path),
+                               "--layers", "3"])
+    assert (args.model, args.hidden_size, args.epochs, args.layers) == ("gru", 24, 3, 3)
+    assert (args.encoder, args.pretrained, args.resume) == ("lm/best.pt", False, True)
+
+
 def write_imdb(root, n=48):
     """A synthetic aclImdb_v1.tar.gz: positive reviews say 'great', negative ones 'awful'."""
     g = torch.Generator().manual_seed(6)
