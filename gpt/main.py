@@ -16,8 +16,11 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
+from export import export_pretrained
+from pretrained import pretrained_card
 from sample import sample
 from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
@@ -27,7 +30,7 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_s
              benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "compile", "wandb", "prompt",
-               "num_samples", "max_new_tokens", "temperature", "top_k"}
+               "num_samples", "max_new_tokens", "temperature", "top_k", "pretrained", "export_pretrained"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,14 +45,15 @@ def device(s):
 
 
 def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
@@ -69,8 +73,10 @@ def check_folder(p, flag, path):
             return
 
 
-def parse_args(argv=None):
-    p = Parser(prog="gpt/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every flag, declared once with its default."""
+    p = Parser(prog="gpt/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
     g = p.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--seed", type=number(int, 0), default=1337, help="seeds weights, batches and sampling (>= 0)")
@@ -82,6 +88,10 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=positive(float), default=1e-3, help="peak learning rate")
     g.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt with its flags (same schedule and batches)")
     g.add_argument("--sample-only", action="store_true", help="skip training: sample and draw figures from --out-dir's checkpoint")
+    g.add_argument("--pretrained", action="store_true", help="use the shipped weights in pretrained/gpt/ instead of a run folder")
+    g.add_argument("--export-pretrained", metavar="RUN_DIR", default=None,
+                   help="write pretrained/gpt/1984.{safetensors,json} from the finished run in RUN_DIR (scored on its "
+                        "text: --data or --data-dir), then stop")
     g.add_argument("--quick", action="store_true", help="tiny model, 300 steps: the whole pipeline on CPU in under a minute")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
 
@@ -117,32 +127,79 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=positive(float), default=0.8, help="softmax temperature")
     g.add_argument("--top-k", type=positive(int), default=200, help="sample among the k likeliest characters")
 
-    # Defaults, then --quick's, then the resumed run's flags; flags typed now always win.
+    return p
+
+
+def typed_flags(p, argv):
+    """The destinations of the flags typed in argv (abbreviations are off, so a flag is its full name)."""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in p._actions if typed & set(a.option_strings)}
+
+
+def apply_overrides(args, explicit, *layers):
+    """Each layer (a dict of flag values) overrides the declared defaults and the layers before it;
+    flags typed on the command line (explicit) override them all."""
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    return args
+
+
+def parse_args(argv=None):
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.quick:
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
+    # --quick's values, then a resumed run's flags or the shipped model's size; typed flags win over all.
+    explicit = typed_flags(p, argv)
+    apply_overrides(args, explicit, QUICK if args.quick else {})
     for flag, path in (("--out-dir", args.out_dir), ("--figures-dir", args.figures_dir)):
         if path is not None:
             check_folder(p, flag, path)
+    if args.pretrained and args.resume:
+        p.error("--pretrained starts from the shipped weights; --resume continues a run: choose one")
     if args.resume:
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt", "cpu")["args"]
-        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        args = p.parse_args(argv)
-    if args.benchmark and (args.resume or args.sample_only):
-        p.error("--benchmark times a fresh model; leave out --resume and --sample-only")
+        apply_overrides(args, explicit, {k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    if args.pretrained:
+        apply_overrides(args, explicit, {k: v for k, v in pretrained_card()["config"].items() if k != "vocab_size"})
+    if args.benchmark and (args.resume or args.sample_only or args.pretrained):
+        p.error("--benchmark times a fresh model; leave out --resume, --sample-only and --pretrained")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.prompt == "":
         p.error("--prompt is empty; give at least one character")
+    if args.beta2 == 1:
+        p.error("argument --beta2: '1': must be < 1 (AdamW divides by 1 - beta2^t)")
     if args.eval_interval % args.log_interval:
         p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
+def command_of(saved):
+    """The `python gpt/main.py ...` that reproduces a run's flags: those that differ from the defaults
+    (for the card of --export-pretrained; --data-dir shown as DIR)."""
+    p = build_parser()
+    reference = vars(p.parse_args([]))
+    words = ["python", "gpt/main.py"]
+    for a in p._actions:
+        v = saved.get(a.dest, reference.get(a.dest))
+        if a.dest in NOT_RESUMED or a.dest == "help" or v == reference.get(a.dest):
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            words.append(a.option_strings[0] if v else a.option_strings[1])
+        elif a.nargs == 0:
+            words.append(a.option_strings[0])
+        else:
+            words += [a.option_strings[0], "DIR" if a.dest == "data_dir" else str(v)]
+    return " ".join(words)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_pretrained:
+        return export_pretrained(Path(args.export_pretrained), args, command_of)
     if args.benchmark:
         return benchmark(args)
     if not args.sample_only:

@@ -10,16 +10,26 @@ import torch
 
 from data import CharTokenizer
 from model import GPT, GPTConfig
+from pretrained import load_weights, log_path, pretrained_weights
 from train import load_checkpoint, resolve_device
+
+
+def load_model(args, device):
+    """The model and vocabulary of --out-dir's checkpoint, or the shipped ones (--pretrained --sample-only)."""
+    if args.pretrained and args.sample_only:
+        tok, weights, card = pretrained_weights()
+        model = GPT(GPTConfig(**card["config"]))
+        load_weights(model, weights)
+    else:
+        ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.pt", device)
+        tok, model = CharTokenizer(ckpt["vocab"]), GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tok
 
 
 def generate_samples(args):
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.pt", device)
-    tok = CharTokenizer(ckpt["vocab"])
-    model = GPT(GPTConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, tok = load_model(args, device)
     if args.prompt is None:  # a paragraph start, or the first character of a text without newlines
         args.prompt = "\n" if "\n" in tok.chars else tok.chars[0]
     prompt = tok.encode(args.prompt)
@@ -47,14 +57,16 @@ def plot_loss(log_path, fig_path):
 def sample(args):
     out = Path(args.out_dir)
     samples = generate_samples(args)
+    out.mkdir(parents=True, exist_ok=True)
     text = "".join(f"#### SAMPLE {i} ####\n{s}\n\n" for i, s in enumerate(samples, 1))
     tmp = out / "generated.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out / "generated.txt")
     print(text, end="")
     print(f"wrote {out / 'generated.txt'}")
-    if (out / "log.csv").is_file():
+    log_csv = log_path() if args.pretrained and args.sample_only else out / "log.csv"
+    if log_csv is not None and log_csv.is_file():
         fig_dir = Path(args.figures_dir)
         fig_dir.mkdir(parents=True, exist_ok=True)
-        plot_loss(out / "log.csv", fig_dir / "gpt_loss.png")
+        plot_loss(log_csv, fig_dir / "gpt_loss.png")
         print(f"wrote {fig_dir / 'gpt_loss.png'}")
