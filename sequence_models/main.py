@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from benchmark import benchmark
@@ -328,7 +328,7 @@ def main(argv=None):
         return sample(args)
     results = train(args)
     with log_file(run_dir(args) / "train.log"):  # the examples go into the run's log too
-        sample(args)
+        sample(replace(args, pretrained=False))   # from this run's best.pt, also after fine-tuning the shipped one
     return results
 
 
