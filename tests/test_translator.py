@@ -40,7 +40,7 @@ ADJECTIVES = {"red": "rouge", "black": "noir", "small": "petit", "happy": "heure
 VERBS = {"sleeps": "dort", "eats": "mange", "runs": "court", "sings": "chante"}
 TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "--dropout", "0",
         "--vocab-size", "300", "--batch-size", "16", "--warmup-steps", "20", "--lr", "5e-3", "--max-len", "24",
-        "--eval-sentences", "4", "--beam", "3"]
+        "--eval-sentences", "4", "--beam", "3", "--batch-tokens", "0"]
 
 
 def pairs():
@@ -144,9 +144,25 @@ def test_future_target_tokens_never_change_earlier_logits():
 def test_cached_decoding_equals_teacher_forcing():
     m = model()
     src = torch.randint(3, 40, (1, 7))
-    out = M.greedy(m, src)[0]
+    out = M.beam_search(m, src, beam=1)[0]
     logits, _ = m(src, torch.tensor([[1] + out]))
     assert logits[0].argmax(-1)[:len(out)].tolist() == out  # each cached step chose the full forward's argmax
+
+
+def greedy_by_full_passes(m, src):
+    """Greedy decoding written out without a cache or beams: a full forward pass over the prefix for each
+    new token, the most probable one (never padding or BOS), until EOS or 2 x |source| + 10 tokens."""
+    outputs = []
+    for row in src:
+        x, ys = row[row != 0][None], [1]
+        for _ in range(min(2 * x.size(1) + 10, m.cfg.max_len - 1)):
+            logits = m(x, torch.tensor([ys]))[0][0, -1]
+            logits[[0, 1]] = float("-inf")
+            ys.append(int(logits.argmax()))
+            if ys[-1] == 2:
+                break
+        outputs.append(ys[1:-1] if ys[-1] == 2 else ys[1:])
+    return outputs
 
 
 def test_beam_search_with_beam_1_is_greedy_decoding(trained):
@@ -154,14 +170,31 @@ def test_beam_search_with_beam_1_is_greedy_decoding(trained):
     torch.manual_seed(1)
     src = torch.randint(3, 40, (4, 9))
     src[1, 5:] = 0
-    assert M.beam_search(m, src, beam=1) == M.greedy(m, src)  # untrained: runs to the length limit
+    assert M.beam_search(m, src, beam=1) == greedy_by_full_passes(m, src)  # untrained: runs to the length limit
     assert all(len(out) <= 2 * 9 + 10 for out in M.beam_search(m, src, beam=4))
     args, m = trained  # trained: stops at EOS
     tok = tr.data.load_tokenizer(torch.load(Path(args.out_dir) / "ckpt.pt")["tokenizer"])
     src = tr.data.collate(tr.data.encode(tok, ["The red cat sleeps.", "The happy bird sings.", "Fish."]), [[]] * 3)[0]
-    greedy = M.greedy(m, src)
-    assert M.beam_search(m, src, beam=1) == greedy
+    greedy = M.beam_search(m, src, beam=1)
+    assert greedy == greedy_by_full_passes(m, src)
     assert tok.decode(greedy[0]) in REFERENCES["The red cat sleeps."]  # "Le chat..." or "Ce chat...": both right
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_batched_beam_search_equals_one_sentence_at_a_time(trained, beam):
+    """Sentences of different lengths in one padded batch, every beam of every sentence in one decoder
+    forward per step, give exactly what each sentence gets alone: with a seeded untrained model (each
+    runs to its own length limit) and with the trained one (they stop at EOS at different steps)."""
+    args, trained_model = trained
+    tok = tr.data.load_tokenizer(torch.load(Path(args.out_dir) / "ckpt.pt")["tokenizer"])
+    torch.manual_seed(2)
+    random_ids = [torch.randint(3, 40, (n,)).tolist() + [2] for n in (1, 7, 3, 11, 5)]
+    texts = ["Fish.", "The red cat sleeps.", "The happy bird sings.", "The dog.", "Small cats eat."]
+    for m, sentences in ((model(), random_ids), (trained_model, [ids + [2] for ids in tr.data.encode(tok, texts)])):
+        src = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in sentences], batch_first=True)
+        batched = M.beam_search(m, src, beam=beam)
+        assert batched == [M.beam_search(m, torch.tensor([s]), beam=beam)[0] for s in sentences]
+    assert len({len(out) for out in batched}) > 2  # the trained model's outputs end at different steps
 
 
 # ---- the model against independent references
@@ -311,7 +344,7 @@ EOS = tr.data.EOS
 
 class TreeModel:
     """A decoder stub: table[prefix] -> {token: P(token | prefix)}; after SINK, SINK again; any other
-    prefix ends (EOS) with probability 1. Only what greedy and beam_search call."""
+    prefix ends (EOS) with probability 1. Only what beam_search calls."""
 
     def __init__(self, table):
         self.cfg, self.decoder, self.table = M.Config(vocab_size=8, max_len=8), [None], table
@@ -355,7 +388,7 @@ SRC = torch.tensor([[9, 2]])  # output limit min(2 x 2 + 10, max_len 8 - 1) = 7 
 def test_beam_search_finds_the_best_output_that_greedy_misses():
     stub = TreeModel({(): {A: 0.6, B: 0.4}, (A,): {C: 0.55, D: 0.45}, (B,): {C: 0.9, D: 0.1},
                       (A, C): {D: 0.9, EOS: 0.1}, (B, C): {EOS: 0.95, D: 0.05}})
-    assert M.greedy(stub, SRC) == [[A, C, D]]  # 0.6 x 0.55 x 0.9 = 0.297
+    # greedy decoding: A, then C, then D: 0.6 x 0.55 x 0.9 = 0.297
     assert best(stub, 0.6) == [B, C]  # 0.4 x 0.9 x 0.95 = 0.342
     # after the second token the beams swap ([B, C] 0.36 overtakes [A, C] 0.33): each must go on
     # from its own prefix, which the stub reads from the reordered cache
@@ -421,6 +454,27 @@ def test_batches_hold_pairs_of_similar_length_and_are_a_pure_function_of_seed_an
     assert all(torch.equal(x, y) for x, y in zip(first, later))
     src_b, tgt_in, tgt_out = a(0)
     assert torch.all(tgt_in[:, 0] == 1) and torch.equal(tgt_in[:, 1:], tgt_out[:, :-1].masked_fill(tgt_out[:, :-1] == 2, 0))
+
+
+def test_batches_by_tokens_keep_to_the_budget_with_little_padding():
+    """--batch-tokens: pairs sorted by (source, target) length, cut into batches of at most that many
+    tokens, padding included; every pair once an epoch, a fresh order each epoch, the same cuts."""
+    src = [[10 + i] + [5] * (i % 7) for i in range(50)]  # pair i starts with token 10 + i
+    tgt = [[6] * (1 + i % 5) for i in range(50)]
+    by_pairs = tr.data.Batches(src, tgt, 8, seed=3)
+    a, b = tr.data.Batches(src, tgt, 8, seed=3, batch_tokens=60), tr.data.Batches(src, tgt, 8, seed=4, batch_tokens=60)
+    assert a.per_epoch == b.per_epoch
+
+    def padding(batches, epoch, budget=60):
+        got = [batches(epoch * batches.per_epoch + i) for i in range(batches.per_epoch)]
+        assert sorted(t for s, _, _ in got for t in s[:, 0].tolist()) == list(range(10, 60))  # every pair once
+        padded = sum(s.numel() + t.numel() for s, _, t in got)  # source x EOS, target y EOS
+        assert all(s.numel() + t.numel() <= budget for s, _, t in got)
+        return 1 - sum(int((s != 0).sum() + (t != 0).sum()) for s, _, t in got) / padded, [s[:, 0] for s, _, _ in got]
+
+    (pa, first), (pa1, second), (pb, _) = padding(a, 0), padding(a, 1), padding(b, 0)
+    assert pa == pa1 == pb < padding(by_pairs, 0, budget=8 * 14)[0]  # the cuts depend on the lengths alone; 18% against 27%
+    assert [x.tolist() for x in first] != [x.tolist() for x in second]  # but the order changes each epoch
 
 
 def test_missing_data_offline_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
@@ -586,11 +640,12 @@ def test_benchmark_json_against_the_parameters_written_out_and_flop_counter(tmp_
                   "--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "run")])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()  # nothing written or downloaded
-    V, d, f, N, B, L = 1000, 128, 256, 2, 32, 64  # --quick's vocabulary, model, batch; --max-len
+    V, d, f, N, L = 1000, 128, 256, 2, 64  # --quick's vocabulary and model; --max-len
+    B = 800 // (2 * L)  # --quick's --batch-tokens 800 hold 6 pairs of L + L tokens
     ffn = 2 * d * f + f + d
     encoder_layer, decoder_layer = 4 * (d * d + d) + ffn + 2 * 2 * d, 8 * (d * d + d) + ffn + 3 * 2 * d
     assert r["params"] == V * d + N * (encoder_layer + decoder_layer)  # the embedding is the output layer too
-    # random batches: B pairs of L source and L target tokens, no padding
+    # random batches: as many pairs of L source and L target tokens as --batch-tokens hold, no padding
     assert (r["folder"], r["unit"], r["batch_size"], r["data"], r["mfu"]) == ("translator", "tokens", B * 2 * L,
                                                                              "random", None)
     cfg = tr.model.Config(vocab_size=V, max_len=L, n_layer=N, n_head=4, d_model=d, d_ff=f)
@@ -610,4 +665,7 @@ def test_benchmark_takes_real_batches_when_the_zip_is_there(tmp_path, capsys):
     assert r["data"] == "real" and not (tmp_path / "run").exists()
     # the synthetic sentences are 5 words: a batch of 16 pairs holds far fewer tokens than 16 x 2 x --max-len
     assert 16 * 2 * 4 <= r["batch_size"] < 16 * 2 * 24
+    tr.main.main([*TINY, "--benchmark", "--benchmark-steps", "2", "--data-dir", data, "--batch-tokens", "150"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 4 * (4 + 4) <= r["batch_size"] <= 150  # --batch-tokens: padding included, at most 150 a batch
     assert r["samples_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3), rel=1e-9)

@@ -126,28 +126,49 @@ def collate(src, tgt):
 
 
 class Batches:
-    """Training batches of batch_size pairs. Each epoch a fresh permutation (seeded by (seed, epoch))
-    is cut into pools of 100 batches, each pool sorted by length, so that a batch holds sentences of
-    similar length (little padding; the paper batches by length too, §5.1), and the batches are
-    shuffled. Batch `index` (counted across epochs) is a pure function of (seed, index): a resumed run
-    sees the batches it would have seen."""
+    """Training batches, similar lengths together (little padding; the paper batches by length too, §5.1),
+    in a fresh shuffled order each epoch (seeded by (seed, epoch)). With batch_tokens, the pairs are
+    sorted by (source, target) length and cut into batches of at most batch_tokens tokens, padding
+    included (source x EOS and target y EOS), as the paper's ~25,000-token batches are; else each
+    epoch's permutation is cut into pools of 100 batches of batch_size pairs, each pool sorted by length.
+    Batch `index` (counted across epochs) is a pure function of (seed, index): a resumed run sees the
+    batches it would have seen."""
     POOL = 100
 
-    def __init__(self, src, tgt, batch_size, seed):
-        self.src, self.tgt, self.batch_size, self.seed = src, tgt, batch_size, seed
-        self.lengths = np.array([len(s) + len(t) for s, t in zip(src, tgt)])
+    def __init__(self, src, tgt, batch_size, seed, batch_tokens=0):
+        self.src, self.tgt, self.batch_size, self.seed, self.batch_tokens = src, tgt, batch_size, seed, batch_tokens
+        self.src_len, self.tgt_len = np.array([len(s) for s in src]), np.array([len(t) for t in tgt])
+        self.lengths = self.src_len + self.tgt_len
         n, pool = len(src), batch_size * self.POOL
-        self.per_epoch = sum(math.ceil(min(pool, n - i) / batch_size) for i in range(0, n, pool))
+        self.per_epoch = (len(self.by_tokens(np.arange(n))) if batch_tokens else
+                          sum(math.ceil(min(pool, n - i) / batch_size) for i in range(0, n, pool)))
         self.epoch, self.order = None, None
+
+    def by_tokens(self, perm):
+        """perm sorted by (source, target) length (stable: equal lengths keep perm's order), then cut into
+        batches of at most batch_tokens padded tokens; the cuts depend on the lengths alone, so every
+        epoch has as many batches."""
+        perm = perm[np.lexsort((self.tgt_len[perm], self.src_len[perm]))]
+        batches, start, longest_src, longest_tgt = [], 0, 0, 0
+        for j, (S, T) in enumerate(zip(self.src_len[perm] + 1, self.tgt_len[perm] + 1)):  # x EOS, BOS y
+            s, t = max(longest_src, S), max(longest_tgt, T)
+            if j > start and (j - start + 1) * (s + t) > self.batch_tokens:  # pair j opens the next batch
+                batches.append(perm[start:j])
+                start, s, t = j, S, T
+            longest_src, longest_tgt = s, t
+        return batches + [perm[start:]]
 
     def batches_of(self, epoch):
         rng = np.random.default_rng((self.seed, epoch))
         perm, pool, bs = rng.permutation(len(self.src)), self.batch_size * self.POOL, self.batch_size
-        batches = []
-        for i in range(0, len(perm), pool):
-            chunk = perm[i:i + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs)]
+        if self.batch_tokens:
+            batches = self.by_tokens(perm)
+        else:
+            batches = []
+            for i in range(0, len(perm), pool):
+                chunk = perm[i:i + pool]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs)]
         return [batches[k] for k in rng.permutation(len(batches))]
 
     def __call__(self, index):

@@ -94,53 +94,53 @@ class FeedForward(nn.Module):
         return self.w_2(F.relu(self.w_1(x)))
 
 
-class Sublayers(nn.Module):
-    """The residual connection around each of a layer's n sublayers: LayerNorm(x + Dropout(Sublayer(x)))
-    in the paper (§3.1, §5.4), x + Dropout(Sublayer(LayerNorm(x))) with pre_ln."""
+class EncoderLayer(nn.Module):
+    """Self-attention, then the feed-forward network, each inside a residual connection with LayerNorm
+    (§3.1) and dropout on the sublayer's output (§5.4)."""
 
-    def __init__(self, cfg, n):
+    def __init__(self, cfg):
         super().__init__()
         self.pre_ln, self.dropout = cfg.pre_ln, nn.Dropout(cfg.dropout)
-        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(n))
-
-    def input(self, i, x):
-        """What sublayer i reads."""
-        return self.norms[i](x) if self.pre_ln else x
-
-    def output(self, i, x, out):
-        """x after sublayer i, whose output is `out`."""
-        x = x + self.dropout(out)
-        return x if self.pre_ln else self.norms[i](x)
-
-
-class EncoderLayer(Sublayers):
-    def __init__(self, cfg):
-        super().__init__(cfg, 2)
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(2))
         self.self_attn, self.ff = MultiHeadAttention(cfg), FeedForward(cfg)
 
     def forward(self, x, src_mask):
         # x (B, S, d): every source position attends to every real source token
-        h = self.input(0, x)
-        x = self.output(0, x, self.self_attn(h, h, src_mask)[0])
-        return self.output(1, x, self.ff(self.input(1, x)))
+        if self.pre_ln:  # x + Dropout(Sublayer(LayerNorm(x)))
+            h = self.norms[0](x)
+            x = x + self.dropout(self.self_attn(h, h, src_mask)[0])
+            return x + self.dropout(self.ff(self.norms[1](x)))
+        x = self.norms[0](x + self.dropout(self.self_attn(x, x, src_mask)[0]))  # LayerNorm(x + Dropout(Sublayer(x)))
+        return self.norms[1](x + self.dropout(self.ff(x)))
 
 
-class DecoderLayer(Sublayers):
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the encoder's output, the feed-forward network: each
+    inside a residual connection with LayerNorm (§3.1), dropout on the sublayer's output (§5.4)."""
+
     def __init__(self, cfg):
-        super().__init__(cfg, 3)
+        super().__init__()
+        self.pre_ln, self.dropout = cfg.pre_ln, nn.Dropout(cfg.dropout)
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(3))
         self.self_attn, self.cross_attn, self.ff = MultiHeadAttention(cfg), MultiHeadAttention(cfg), FeedForward(cfg)
 
     def forward(self, y, memory, src_mask, tgt_mask, cache=None):
         # y (B, T, d), memory (B, S, d): the encoder's output. cache (decoding step by step): this layer's
         # projected keys and values, "self" of the earlier target positions and "cross" of the memory
         c = {} if cache is None else cache
-        h = self.input(0, y)
-        a, _, c["self"] = self.self_attn(h, h, tgt_mask, c.get("self"))  # causal: position i sees 0..i
-        y = self.output(0, y, a)
-        a, weights, c["cross"] = self.cross_attn(self.input(1, y), None if "cross" in c else memory, src_mask,
-                                                 c.get("cross"))         # every target position sees the source
-        y = self.output(1, y, a)
-        return self.output(2, y, self.ff(self.input(2, y))), weights     # weights (B, h, T, S)
+        kv = None if "cross" in c else memory
+        if self.pre_ln:  # y + Dropout(Sublayer(LayerNorm(y)))
+            h = self.norms[0](y)
+            a, _, c["self"] = self.self_attn(h, h, tgt_mask, c.get("self"))
+            y = y + self.dropout(a)
+            a, weights, c["cross"] = self.cross_attn(self.norms[1](y), kv, src_mask, c.get("cross"))
+            y = y + self.dropout(a)
+            return y + self.dropout(self.ff(self.norms[2](y))), weights
+        a, _, c["self"] = self.self_attn(y, y, tgt_mask, c.get("self"))  # causal: position i sees 0..i
+        y = self.norms[0](y + self.dropout(a))                             # LayerNorm(y + Dropout(Sublayer(y)))
+        a, weights, c["cross"] = self.cross_attn(y, kv, src_mask, c.get("cross"))  # every target position sees the source
+        y = self.norms[1](y + self.dropout(a))
+        return self.norms[2](y + self.dropout(self.ff(y))), weights        # weights (B, h, T, S)
 
 
 class Transformer(nn.Module):
@@ -220,25 +220,6 @@ def next_log_probs(model, last, memory, src_mask, cache):
     return logits.log_softmax(-1)
 
 
-@torch.no_grad()
-def greedy(model, src):
-    """Each step appends the most probable next token; a sentence stops at EOS or at its limit.
-    src (B, S) -> B lists of token ids, without BOS and EOS."""
-    cfg, limit = model.cfg, output_limit(model, src)
-    memory, src_mask = model.encode(src)
-    cache = [{} for _ in model.decoder]
-    ys = torch.full((src.size(0), 1), cfg.bos_id, device=src.device)    # (B, 1 + t)
-    done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    for t in range(int(limit.max())):
-        token = next_log_probs(model, ys[:, -1:], memory, src_mask, cache).argmax(-1)  # (B,)
-        ys = torch.cat([ys, token.masked_fill(done, cfg.eos_id)[:, None]], 1)  # a finished sentence: EOS again
-        done |= (token == cfg.eos_id) | (t + 1 >= limit)
-        if done.all():
-            break
-    outputs = [row[:n] for row, n in zip(ys[:, 1:].tolist(), limit.tolist())]
-    return [row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row for row in outputs]
-
-
 def length_penalty(length, alpha):
     """lp(Y) = ((5 + |Y|) / (5 + 1))^alpha (Wu et al. 2016, GNMT §7; the paper's alpha = 0.6, §6.1)."""
     return ((5 + length) / 6) ** alpha
@@ -246,46 +227,55 @@ def length_penalty(length, alpha):
 
 @torch.no_grad()
 def beam_search(model, src, beam=4, alpha=0.6):
-    """Keep the `beam` likeliest prefixes of each sentence. A candidate that ends in EOS and ranks in
-    the top `beam` is finished, scored log P(Y | X) / lp(Y); a sentence is done with `beam` finished
-    hypotheses (or at its limit, when the live ones finish too), and the best finished one wins.
-    With beam 1 this is greedy decoding. src (B, S) -> B lists of token ids, without BOS and EOS."""
-    cfg, limit, B, K = model.cfg, output_limit(model, src).tolist(), src.size(0), beam
+    """Keep the `beam` likeliest prefixes of each sentence, every sentence and beam in one decoder forward
+    per step. Of the 2 beam best one-token extensions, one that ends in EOS (or reaches the sentence's
+    limit) and ranks in the top `beam` is a finished hypothesis, scored log P(Y | X) / lp(Y); the first
+    `beam` that do not end live on. A sentence is done with `beam` finished hypotheses or at its limit;
+    the best finished one wins (the earlier one on a tie). Beam 1 is greedy decoding.
+    src (B, S) -> B lists of token ids, without BOS and EOS."""
+    cfg, B, K, dev = model.cfg, src.size(0), beam, src.device
+    limit = output_limit(model, src)                                    # (B,)
     memory, src_mask = model.encode(src)
     memory, src_mask = repeat(memory, "b s d -> (b k) s d", k=K), repeat(src_mask, "b 1 1 s -> (b k) 1 1 s", k=K)
     cache = [{} for _ in model.decoder]
-    ys = torch.full((B * K, 1), cfg.bos_id, device=src.device)          # (B K, 1 + t)
-    scores = torch.full((B, K), float("-inf"), device=src.device)       # log P of each live prefix
+    ys = torch.full((B * K, 1), cfg.bos_id, device=dev)                 # (B K, 1 + t)
+    scores = torch.full((B, K), float("-inf"), device=dev)              # log P of each live prefix
     scores[:, 0] = 0.0                                                  # one live prefix at the start: BOS
-    finished, done = [[] for _ in range(B)], [False] * B
-    for t in range(max(limit)):
+    best = torch.full((B,), float("-inf"), device=dev)                  # the best finished hypothesis: its score,
+    best_ys = torch.full((B, int(limit.max())), cfg.eos_id, device=dev)  # tokens (B, L) and length (B,)
+    best_len = torch.zeros(B, dtype=torch.long, device=dev)
+    n_finished, done = torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+    rank, first_row = torch.arange(2 * K, device=dev), torch.arange(B, device=dev)[:, None] * K
+    for t in range(int(limit.max())):
         logp = rearrange(next_log_probs(model, ys[:, -1:], memory, src_mask, cache), "(b k) v -> b k v", k=K)
-        top, flat = (scores[:, :, None] + logp).flatten(1).topk(2 * K)  # (B, 2K): K of them do not end
-        top, flat = top.tolist(), flat.tolist()
-        survivors = []
-        for b in range(B):
-            live = []
-            for r in range(2 * K):
-                if done[b] or len(live) == K or top[b][r] == float("-inf"):
-                    break
-                k, token = divmod(flat[b][r], cfg.vocab_size)
-                if token == cfg.eos_id or t + 1 >= limit[b]:
-                    if r < K:  # only a top-K candidate may finish: so beam 1 is greedy
-                        hyp = ys[b * K + k, 1:].tolist() + ([] if token == cfg.eos_id else [token])
-                        finished[b].append((top[b][r] / length_penalty(t + 1, alpha), hyp))
-                else:
-                    live.append((top[b][r], b * K + k, token))
-            done[b] = done[b] or len(finished[b]) >= K or t + 1 >= limit[b]
-            survivors += live + [(float("-inf"), b * K, cfg.eos_id)] * (K - len(live))  # fillers: never extended
-        if all(done):
+        top, flat = (scores[:, :, None] + logp).flatten(1).topk(2 * K)  # (B, 2K): at most K of them end
+        row, token = first_row + flat // cfg.vocab_size, flat % cfg.vocab_size  # the prefix extended, its new token
+        ok = (top > float("-inf")) & ~done[:, None]
+        ends = ok & ((token == cfg.eos_id) | (t + 1 >= limit)[:, None])
+        finishes = ends & (rank < K)                                    # only a top-K candidate: beam 1 is greedy
+        if finishes.any():  # (a host sync, as is done.all(); most steps nothing finishes)
+            final = (top / length_penalty(t + 1, alpha)).masked_fill(~finishes, float("-inf"))
+            score, r = final.max(1)                                     # (B,): this step's best finished one
+            better, r = score > best, r[:, None]
+            hyp = torch.cat([ys[row.gather(1, r)[:, 0], 1:], token.gather(1, r)], 1)  # (B, t + 1)
+            best_ys[better, :t + 1], best = hyp[better], torch.where(better, score, best)
+            best_len = torch.where(better, t + (token.gather(1, r)[:, 0] != cfg.eos_id).long(), best_len)
+            n_finished += finishes.sum(1)
+            done |= n_finished >= K
+        done |= t + 1 >= limit
+        if done.all():
             break
-        new_scores, rows, tokens = zip(*survivors)
-        rows = torch.tensor(rows, device=src.device)
-        ys = torch.cat([ys[rows], torch.tensor(tokens, device=src.device)[:, None]], 1)
-        scores = torch.tensor(new_scores, device=src.device).view(B, K)
-        for c in cache:  # the surviving prefixes' keys and values; "cross" is the same for a sentence's beams
-            c["self"] = tuple(x[rows] for x in c["self"])
-    return [max(f, key=lambda f: f[0])[1] for f in finished]
+        live = ok & ~ends
+        live &= live.cumsum(1) <= K                                     # the first K that do not end
+        pick = torch.where(live, rank, 2 * K + rank).argsort(1)[:, :K]  # (B, K): them, in rank order, then fillers
+        alive = live.gather(1, pick)                                    # a filler is never extended: score -inf
+        scores = top.gather(1, pick).masked_fill(~alive, float("-inf"))
+        rows = torch.where(alive, row.gather(1, pick), first_row).flatten()   # (B K,)
+        ys = torch.cat([ys[rows], torch.where(alive, token.gather(1, pick), cfg.eos_id).flatten()[:, None]], 1)
+        if K > 1:  # the surviving prefixes' keys and values (one beam never moves); "cross" is a sentence's
+            for c in cache:
+                c["self"] = tuple(x[rows] for x in c["self"])
+    return [row[:n] for row, n in zip(best_ys.tolist(), best_len.tolist())]
 
 
 def translate_ids(model, sources, beam=1, alpha=0.6, batch_size=64):
@@ -298,6 +288,6 @@ def translate_ids(model, sources, beam=1, alpha=0.6, batch_size=64):
         ids = order[j:j + batch_size]
         src = pad_sequence([torch.tensor(sources[i] + [model.cfg.eos_id]) for i in ids], batch_first=True,
                            padding_value=model.cfg.pad_id).to(device)
-        for i, out in zip(ids, greedy(model, src) if beam == 1 else beam_search(model, src, beam, alpha)):
+        for i, out in zip(ids, beam_search(model, src, beam, alpha)):
             outputs[i] = out
     return outputs

@@ -16,6 +16,7 @@ import torch
 
 from data import find_zip, first_sentences, group, read_pairs, split_pairs
 from model import num_params, translate_ids
+from pretrained import load_pretrained
 from train import load_model, resolve_device, translation_scores
 
 SEED_SENTENCE = "She saw a boy sitting on a bench."
@@ -95,6 +96,7 @@ def evaluate(args, model, tok, ckpt):
               f"{r['bleu_multi_ref']:.2f}), {r['seconds']:.0f} s")
     print(f"sacreBLEU {results['greedy']['signature']}")
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False))
     rows = ["\t".join(["english"] + list(outputs) + ["references"])]
     rows += ["\t".join([en] + [outputs[n][i] for n in outputs] + [" | ".join(refs[i])]) for i, en in enumerate(sources)]
@@ -165,9 +167,15 @@ def plot_curves(log_path, path):
     plt.close(fig)
 
 
-def report(args):
+def load(args, pretrained):
+    """The model (eval mode), tokenizer and checkpoint: the shipped ones, or --out-dir's."""
+    device = resolve_device(args.device)
+    return load_pretrained(device) if pretrained else load_model(Path(args.out_dir) / "ckpt.pt", device)
+
+
+def report(args, pretrained=False):
     """After training (or with --sample-only): the test scores, examples and figures."""
-    model, tok, ckpt = load_model(Path(args.out_dir) / "ckpt.pt", resolve_device(args.device))
+    model, tok, ckpt = load(args, pretrained)
     groups, outputs = evaluate(args, model, tok, ckpt)
     examples(args, model, tok, groups, outputs)
     fig_dir = Path(args.figures_dir)
@@ -181,13 +189,14 @@ def report(args):
 
 
 def evaluate_command(args):
-    model, tok, ckpt = load_model(Path(args.out_dir) / "ckpt.pt", resolve_device(args.device))
+    model, tok, ckpt = load(args, args.pretrained)
     evaluate(args, model, tok, ckpt)
 
 
 def translate_command(args):
-    """TEXT, or every line of stdin: one translation a line (an empty line for an empty line)."""
-    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", resolve_device(args.device))
+    """TEXT, or every line of stdin: one translation a line (an empty line for an empty line); with
+    --figures-dir, TEXT's cross-attention is drawn there."""
+    model, tok, _ = load(args, args.pretrained)
     lines = [args.text] if args.text is not None else sys.stdin.buffer.read().decode("utf-8", "replace").splitlines()
     outputs, pieces = translate(model, tok, lines, args.beam, args.alpha)
     for i, n in enumerate(pieces, 1):
@@ -196,3 +205,8 @@ def translate_command(args):
                   f"translated in {n} pieces", file=sys.stderr)
     for line in outputs:
         print(line)
+    if args.draw_translation and args.text is not None:
+        Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
+        plot_attention(*cross_attention(model, tok, args.text, args.beam, args.alpha),
+                       Path(args.figures_dir) / "translator_attention.png")
+        print(f"wrote {Path(args.figures_dir) / 'translator_attention.png'}", file=sys.stderr)

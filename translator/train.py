@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import platform
 import resource
 import statistics
 import time
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from data import (BOS, EOS, PAD, Batches, encode, eval_batches, find_zip, first_sentences, group, load_tokenizer,
                   read_pairs, split_pairs, train_tokenizer)
 from model import Config, Transformer, num_params, translate_ids
+from pretrained import load_pretrained
 
 FOLDER = "translator"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/translator-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -184,9 +186,10 @@ def open_log(path, resume_step):
     return f, writer
 
 
-def prepare_data(args, saved_tokenizer=None):
-    """The training pairs as token lists (those that fit in max_len), the validation pairs, and the
-    tokenizer: trained here on the training sentences of both languages unless saved."""
+def prepare_data(args, saved_tokenizer=None, max_len=None):
+    """The training pairs as token lists (those that fit in max_len, default --max-len), the validation
+    pairs, and the tokenizer: trained here on the training sentences of both languages unless saved."""
+    max_len = max_len or args.max_len
     pairs, sha = read_pairs(find_zip(args.data_dir))
     splits = split_pairs(pairs)
     train_pairs = splits["train"][:args.max_pairs or None]
@@ -196,12 +199,12 @@ def prepare_data(args, saved_tokenizer=None):
     else:
         tok = train_tokenizer(sorted({s for pair in train_pairs for s in pair}), args.vocab_size)
     src, tgt = encode(tok, [en for en, _ in train_pairs]), encode(tok, [fr for _, fr in train_pairs])
-    keep = [i for i in range(len(src)) if max(len(src[i]), len(tgt[i])) < args.max_len]  # room for EOS / BOS
+    keep = [i for i in range(len(src)) if max(len(src[i]), len(tgt[i])) < max_len]  # room for EOS / BOS
     data = {"sha256": sha, "train_src": [src[i] for i in keep], "train_tgt": [tgt[i] for i in keep],
             "dropped": len(src) - len(keep), "valid_src": encode(tok, [en for en, _ in valid_pairs]),
             "valid_tgt": encode(tok, [fr for _, fr in valid_pairs]), "valid_groups": group(valid_pairs)}
     if not keep:
-        raise SystemExit(f"translator: no training pair fits in --max-len {args.max_len} tokens")
+        raise SystemExit(f"translator: no training pair fits in --max-len {max_len} tokens")
     return tok, data
 
 
@@ -242,107 +245,155 @@ def train_step(model, optimizer, micro_batches, args, autocast, ddp, bad, before
     return losses, grad_norm
 
 
-def train(args):
-    # ---- processes and device: one per GPU under torchrun, else just this one
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if args.device == "mps":
-            raise SystemExit("translator: torchrun with --device mps is not supported; use cuda or cpu")
-        use_cuda = torch.cuda.is_available() and args.device != "cpu"
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    else:
-        rank, world, local_rank, device = 0, 1, 0, resolve_device(args.device)
-    master = rank == 0
-    device_type = device.split(":")[0]
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+def start_processes(args):
+    """(rank, world size, local rank, device, ddp): one process per GPU under torchrun, else just this one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, 0, resolve_device(args.device), False
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.device == "mps":
+        raise SystemExit("translator: torchrun with --device mps is not supported; use cuda or cpu")
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, local_rank, device, True
 
-    # ---- data, tokenizer (the checkpoint's when resuming) and model
-    out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
+
+def load_start(args, ckpt_path, device, ddp, local_rank):
+    """What the run starts from: (checkpoint or None, shipped weights or None, config, tokenizer, data).
+    --resume: the checkpoint's config and tokenizer; --pretrained: the shipped model's (fine-tuning); else
+    a new model and a BPE trained on the training split. A fresh run never overwrites a checkpoint."""
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"translator: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    cfg = Config(**ckpt["config"]) if ckpt else model_config(args, args.vocab_size)
-    check_memory(cfg, args.batch_size, device)  # before any data: the BPE has at most --vocab-size tokens
+    shipped = load_pretrained(device) if args.pretrained and not ckpt else None
+    start = ckpt or (shipped and {"config": asdict(shipped[0].cfg), "tokenizer": shipped[1].to_str()})
+    cfg = Config(**start["config"]) if start else model_config(args, args.vocab_size)
+    check_memory(cfg, batch_pairs(args, cfg), device)  # before any data: the BPE has at most --vocab-size tokens
     if ddp and local_rank != 0:
         dist.barrier()  # local rank 0 alone downloads the data, if it has to
-    tok, data = prepare_data(args, ckpt and ckpt["tokenizer"])
+    tok, data = prepare_data(args, start and start["tokenizer"], cfg.max_len if start else args.max_len)
     if ddp and local_rank == 0:
         dist.barrier()
     if ckpt and ckpt["data_sha256"] != data["sha256"]:
         raise SystemExit(f"translator: {ckpt_path} was trained on another fra.txt than the one in "
                          f"{args.data_dir}/tatoeba/; --resume needs the same data")
-    cfg = cfg if ckpt else model_config(args, tok.get_vocab_size())
-    batches = Batches(data["train_src"], data["train_tgt"], args.batch_size, args.seed)
-    val_batches = eval_batches(data["valid_src"], data["valid_tgt"], args.batch_size)
-    bleu_groups = data["valid_groups"][:args.eval_sentences]
-    bleu_sources = [ids[:cfg.max_len - 1] for ids in encode(tok, [en for en, _ in bleu_groups])]
-    bleu_refs = [refs for _, refs in bleu_groups]
+    return ckpt, shipped and shipped[0], cfg if start else model_config(args, tok.get_vocab_size()), tok, data
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+
+def build_model(args, cfg, ckpt, shipped, device, rank):
+    """The model (the same initial weights on every rank, or the checkpoint's or the shipped ones), Adam
+    (§5.3) and the step to start from; a resumed run gets its RNG state back (exact dropout masks)."""
+    torch.manual_seed(args.seed)
     model = Transformer(cfg).to(device)
     # Adam with beta_1 = 0.9, beta_2 = 0.98, epsilon = 1e-9 (§5.3)
     optimizer = torch.optim.Adam(model.parameters(), lr=get_lr(0, args, cfg.d_model), betas=(0.9, args.beta2),
-                                 eps=1e-9, fused=device_type == "cuda")
+                                 eps=1e-9, fused=device.startswith("cuda"))
     torch.manual_seed(args.seed + rank)  # but different dropout masks
-    step = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if master:  # exact resume of the dropout masks (the other ranks draw fresh ones)
-            torch.set_rng_state(ckpt["rng"].cpu())
-            if device_type == "cuda" and ckpt["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
-    raw = model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if shipped is not None:  # fine-tuning: the shipped weights, a fresh optimiser and schedule
+        model.load_state_dict(shipped.state_dict())
+    if not ckpt:
+        return model, optimizer, 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if rank == 0:  # exact resume of the dropout masks (the other ranks draw fresh ones)
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if device.startswith("cuda") and ckpt["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+    return model, optimizer, ckpt["step"]
 
-    pairs_per_step = args.batch_size * args.grad_accum * world
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{num_params(raw) / 1e6:.2f}M parameters, shared BPE of {cfg.vocab_size:,} tokens, "
-              f"{len(data['train_src']):,} train pairs ({data['dropped']} longer than {cfg.max_len - 1} tokens left "
-              f"out), {len(data['valid_src']):,} validation pairs, {pairs_per_step:,} pairs per step "
-              f"({batches.per_epoch / args.grad_accum / world:,.0f} steps per epoch) on {world} x {device}"
-              + (f", resuming at step {step}" if ckpt else ""))
-        log_file, log = open_log(out / "log.csv", step)
-        if args.wandb:
-            import wandb
-            wandb.init(project="papers-translator", config=vars(args), dir=out)
 
-    def checkpoint(step, val_loss, val_bleu):
-        if not all_finite(raw, optimizer):  # never save a non-finite state
-            raise diverged(step, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, "at or before", "saving")
-        save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "config": asdict(cfg), "tokenizer": tok.to_str(), "args": vars(args),
-                     "data_sha256": data["sha256"], "val_loss": val_loss, "val_bleu": val_bleu,
-                     "train_time": train_time, "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
+class Harness:
+    """What runs around the loop: on rank 0 the log (csv, progress bar, wandb) and atomic checkpoints,
+    never of a non-finite state; on every rank the check that stops a diverged run in one line."""
 
-    def stop_if_diverged(done, logs, loss, grad_norm):
-        # Stop before a non-finite update: every step off CUDA, where the check costs no GPU sync; on
-        # CUDA at each log line, which precedes every checkpoint (and checkpoint() checks the weights).
-        if (device_type != "cuda" or logs) and any_rank(bad, ddp):
-            when = "at" if device_type != "cuda" else "at or before"
-            raise diverged(done, loss.item(), grad_norm.item(), ckpt_path, last_ckpt, when) if master \
+    def __init__(self, args, raw, optimizer, cfg, tok, data, ckpt, master, ddp, device):
+        self.args, self.raw, self.optimizer, self.cfg, self.tok, self.data = args, raw, optimizer, cfg, tok, data
+        self.master, self.ddp, self.cuda = master, ddp, device.startswith("cuda")
+        self.path = Path(args.out_dir) / "ckpt.pt"
+        self.last_ckpt = ckpt["step"] if ckpt else 0
+        self.train_time, self.val_loss, self.val_bleu = ((ckpt["train_time"], ckpt["val_loss"], ckpt["val_bleu"])
+                                                         if ckpt else (0.0, float("nan"), float("nan")))
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient, on the device
+        self.t_start, self.wall_before = time.perf_counter(), ckpt.get("wall_time", 0.0) if ckpt else 0.0
+        if master:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            self.log_file, self.log = open_log(Path(args.out_dir) / "log.csv", self.last_ckpt)
+            if args.wandb:
+                import wandb
+                wandb.init(project="papers-translator", config=vars(args), dir=args.out_dir)
+
+    def stop_if_diverged(self, done, logs, loss, grad_norm):
+        """Stop before a non-finite update: every step off CUDA, where the check costs no GPU sync; on
+        CUDA at each log line, which precedes every checkpoint (and checkpoint() checks the weights)."""
+        if (not self.cuda or logs) and any_rank(self.bad, self.ddp):
+            when = "at or before" if self.cuda else "at"
+            raise diverged(done, loss.item(), grad_norm.item(), self.path, self.last_ckpt, when) if self.master \
                 else SystemExit(1)
 
-    # ---- the loop
+    def checkpoint(self, step, loss, grad_norm):
+        if not all_finite(self.raw, self.optimizer):  # never save a non-finite state
+            raise diverged(step, loss.item(), grad_norm.item(), self.path, self.last_ckpt, "at or before", "saving")
+        save_atomic({"folder": FOLDER, "model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": step, "config": asdict(self.cfg), "tokenizer": self.tok.to_str(), "args": vars(self.args),
+                     "data_sha256": self.data["sha256"], "val_loss": self.val_loss, "val_bleu": self.val_bleu,
+                     "train_time": self.train_time, "wall_time": self.wall_before + time.perf_counter() - self.t_start,
+                     "hardware": hardware(self.raw), "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None}, self.path)
+        self.last_ckpt = step
+
+    def write(self, row, pbar):
+        self.log.writerow(row)
+        self.log_file.flush()
+        pbar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{self.val_loss:.3f}", bleu=f"{self.val_bleu:.1f}",
+                         lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+        if self.args.wandb:
+            import wandb
+            wandb.log(row, step=row["step"])
+
+    def close(self, interrupted):
+        if self.master and interrupted:
+            print(f"\ninterrupted; the last checkpoint (step {self.last_ckpt}) is {self.path}: continue with --resume"
+                  if self.path.exists() else "\ninterrupted before the first checkpoint; nothing was saved")
+        if self.master:
+            self.log_file.close()
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+def hardware(model):
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def train(args):
+    rank, world, local_rank, device, ddp = start_processes(args)
+    cuda, master = device.startswith("cuda"), rank == 0
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    ckpt, shipped, cfg, tok, data = load_start(args, Path(args.out_dir) / "ckpt.pt", device, ddp, local_rank)
+    batches = Batches(data["train_src"], data["train_tgt"], args.batch_size, args.seed, args.batch_tokens)
+    valid = validation_set(args, cfg, tok, data)
+    raw, optimizer, step = build_model(args, cfg, ckpt, shipped, device, rank)
+    compile_layers(raw, args.compile if args.compile is not None else cuda)
+    model = DDP(raw, device_ids=[local_rank] if cuda else None) if ddp else raw
+    run = Harness(args, raw, optimizer, cfg, tok, data, ckpt, master, ddp, device)
+    if master:
+        print(f"{num_params(raw) / 1e6:.2f}M parameters, shared BPE of {cfg.vocab_size:,} tokens, "
+              f"{len(data['train_src']):,} train pairs ({data['dropped']} longer than {cfg.max_len - 1} tokens left "
+              f"out), {len(data['valid_src']):,} validation pairs, " + (f"batches of at most {args.batch_tokens:,} "
+              f"tokens" if args.batch_tokens else f"{args.batch_size:,} pairs") + f" x {args.grad_accum * world} per step "
+              f"({batches.per_epoch / args.grad_accum / world:,.0f} steps per epoch) on {world} x {device}"
+              + (f", resuming at step {step}" if ckpt else ""))
     quiet = {} if master else {"disable": True}  # on rank 0, TQDM_DISABLE=1 still turns the bar off
     pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
-    t0, losses, tokens, last_ckpt = time.perf_counter(), [], 0, step
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient so far, kept on the device
-    train_time, val_loss, val_bleu = ((ckpt["train_time"], ckpt["val_loss"], ckpt["val_bleu"]) if ckpt
-                                      else (0.0, float("nan"), float("nan")))
+    t0, losses, tokens, interrupted = time.perf_counter(), [], 0, False
     try:
-        for step in pbar:
+        for step in pbar:  # the loop: the paper's schedule (eq. 3), a batch, forward, backward, Adam
             lr = get_lr(step, args, cfg.d_model)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -351,73 +402,89 @@ def train(args):
             done = step + 1
             logs = done % args.log_interval == 0 or done % args.eval_interval == 0 or done == args.steps
             step_losses, grad_norm = train_step(model, optimizer, [[t.to(device) for t in b] for b in micro], args,
-                                                autocast, ddp, bad, lambda l, g: stop_if_diverged(done, logs, l, g))
-            loss = step_losses[-1]
-            if master:
-                losses += step_losses
-
+                                                autocast, ddp, run.bad, lambda l, g: run.stop_if_diverged(done, logs, l, g))
+            losses += step_losses if master else []
             if master and logs:
-                train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
                 dt = time.perf_counter() - t0
-                train_time += dt
-                row = {"step": done, "epoch": round(done * args.grad_accum * world / batches.per_epoch, 3),
-                       "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens * world / dt}
-                losses, tokens = [], 0
-                if done % args.eval_interval == 0 or done == args.steps:
-                    row["val_loss"] = val_loss = evaluate_loss(raw, val_batches, device, autocast)
-                    row["val_bleu"] = val_bleu = valid_bleu(raw, tok, bleu_sources, bleu_refs)
-                    checkpoint(done, val_loss, val_bleu)
-                    last_ckpt = done
-                row["elapsed_s"] = train_time
-                log.writerow(row)
-                log_file.flush()
-                pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", bleu=f"{val_bleu:.1f}",
-                                 lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:,.0f}")
-                if args.wandb:
-                    wandb.log(row, step=done)
-                t0 = time.perf_counter()
+                log_step(run, valid, done, losses, tokens * world / dt, dt, lr, grad_norm, batches, world, autocast, pbar)
+                losses, tokens, t0 = [], 0, time.perf_counter()
     except KeyboardInterrupt:
-        if master and ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: continue with --resume")
-        elif master:
-            print("\ninterrupted before the first checkpoint; nothing was saved")
+        interrupted = True
         raise SystemExit(130)
     finally:
-        if master:
-            log_file.close()
-        if ddp:
-            dist.destroy_process_group()
-
+        run.close(interrupted)
     if master:
-        print(f"validation: loss {val_loss:.4f} nats/token, greedy BLEU {val_bleu:.2f} ({len(bleu_refs)} sentences) "
-              f"after {args.steps} steps; {train_time:.0f} s training")
+        print(f"validation: loss {run.val_loss:.4f} nats/token, greedy BLEU {run.val_bleu:.2f} ({len(valid[2])} "
+              f"sentences) after {args.steps} steps; {run.train_time:.0f} s training")
         if args.wandb:
+            import wandb
             wandb.finish()
     return raw
+
+
+def log_step(run, valid, done, losses, tokens_per_s, dt, lr, grad_norm, batches, world, autocast, pbar):
+    """A log line (the mean training loss since the last one: the only GPU sync between log lines); at
+    each --eval-interval and at the end, the validation loss and BLEU, then a checkpoint."""
+    args = run.args
+    train_loss = torch.stack(losses).mean().item()
+    run.train_time += dt
+    row = {"step": done, "epoch": round(done * args.grad_accum * world / batches.per_epoch, 3),
+           "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+    if done % args.eval_interval == 0 or done == args.steps:
+        val_batches, bleu_sources, bleu_refs = valid
+        device = next(run.raw.parameters()).device
+        row["val_loss"] = run.val_loss = evaluate_loss(run.raw, val_batches, device, autocast)
+        row["val_bleu"] = run.val_bleu = valid_bleu(run.raw, run.tok, bleu_sources, bleu_refs)
+        run.checkpoint(done, losses[-1], grad_norm)
+    row["elapsed_s"] = run.train_time
+    run.write(row, pbar)
+
+
+def validation_set(args, cfg, tok, data):
+    """The validation batches (for the loss), and the first --eval-sentences sentences with their references
+    (for the BLEU)."""
+    groups = data["valid_groups"][:args.eval_sentences]
+    sources = [ids[:cfg.max_len - 1] for ids in encode(tok, [en for en, _ in groups])]
+    return eval_batches(data["valid_src"], data["valid_tgt"], args.batch_size), sources, [refs for _, refs in groups]
+
+
+def batch_pairs(args, cfg):
+    """The most pairs of max_len tokens a side a training batch can hold (for the memory check)."""
+    return max(1, args.batch_tokens // (2 * cfg.max_len)) if args.batch_tokens else args.batch_size
+
+
+def compile_layers(model, on):
+    """torch.compile each encoder and decoder layer in place (the state_dict's keys do not change);
+    lengths change from batch to batch, so the shapes are compiled as dynamic."""
+    if on:
+        for layer in (*model.encoder, *model.decoder):
+            layer.compile(dynamic=True)
 
 
 def benchmark(args):
     """--benchmark: the model, Adam and train_step of training (same autocast, fused Adam and divergence
     check), 3 warm-up steps (1 with --quick), then the median of --benchmark-steps timed optimiser steps.
     Real batches when DIR/tatoeba/fra-eng.zip is there (the BPE is trained first, untimed; nothing is
-    downloaded), else random tokens, --batch-size pairs of --max-len tokens a side. Tokens are source + target tokens (padding not
-    counted). Prints one JSON line; writes nothing."""
+    downloaded), else random tokens: as many pairs of --max-len tokens a side as a batch can hold. Tokens
+    are source + target tokens (padding not counted). Prints one JSON line; writes nothing."""
     device = resolve_device(args.device)
     device_type, cuda = device.split(":")[0], device.startswith("cuda")
-    check_memory(model_config(args, args.vocab_size), args.batch_size, device)
+    check_memory(model_config(args, args.vocab_size), batch_pairs(args, args), device)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     real = (Path(args.data_dir) / "tatoeba" / "fra-eng.zip").is_file()
     if real:
         tok, data = prepare_data(args)
-        cfg, batches = model_config(args, tok.get_vocab_size()), Batches(data["train_src"], data["train_tgt"],
-                                                                         args.batch_size, args.seed)
+        cfg = model_config(args, tok.get_vocab_size())
+        batches = Batches(data["train_src"], data["train_tgt"], args.batch_size, args.seed, args.batch_tokens)
     else:
-        cfg, L = model_config(args, args.vocab_size), args.max_len
-        batches = lambda i: tuple(torch.randint(EOS + 1, cfg.vocab_size, (args.batch_size, L)) for _ in range(3))
+        cfg, shape = model_config(args, args.vocab_size), (batch_pairs(args, args), args.max_len)
+        batches = lambda i: tuple(torch.randint(EOS + 1, cfg.vocab_size, shape) for _ in range(3))
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(device)
+    compiled = args.compile if args.compile is not None else cuda
+    compile_layers(model, compiled)
     optimizer = torch.optim.Adam(model.parameters(), lr=get_lr(0, args, cfg.d_model), betas=(0.9, args.beta2),
                                  eps=1e-9, fused=device_type == "cuda")  # as train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -450,4 +517,4 @@ def benchmark(args):
         "mfu": flops / tokens * per_step / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "compile": False, "data": "real" if real else "random"}))
+        "compile": compiled, "data": "real" if real else "random"}))
