@@ -104,6 +104,7 @@ def plot_histograms(results, dataset, path):
 
 def evaluate(args):
     device, run, fig_dir, model, diffusion, ckpt = open_run(args)
+    run.mkdir(parents=True, exist_ok=True)                      # with --pretrained, maybe no run folder yet
     clf_path = run / "classifier.pt"
     if clf_path.is_file():
         saved = load_checkpoint(clf_path, device, kind="classifier", dataset=args.dataset)

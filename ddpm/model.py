@@ -104,33 +104,32 @@ class Diffusion(nn.Module):
         return [i * self.T // steps for i in range(steps - 1, -1, -1)]
 
     @torch.no_grad()
-    def sample(self, eps_theta, shape, sampler="ddpm", steps=None, eta=0.0, variance="beta_tilde",
-               generator=None, frames=0, progress=None):
-        """x_T ~ N(0, I), then the reverse steps down to x_0 (Algorithm 2, or DDIM).
-        Returns x_0, and with frames > 0 also up to `frames` pairs (t, x_t) along the way, x_T first."""
+    def reverse(self, eps_theta, shape, sampler="ddpm", steps=None, eta=0.0, variance="beta_tilde", generator=None):
+        """x_T ~ N(0, I), then the reverse steps down to x_0 (Algorithm 2, or DDIM), as a generator of
+        (t, x_t) in the paper's 1..T numbering: x_T first, then the image after each step, (0, x_0) last.
+        A caller that wants snapshots (the GIF) keeps the ones it likes; `sample` keeps only x_0."""
         device = self.betas.device
 
         def randn():  # drawn on the CPU from `generator`: the same samples on any device
             return torch.randn(shape, generator=generator).to(device)
 
-        x = randn()
+        x = randn()                                             # Algorithm 2, line 1
         ts = self.timesteps(sampler, steps or self.T)
-        # snapshots spaced as sqrt: denser near x_0, where the image takes shape
-        keep = set(((len(ts) - 1) * torch.linspace(0, 1, frames).sqrt()).round().long().tolist()) if frames else set()
-        snapshots = []
-        for i, t in enumerate(progress(ts) if progress else ts):
-            if i in keep:
-                snapshots.append((t + 1, x.float().cpu()))     # x_t in the paper's 1..T numbering
+        for i, t in enumerate(ts):                              # line 2: for t = T, ..., 1
+            yield t + 1, x
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
             eps = eps_theta(x, t_batch).float()
-            if sampler == "ddpm":
+            if sampler == "ddpm":                               # lines 3-4
                 x = self.ddpm_step(x, t_batch, eps, variance, randn())
             else:
                 t_prev = ts[i + 1] if i + 1 < len(ts) else -1
                 x = self.ddim_step(x, t_batch, torch.full_like(t_batch, t_prev), eps, eta, randn())
-        if frames:
-            snapshots.append((0, x.float().cpu()))
-            return x, snapshots
+        yield 0, x                                              # line 6: return x_0
+
+    def sample(self, eps_theta, shape, sampler="ddpm", steps=None, eta=0.0, variance="beta_tilde", generator=None):
+        """x_0 of the reverse process (Algorithm 2, or DDIM)."""
+        for _, x in self.reverse(eps_theta, shape, sampler, steps, eta, variance, generator):
+            pass
         return x
 
 
@@ -225,7 +224,9 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))   # H -> H/2
                 skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, t_dim, cfg.dropout), Attention(c), ResBlock(c, c, t_dim, cfg.dropout)])
+        self.mid_res1 = ResBlock(c, c, t_dim, cfg.dropout)     # the middle, at the lowest resolution
+        self.mid_attn = Attention(c)
+        self.mid_res2 = ResBlock(c, c, t_dim, cfg.dropout)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.mults))):
             for _ in range(cfg.res_blocks + 1):
@@ -248,7 +249,7 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
             hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, t_emb)), t_emb)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, t_emb)), t_emb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
                 res, attn = layer
@@ -259,3 +260,9 @@ class UNet(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def rename_old_keys(state_dict):
+    """A state dict saved before the middle blocks had names (`mid.0`, `mid.1`, `mid.2`) -> today's names."""
+    old = {"mid.0.": "mid_res1.", "mid.1.": "mid_attn.", "mid.2.": "mid_res2."}
+    return {next((new + k[len(o):] for o, new in old.items() if k.startswith(o)), k): v for k, v in state_dict.items()}

@@ -17,26 +17,33 @@ from tqdm import tqdm
 
 from data import DATASETS, to_pixels
 from model import Diffusion, UNet, UNetConfig
+from pretrained import load_pretrained, read_meta, shipped_config
 from train import load_checkpoint, resolve_device
 
 GIF_FRAMES, GIF_SCALE, GIF_GREYS = 40, 2, 32
 GIF_MS = 80  # per frame; imageio's GIF writer takes milliseconds (0.08 would be 0: as fast as the viewer goes)
 
 
-def load_model(run_dir, dataset, device):
-    """The EMA weights of a run (the ones the paper samples with), and its diffusion process."""
-    ckpt = load_checkpoint(Path(run_dir) / "ckpt.pt", device, dataset=dataset)
-    model = UNet(UNetConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["ema"])
-    saved = ckpt["args"]
-    return model.eval(), Diffusion(saved["T"], saved["schedule"]).to(device), ckpt
+def load_model(run_dir, dataset, device, pretrained=False):
+    """The EMA weights of a run (the ones the paper samples with), or the shipped ones with `pretrained`;
+    the diffusion process; and the checkpoint (for the shipped weights: their JSON)."""
+    if pretrained:
+        ckpt = read_meta(dataset) | {"epoch": read_meta(dataset)["epochs"]}
+        model = UNet(UNetConfig(**shipped_config(ckpt)))
+        weights, T, schedule = load_pretrained(dataset), ckpt["flags"]["T"], ckpt["flags"]["schedule"]
+    else:
+        ckpt = load_checkpoint(Path(run_dir) / "ckpt.pt", device, dataset=dataset)
+        model = UNet(UNetConfig(**ckpt["config"]))
+        weights, T, schedule = ckpt["ema"], ckpt["args"]["T"], ckpt["args"]["schedule"]
+    model.to(device).load_state_dict(weights)
+    return model.eval(), Diffusion(T, schedule).to(device), ckpt
 
 
 def open_run(args):
     """(device, run folder, figures folder, EMA model, diffusion, checkpoint) of the flags' run."""
     device = resolve_device(args.device)
     run = Path(args.run_dir)
-    return (device, run, Path(args.figures_dir)) + load_model(run, args.dataset, device)
+    return (device, run, Path(args.figures_dir)) + load_model(run, args.dataset, device, args.pretrained)
 
 
 def sampler_name(args):
@@ -46,11 +53,19 @@ def sampler_name(args):
 
 
 def draw(model, diffusion, args, n, seed, device, frames=0, desc="sampling"):
-    """n samples (and GIF frames) with the sampler the flags choose; the noise comes from `seed`."""
-    pbar = lambda ts: tqdm(ts, desc=desc, leave=False, dynamic_ncols=True)
-    return diffusion.sample(model, (n, model.cfg.channels, model.cfg.side, model.cfg.side), args.sampler,
-                            args.sample_steps, args.eta, args.variance, torch.Generator().manual_seed(seed),
-                            frames, pbar)
+    """n samples with the sampler the flags choose, the noise from `seed`; with frames > 0 also up to
+    `frames` snapshots (t, x_t) of the reverse process, x_T first and x_0 last, spaced as sqrt: denser
+    near x_0, where the image takes shape."""
+    shape = (n, model.cfg.channels, model.cfg.side, model.cfg.side)
+    steps = len(diffusion.timesteps(args.sampler, args.sample_steps))
+    keep = set(((steps - 1) * torch.linspace(0, 1, frames).sqrt()).round().long().tolist()) | {steps} if frames else ()
+    snapshots = []
+    reverse = diffusion.reverse(model, shape, args.sampler, args.sample_steps, args.eta, args.variance,
+                                torch.Generator().manual_seed(seed))
+    for i, (t, x) in enumerate(tqdm(reverse, total=steps + 1, desc=desc, leave=False, dynamic_ncols=True)):
+        if i in keep:
+            snapshots.append((t, x.float().cpu()))
+    return (x, snapshots) if frames else x
 
 
 def grid(x, rows):
@@ -105,6 +120,15 @@ def plot_curve(log_path, path):
     save_figure(fig, path)
 
 
+def other_model(args, device):
+    """The other dataset's model for the side-by-side GIF: the shipped one with --pretrained, else the run
+    next to this one in --out-dir; None when there is none."""
+    other = next(d for d in DATASETS if d != args.dataset)
+    if not (args.pretrained or (Path(args.out_dir) / other / "ckpt.pt").is_file()):
+        return None
+    return other, load_model(Path(args.out_dir) / other, other, device, args.pretrained)[:2]
+
+
 def sample(args):
     device, run, fig_dir, model, diffusion, _ = open_run(args)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -115,25 +139,21 @@ def sample(args):
     t0 = time.perf_counter()
     x = draw(model, diffusion, args, rows * rows, args.seed, device, desc=f"{args.n_samples} samples")
     print(f"{rows * rows} samples ({sampler_name(args)}) in {time.perf_counter() - t0:.1f} s on {device}")
-    save_grid(x, rows, f"{DATASETS[args.dataset]} samples\n{sampler_name(args)}", fig_dir / f"{tag}_samples.png")
-    written.append(fig_dir / f"{tag}_samples.png")
+    written.append(fig_dir / f"{tag}{'_shipped' if args.pretrained else ''}_samples.png")
+    save_grid(x, rows, f"{DATASETS[args.dataset]} samples\n{sampler_name(args)}", written[-1])
 
-    # The reverse process as a GIF; with the other dataset's run next to this one, both side by side.
-    other = next(d for d in DATASETS if d != args.dataset)
+    # The reverse process as a GIF, its frames picked by draw; with the other dataset's model, both side by side.
     runs = {args.dataset: (model, diffusion)}
-    if (Path(args.out_dir) / other / "ckpt.pt").is_file():
-        other_model, other_diffusion, _ = load_model(Path(args.out_dir) / other, other, device)
-        runs[other] = (other_model, other_diffusion)
+    if other := other_model(args, device):
+        runs[other[0]] = other[1]
     panels = {name: draw(m, d, args, 16, args.seed + 1, device, GIF_FRAMES, desc=f"{name} GIF")[1]
               for name, (m, d) in sorted(runs.items())}
-    imageio.mimsave(fig_dir / f"{tag}.gif", gif_frames([panels[args.dataset]], [DATASETS[args.dataset]]),
+    both = len(panels) == 2 and len({len(s) for s in panels.values()}) == 1  # both models give the same frames
+    written.append(fig_dir / ("ddpm_both.gif" if both else f"{tag}.gif"))
+    imageio.mimsave(written[-1], gif_frames(list(panels.values()) if both else [panels[args.dataset]],
+                                            [DATASETS[n] for n in panels] if both else [DATASETS[args.dataset]]),
                     duration=GIF_MS, loop=0)
-    written.append(fig_dir / f"{tag}.gif")
-    if len(panels) == 2 and len({len(s) for s in panels.values()}) == 1:  # both runs give the same frames
-        imageio.mimsave(fig_dir / "ddpm_both.gif",
-                        gif_frames(list(panels.values()), [DATASETS[n] for n in panels]), duration=GIF_MS, loop=0)
-        written.append(fig_dir / "ddpm_both.gif")
-    if (run / "log.csv").is_file():
+    if (run / "log.csv").is_file() and not args.pretrained:
         plot_curve(run / "log.csv", fig_dir / f"{tag}_loss.png")
         written.append(fig_dir / f"{tag}_loss.png")
     print("wrote " + ", ".join(str(p) for p in written))

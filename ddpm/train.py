@@ -1,6 +1,7 @@
 """Train eps_theta with Algorithm 1: data, model and its EMA copy, AdamW, warmup + cosine, then
 the loop over epochs; after each epoch the EMA model's loss on fixed test noise and an atomic
 checkpoint."""
+import contextlib
 import copy
 import csv
 import math
@@ -8,12 +9,14 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from data import SIDE, load_split, to_model_range
-from model import Diffusion, UNet, UNetConfig
+from model import Diffusion, UNet, UNetConfig, rename_old_keys
+from pretrained import load_pretrained
 
 FOLDER = "ddpm"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/ddpm-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -49,6 +52,9 @@ def load_checkpoint(path, device, kind="diffusion", dataset=None):
     if dataset and ckpt["dataset"] != dataset:
         raise SystemExit(f"ddpm: {path} was trained on {ckpt['dataset']}, not on {dataset}; "
                          f"pass --dataset {ckpt['dataset']}, or another --out-dir")
+    for key in ("model", "ema"):                                # checkpoints from before the middle blocks had names
+        if key in ckpt:
+            ckpt[key] = rename_old_keys(ckpt[key])
     return ckpt
 
 
@@ -197,101 +203,132 @@ def check_savable(model, ema, held_out, epoch, ckpt_path):
                          f"stopping without saving ({kept(ckpt_path)}); try a lower --lr")
 
 
-def train(args):
-    device = resolve_device(args.device)
-    run = Path(args.run_dir)
-    ckpt_path = run / "ckpt.pt"
+def refuse_or_resume(args, ckpt_path, device):
+    """The checkpoint to continue with --resume (None for a fresh run); a fresh run never overwrites one."""
     ckpt = load_checkpoint(ckpt_path, device, dataset=args.dataset) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"ddpm: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    check_memory(args, device)
-    x_train = load_split(args.data_dir, args.dataset, "train")[0][:args.train_size or None].to(device)  # uint8
-    x_test = to_model_range(load_split(args.data_dir, args.dataset, "test")[0][:TEST_IMAGES])
+    return ckpt
 
-    cfg = model_config(args, x_train.shape[-1])
+
+def start_run(args):
+    """Everything the loop needs, as a namespace: the data on the device, the U-Net, its EMA copy, the
+    diffusion, AdamW, and where a resumed run stands (or the shipped weights, with --pretrained)."""
+    device = resolve_device(args.device)
+    run = SimpleNamespace(device=device, dir=Path(args.run_dir), ckpt_path=Path(args.run_dir) / "ckpt.pt", epoch=0)
+    ckpt = refuse_or_resume(args, run.ckpt_path, device)
+    check_memory(args, device)
+    run.x_train = load_split(args.data_dir, args.dataset, "train")[0][:args.train_size or None].to(device)  # uint8
+    run.x_test = to_model_range(load_split(args.data_dir, args.dataset, "test")[0][:TEST_IMAGES])
+
+    cfg = model_config(args, run.x_train.shape[-1])
     if ckpt and asdict(cfg) != ckpt["config"]:
-        raise SystemExit(f"ddpm: {ckpt_path} holds another model ({ckpt['config']}); "
+        raise SystemExit(f"ddpm: {run.ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
     torch.manual_seed(args.seed)
-    model, eps_theta, optimizer, autocast = on_device(build_model(cfg), args, device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)     # sampling uses the EMA weights (Sec. 4)
-    diffusion = Diffusion(args.T, args.schedule).to(device)
-    epoch = 0
+    model, run.eps_theta, run.optimizer, run.autocast = on_device(build_model(cfg), args, device)
+    if args.pretrained:                                         # fine-tuning: the shipped EMA weights, a new AdamW
+        model.load_state_dict(load_pretrained(args.dataset, cfg))
+    run.model, run.ema = model, copy.deepcopy(model).eval().requires_grad_(False)  # sampling uses the EMA (Sec. 4)
+    run.diffusion = Diffusion(args.T, args.schedule).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch = ckpt["epoch"]
-
-    steps_per_epoch = len(x_train) // args.batch_size  # the last partial batch of each epoch is dropped
-    if steps_per_epoch == 0:
-        raise SystemExit(f"ddpm: --batch-size {args.batch_size} exceeds the {len(x_train)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    run.mkdir(parents=True, exist_ok=True)
+        run.ema.load_state_dict(ckpt["ema"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.epoch = ckpt["epoch"]
+    run.cfg, run.train_time = cfg, ckpt["train_time"] if ckpt else 0.0
+    run.steps_per_epoch = len(run.x_train) // args.batch_size  # the last partial batch of each epoch is dropped
+    if run.steps_per_epoch == 0:
+        raise SystemExit(f"ddpm: --batch-size {args.batch_size} exceeds the {len(run.x_train)} training images")
+    run.total_steps = args.epochs * run.steps_per_epoch
+    run.dir.mkdir(parents=True, exist_ok=True)
     print(f"DDPM: U-Net of {model.num_params():,} parameters, T = {args.T} ({args.schedule} betas); "
-          f"{args.dataset}: {len(x_train):,} training images on {device}"
+          f"{args.dataset}: {len(run.x_train):,} training images on {device}"
           + (" (bf16 autocast)" if device.startswith("cuda") else "")
-          + (f"; resuming after epoch {epoch}" if ckpt else ""))
-    if args.wandb:
-        try:
-            import wandb
-            wandb.init(project="papers-ddpm", config=vars(args), dir=run)
-        except ImportError:
-            raise SystemExit("ddpm: --wandb needs the wandb package (pip install wandb)")
-        except Exception as e:  # not logged in, no network: say so in one line
-            raise SystemExit(f"ddpm: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    log_file, log = open_log(run / "log.csv", epoch)
+          + (f"; resuming after epoch {run.epoch}" if ckpt else "")
+          + ("; starting from the shipped weights" if args.pretrained else ""))
+    return run
 
-    train_time = ckpt["train_time"] if ckpt else 0.0
-    if epoch >= args.epochs:
-        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
-    model.train()
+
+def start_wandb(args, run_dir):
     try:
-        for epoch in range(epoch, args.epochs):
-            # Batch order, t, eps and dropout of an epoch are seeded by (seed, epoch): resuming replays them.
-            torch.manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(x_train)).to(device)
-            t0, losses = time.perf_counter(), []
-            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        leave=False)
-            for s in pbar:
-                step = epoch * steps_per_epoch + s
-                lr = get_lr(step, total_steps, args.warmup_steps, args.lr)
-                x_0 = batch(x_train, order[s * args.batch_size:(s + 1) * args.batch_size], device)
-                log_step = s % args.log_interval == 0
-                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
-                # check_savable still keeps a non-finite state out of every checkpoint.
-                check = (lambda l, g: check_finite(l, g, step, ckpt_path)) if device == "cpu" or log_step else None
-                losses.append(train_step(model, eps_theta, ema, diffusion, optimizer, autocast, x_0, step, lr, args,
-                                         check))
-                if log_step:
-                    pbar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{lr:.1e}")
-            dt = time.perf_counter() - t0
-            train_time += dt
-            done = epoch + 1
-            with autocast:
-                held_out = test_loss(ema, diffusion, x_test, device)
-            check_savable(model, ema, held_out, done, ckpt_path)
-            row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(), "test_loss": held_out,
-                   "lr": lr, "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
-            save_atomic({"folder": FOLDER, "kind": "diffusion", "dataset": args.dataset, "model": model.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done,
-                         "config": asdict(cfg), "args": vars(args), "train_time": train_time}, ckpt_path)
-            log.writerow(row)
-            log_file.flush()
-            tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f}  test loss (EMA) {held_out:.4f}  "
-                       f"lr {lr:.1e}  {row['images_per_s']:,.0f} images/s  {dt:.0f} s/epoch  {train_time:.0f} s")
-            if args.wandb:
-                wandb.log(row, step=done)
+        import wandb
+        wandb.init(project="papers-ddpm", config=vars(args), dir=run_dir)
+        return wandb
+    except ImportError:
+        raise SystemExit("ddpm: --wandb needs the wandb package (pip install wandb)")
+    except Exception as e:  # not logged in, no network: say so in one line
+        raise SystemExit(f"ddpm: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+@contextlib.contextmanager
+def logged(args, run):
+    """log.csv (and wandb) open around the loop; Ctrl-C keeps the last epoch's checkpoint and says so."""
+    run.wandb = start_wandb(args, run.dir) if args.wandb else None
+    run.log_file, run.log = open_log(run.dir / "log.csv", run.epoch)
+    if run.epoch >= args.epochs:
+        print(f"{run.ckpt_path} is at epoch {run.epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    run.model.train()
+    try:
+        yield
     except KeyboardInterrupt:
-        if ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
+        if run.ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint ({run.ckpt_path}) is from the end of an epoch: "
                   f"continue with --resume")
         else:
             print("\ninterrupted before the first epoch ended; nothing was saved")
         raise SystemExit(130)
     finally:
-        log_file.close()
-        if args.wandb:
-            wandb.finish()
-    return ema
+        run.log_file.close()
+        if run.wandb:
+            run.wandb.finish()
+
+
+def end_epoch(args, run, done, losses, lr, dt):
+    """After an epoch: the EMA model's test loss, the guard against non-finite numbers, an atomic
+    checkpoint, a row of log.csv (and wandb), a line on the terminal."""
+    run.train_time += dt
+    with run.autocast:
+        held_out = test_loss(run.ema, run.diffusion, run.x_test, run.device)
+    check_savable(run.model, run.ema, held_out, done, run.ckpt_path)
+    row = {"epoch": done, "train_loss": torch.stack(losses).mean().item(), "test_loss": held_out,
+           "lr": lr, "images_per_s": run.steps_per_epoch * args.batch_size / dt, "elapsed_s": run.train_time}
+    save_atomic({"folder": FOLDER, "kind": "diffusion", "dataset": args.dataset, "model": run.model.state_dict(),
+                 "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": done,
+                 "config": asdict(run.cfg), "args": vars(args), "train_time": run.train_time}, run.ckpt_path)
+    run.log.writerow(row)
+    run.log_file.flush()
+    tqdm.write(f"epoch {done:3d}  train loss {row['train_loss']:.4f}  test loss (EMA) {held_out:.4f}  "
+               f"lr {lr:.1e}  {row['images_per_s']:,.0f} images/s  {dt:.0f} s/epoch  {run.train_time:.0f} s")
+    if run.wandb:
+        run.wandb.log(row, step=done)
+
+
+def train(args):
+    """Algorithm 1, repeated until --epochs: x_0 ~ q(x_0) (a batch of training images), t ~ Uniform({1..T}),
+    eps ~ N(0, I), a gradient step on ||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2,
+    then the EMA of the weights; after each epoch the test loss and a checkpoint (end_epoch)."""
+    run = start_run(args)
+    with logged(args, run):
+        for epoch in range(run.epoch, args.epochs):
+            # Batch order, t, eps and dropout of an epoch are seeded by (seed, epoch): resuming replays them.
+            torch.manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(run.x_train)).to(run.device)
+            t0, losses = time.perf_counter(), []
+            pbar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        leave=False)
+            for s in pbar:                                      # repeat
+                step = epoch * run.steps_per_epoch + s
+                lr = get_lr(step, run.total_steps, args.warmup_steps, args.lr)
+                x_0 = batch(run.x_train, order[s * args.batch_size:(s + 1) * args.batch_size], run.device)  # line 2
+                log_step = s % args.log_interval == 0
+                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
+                # check_savable still keeps a non-finite state out of every checkpoint.
+                check = (lambda l, g: check_finite(l, g, step, run.ckpt_path)) if run.device == "cpu" or log_step \
+                    else None
+                losses.append(train_step(run.model, run.eps_theta, run.ema, run.diffusion, run.optimizer,  # lines 3-5
+                                         run.autocast, x_0, step, lr, args, check))
+                if log_step:
+                    pbar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{lr:.1e}")
+            end_epoch(args, run, epoch + 1, losses, lr, time.perf_counter() - t0)
+    return run.ema

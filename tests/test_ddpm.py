@@ -222,9 +222,9 @@ def test_samplers_recover_the_only_training_image_with_the_ideal_noise_predictor
 
     x = d.sample(ideal, (4, 1, 6, 6), sampler, steps, eta, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x.double(), x_star.expand(4, -1, -1, -1), rtol=0, atol=1e-5)
-    _, frames = d.sample(ideal, (2, 1, 6, 6), sampler, steps, eta, frames=8)
-    assert frames[0][0] == d.timesteps(sampler, steps or d.T)[0] + 1           # x_T (DDIM: x_tau_S) first
-    assert frames[-1][0] == 0 and len(frames) <= 9
+    frames = list(d.reverse(ideal, (2, 1, 6, 6), sampler, steps, eta))
+    ts = d.timesteps(sampler, steps or d.T)
+    assert [t for t, _ in frames] == [t + 1 for t in ts] + [0]                 # x_T (DDIM: x_tau_S) first, x_0 last
 
 
 def test_ddim_timesteps_are_evenly_spaced_and_end_at_zero():
@@ -548,7 +548,7 @@ def test_a_non_finite_test_loss_stops_the_run_before_its_checkpoint(tmp_path, mo
 @pytest.mark.parametrize("args, says", [
     (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10' (choose from"),
     (["--sample-steps", "2000"], "--sample-steps 2000 is larger than T = 1000; choose 1..1000"),
-    (["--sample-steps", "0"], "argument --sample-steps: '0': must be in [1, inf)"),
+    (["--sample-steps", "0"], "argument --sample-steps: '0': must be >= 1"),
     (["--T", "50", "--sample-steps", "60"], "--sample-steps 60 is larger than T = 50"),
     (["--attn-levels", "3"], "--attn-levels [3]: the U-Net has levels 0..2"),
     (["--base", "30"], "--base 30 is not a multiple of 4"),
@@ -645,3 +645,68 @@ def test_the_step_loop_syncs_with_the_host_only_at_log_steps(tmp_path, monkeypat
     ddpm.train.train(ddpm.main.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *TINY,
                                            "--epochs", "1", "--batch-size", "5", "--log-interval", str(log_interval)]))
     assert len(calls) <= math.ceil(20 / log_interval) + 2, calls
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_the_shipped_weights_load_into_todays_unet_and_reproduce_their_check(dataset):
+    """pretrained/ddpm/<dataset>: it passes its SHA256SUMS line, every float16 tensor fits today's U-Net
+    (strict: same keys and shapes), and eps_theta on the JSON's fixed input, built here from seed 0, gives
+    the numbers the export measured: a model change that forgets to re-export fails here."""
+    meta = ddpm.pretrained.read_meta(dataset)
+    path = ddpm.pretrained.HERE / f"{dataset}.safetensors"
+    assert path.stat().st_size <= 4 * 2 ** 20 and meta["name"] == dataset and meta["metric"]["split"] == "test"
+    model = UNet(UNetConfig(**ddpm.pretrained.shipped_config(meta))).eval()
+    model.load_state_dict(ddpm.pretrained.load_pretrained(dataset))     # strict
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(8, 1, 28, 28, generator=g)
+    t = torch.randint(0, meta["flags"]["T"], (8,), generator=g)
+    with torch.no_grad():
+        eps = model(x_t, t)
+    check = meta["check"]
+    assert t.tolist() == check["t"]
+    assert eps.abs().sum().item() == pytest.approx(check["eps_abs_sum"], rel=1e-4)
+    assert eps.sum().item() == pytest.approx(check["eps_sum"], abs=1e-3 * check["eps_abs_sum"] / eps.numel() ** 0.5)
+    torch.testing.assert_close(eps.flatten()[:8], torch.tensor(check["eps_first"]), rtol=1e-4, atol=1e-5)
+
+
+def test_sample_only_with_the_shipped_weights_draws_both_panels_with_ddim(tmp_path, monkeypatch):
+    """--sample-only --pretrained: no run folder, no data; the grid and the GIF's panels come from the shipped
+    weights of each dataset (FashionMNIST's and MNIST's side by side) with DDIM unless --sampler says otherwise."""
+    draws = spy_on_draw(monkeypatch)
+    ddpm.main.main(["--dataset", "fashion", "--sample-only", "--pretrained", "--device", "cpu", "--sample-steps", "2",
+                    "--n-samples", "4", "--out-dir", str(tmp_path / "runs"), "--figures-dir", str(tmp_path / "fig")])
+    shipped = {ds: ddpm.pretrained.load_pretrained(ds) for ds in ("mnist", "fashion")}
+    grid, gif_fashion, gif_mnist = draws
+    for d, ds in ((grid, "fashion"), (gif_fashion, "fashion"), (gif_mnist, "mnist")):
+        assert d["sampler"] == "ddim" and all(torch.equal(d["state"][k], v) for k, v in shipped[ds].items())
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["ddpm_both.gif", "ddpm_fashion_shipped_samples.png"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_tampered_shipped_file_is_one_line_naming_it(root, tmp_path):
+    """A copy of the folder and its shipped weights with one byte flipped: one line naming the file, and
+    nothing written."""
+    shutil.copytree(root / "ddpm", tmp_path / "ddpm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "pretrained" / "ddpm", tmp_path / "pretrained" / "ddpm")
+    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    weights = tmp_path / "pretrained" / "ddpm" / "fashion.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(data)
+    r = subprocess.run([sys.executable, "ddpm/main.py", "--dataset", "fashion", "--sample-only", "--pretrained",
+                        "--out-dir", "runs", "--figures-dir", "fig"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == ("ddpm: pretrained/ddpm/fashion.safetensors does not match "
+                                                      "pretrained/SHA256SUMS; restore it with git checkout"), r.stderr
+    assert not (tmp_path / "fig").exists() and not (tmp_path / "runs").exists()
+
+
+def test_checkpoints_from_before_the_middle_blocks_had_names_still_load():
+    """A state dict with the old keys mid.0 / mid.1 / mid.2 (ResBlock, Attention, ResBlock) loads into
+    today's U-Net with every tensor where it belongs."""
+    net = UNet(UNetConfig(base=8, res_blocks=1))
+    new = {"mid_res1.": "mid.0.", "mid_attn.": "mid.1.", "mid_res2.": "mid.2."}
+    old = {next((o + k[len(n):] for n, o in new.items() if k.startswith(n)), k): v for k, v in net.state_dict().items()}
+    assert sum(k.startswith("mid.") for k in old) == sum(k.startswith("mid_") for k in net.state_dict()) > 0
+    fresh = UNet(UNetConfig(base=8, res_blocks=1))
+    fresh.load_state_dict(ddpm.model.rename_old_keys(old))     # strict
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in net.state_dict().items())
