@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt
 import torch
 from einops import rearrange
 
-from data import load_images
+from data import DATASETS, load_images
 from model import FlowConfig, RealNVP
+from pretrained import load_pretrained, read_meta
 from train import evaluate, load_checkpoint, resolve_device
 
 REFERENCES = {"Real NVP": 1.06, "Glow": 1.05, "FFJORD": 0.99}  # MNIST test bits/dim, as reported (FFJORD, Table 2)
@@ -110,23 +111,48 @@ def plot_curve(log_path, path):
     plt.close(fig)
 
 
+def load_flow(args, device):
+    """The flow to draw from, and what is known about it: a run's checkpoint, or with --pretrained the
+    shipped weights and their JSON (whose test bits/dim was measured at training)."""
+    if args.pretrained:
+        meta = read_meta(args.dataset)
+        ckpt = {"config": meta["config"], "model": load_pretrained(args.dataset), "epoch": meta["epochs"],
+                "train_time": meta["wall_time_s"], "test_bpd": meta["metric"]["value"],
+                "args": {"dataset": args.dataset, "test_size": meta["test_size"]}}
+    else:
+        ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.pt", device)
+    model = RealNVP(FlowConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def test_images(args, dataset):
+    """The test images; with --pretrained, None when --data-dir does not hold them (nothing is downloaded)."""
+    if args.pretrained and not any((Path(args.data_dir) / DATASETS[dataset] / "raw" / f"t10k-images-idx3-ubyte{gz}")
+                                   .is_file() for gz in ("", ".gz")):
+        print(f"no {dataset} test images under {args.data_dir}: the test bits/dim is the shipped one, "
+              f"and there is no interpolation figure (it starts from test digits)")
+        return None
+    return load_images(args.data_dir, dataset, "test")[:args.test_size or None]
+
+
 def sample(args):
     device = resolve_device(args.device)
     out, fig_dir = Path(args.out_dir), Path(args.figures_dir)
-    ckpt = load_checkpoint(out / "ckpt.pt", device)
+    model, ckpt = load_flow(args, device)
     saved = ckpt["args"]
-    model = RealNVP(FlowConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    test = load_images(args.data_dir, saved["dataset"], "test")[:args.test_size or None]
+    test = test_images(args, saved["dataset"])
     # training ended by measuring these same test images with the same fixed noise: not twice
-    test_bpd = ckpt["test_bpd"] if args.test_size == saved["test_size"] else evaluate(model, test, device)
-    metrics = {"dataset": saved["dataset"], "test_bpd": test_bpd, "test_images": len(test),
-               "parameters": model.num_params(), "epochs": ckpt["epoch"], "config": ckpt["config"],
+    test_bpd = ckpt["test_bpd"] if test is None or args.test_size == saved["test_size"] else \
+        evaluate(model, test, device)
+    metrics = {"dataset": saved["dataset"], "test_bpd": test_bpd, "test_images": len(test) if test is not None else
+               None, "parameters": model.num_params(), "epochs": ckpt["epoch"], "config": ckpt["config"],
                "train_time_s": round(ckpt["train_time"], 1)}
-    write_json(metrics, out / "metrics.json")
-    print(f"Real NVP test {metrics['test_bpd']:.4f} bits/dim on {len(test):,} {saved['dataset']} images, "
-          f"{metrics['parameters']:,} parameters, {ckpt['epoch']} epochs, {ckpt['train_time']:.0f} s training")
+    if not args.pretrained:
+        write_json(metrics, out / "metrics.json")
+    on = f"{len(test):,} {saved['dataset']} images" if test is not None else f"the shipped {saved['dataset']} test images"
+    print(f"Real NVP test {metrics['test_bpd']:.4f} bits/dim on {on}, {metrics['parameters']:,} parameters, "
+          f"{ckpt['epoch']} epochs, {ckpt['train_time']:.0f} s training")
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     tag = f"nf_{saved['dataset']}"
@@ -135,10 +161,10 @@ def sample(args):
     ranked_samples(model, args.n_samples, args.temperature, saved["dataset"], figures[0])
     temperatures(model, [0.25, 0.5, 0.75, 1.0], 10, figures[1])
     written = figures[:2]
-    if len(test) >= 2:
+    if test is not None and len(test) >= 2:
         interpolate(model, test, min(4, len(test) // 2), 10, figures[2])
         written.append(figures[2])
-    if (out / "log.csv").is_file():
+    if (out / "log.csv").is_file() and not args.pretrained:
         plot_curve(out / "log.csv", figures[3])
         written.append(figures[3])
     print("wrote " + ", ".join(str(p) for p in written))

@@ -1,18 +1,21 @@
 """Train Real NVP by maximum likelihood: data, model, optimiser, schedule, then the loop over
 epochs; the loss is the bits/dim of freshly dequantised training images, and after each epoch
 the test set's bits/dim and an atomic checkpoint."""
+import contextlib
 import csv
 import math
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from data import SIDE, dequantize, load_data
 from model import FlowConfig, RealNVP
+from pretrained import load_pretrained
 
 FOLDER = "nf"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/nf-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -171,102 +174,138 @@ def check_savable(model, test_bpd, epoch, ckpt_path):
                          f"stopping without saving ({kept(ckpt_path)}); try a lower --lr")
 
 
-def train(args):
-    device = resolve_device(args.device)
-    out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
+def refuse_or_resume(args, ckpt_path, device):
+    """The checkpoint to continue with --resume (None for a fresh run); a fresh run never overwrites one."""
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and args.out_dir == QUICK_OUT_DIR):
         raise SystemExit(f"nf: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
+    return ckpt
+
+
+def start_run(args):
+    """Everything the loop needs, as a namespace: the data (training images on the device), the flow, Adam,
+    and where a resumed run stands (or the shipped weights, with --pretrained)."""
+    device = resolve_device(args.device)
+    run = SimpleNamespace(device=device, dir=Path(args.out_dir), ckpt_path=Path(args.out_dir) / "ckpt.pt", epoch=0)
+    ckpt = refuse_or_resume(args, run.ckpt_path, device)
     check_memory(args, device)
     data = load_data(args)
-    train_set = data["train"].to(device)                        # uint8, on the device for the whole run
+    run.train_set, run.test_set = data["train"].to(device), data["test"]  # uint8, on the device for the whole run
 
-    cfg = model_config(args, train_set.shape[1], train_set.shape[2])
+    cfg = model_config(args, run.train_set.shape[1], run.train_set.shape[2])
     if ckpt and asdict(cfg) != ckpt["config"]:
-        raise SystemExit(f"nf: {ckpt_path} holds another model ({ckpt['config']}); "
+        raise SystemExit(f"nf: {run.ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
     torch.manual_seed(args.seed)
-    model, bits_per_dim, optimizer = on_device(build_model(cfg), args, device)
-    epoch = 0
+    run.model, run.bits_per_dim, run.optimizer = on_device(build_model(cfg), args, device)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch = ckpt["epoch"]
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.epoch = ckpt["epoch"]
+    elif args.pretrained:                                       # fine-tuning: the shipped weights, a new Adam
+        run.model.load_state_dict(load_pretrained(args.dataset, cfg))
     else:  # actnorm's data-dependent initialisation, on the first 512 training images
-        model.initialize(dequantize(train_set[:512], torch.Generator().manual_seed(args.seed)))
+        run.model.initialize(dequantize(run.train_set[:512], torch.Generator().manual_seed(args.seed)))
+    run.cfg, run.train_time = cfg, ckpt["train_time"] if ckpt else 0.0
+    run.steps_per_epoch = len(run.train_set) // args.batch_size  # the last partial batch of each epoch is dropped
+    if run.steps_per_epoch == 0:
+        raise SystemExit(f"nf: --batch-size {args.batch_size} exceeds the {len(run.train_set)} training images")
+    run.total_steps = args.epochs * run.steps_per_epoch
+    run.dir.mkdir(parents=True, exist_ok=True)
+    print_model(args, run, ckpt)
+    return run
 
-    steps_per_epoch = len(train_set) // args.batch_size  # the last partial batch of each epoch is dropped
-    if steps_per_epoch == 0:
-        raise SystemExit(f"nf: --batch-size {args.batch_size} exceeds the {len(train_set)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    out.mkdir(parents=True, exist_ok=True)
+
+def print_model(args, run, ckpt):
+    cfg = run.cfg
     k, last = RealNVP.layout(cfg.n_couplings, cfg.scales)
     layout = (f"{cfg.scales} scales of {k} checkerboard + {k} channel-wise, then {last} checkerboard" if cfg.scales
               else "one flat stack of checkerboard couplings")
-    print(f"Real NVP: {model.num_params():,} parameters, {cfg.n_couplings} couplings ({layout}), ResNets of "
-          f"{cfg.blocks} blocks x {cfg.hidden}; {args.dataset}: {len(train_set):,} train / {len(data['test']):,} "
-          f"test images on {device}" + (f"; resuming after epoch {epoch}" if ckpt else ""))
-    if args.wandb:
-        try:
-            import wandb
-            wandb.init(project="papers-nf", config=vars(args), dir=out)
-        except ImportError:
-            raise SystemExit("nf: --wandb needs the wandb package (pip install wandb)")
-        except Exception as e:  # not logged in, no network: say so in one line
-            raise SystemExit(f"nf: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    log_file, log = open_log(out / "log.csv", epoch)
+    print(f"Real NVP: {run.model.num_params():,} parameters, {cfg.n_couplings} couplings ({layout}), ResNets of "
+          f"{cfg.blocks} blocks x {cfg.hidden}; {args.dataset}: {len(run.train_set):,} train / {len(run.test_set):,} "
+          f"test images on {run.device}" + (f"; resuming after epoch {run.epoch}" if ckpt else "")
+          + ("; starting from the shipped weights" if args.pretrained else ""))
 
-    train_time = ckpt["train_time"] if ckpt else 0.0
-    if epoch >= args.epochs:
-        print(f"{ckpt_path} is at epoch {epoch}, which is not below --epochs {args.epochs}: nothing to train")
-    model.train()
+
+def start_wandb(args, out):
     try:
-        for epoch in range(epoch, args.epochs):
-            # The batch order and the dequantisation noise of an epoch are seeded by (seed, epoch):
-            # resuming replays them exactly.
-            # On CUDA both are drawn there (a CUDA generator: other numbers than the CPU's, as reproducible).
-            g = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_set), generator=g, device=device)
-            t0, losses = time.perf_counter(), []
-            pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
-                        leave=False)
-            for s in pbar:
-                step = epoch * steps_per_epoch + s
-                lr = get_lr(step, total_steps, args.warmup_steps, args)
-                x = dequantize(train_set[order[s * args.batch_size:(s + 1) * args.batch_size]], g)
-                log_step = s % args.log_interval == 0
-                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
-                # check_savable still keeps a non-finite state out of every checkpoint.
-                check = (lambda l, gn: check_finite(l, gn, step, ckpt_path)) if device == "cpu" or log_step else None
-                losses.append(train_step(model, bits_per_dim, optimizer, x, lr, args, check))
-                if log_step:
-                    pbar.set_postfix(bpd=f"{losses[-1].item():.3f}", lr=f"{lr:.1e}")
-            dt = time.perf_counter() - t0
-            train_time += dt
-            done = epoch + 1
-            row = {"epoch": done, "train_bpd": torch.stack(losses).mean().item(),
-                   "test_bpd": evaluate(model, data["test"], device), "lr": lr,
-                   "images_per_s": steps_per_epoch * args.batch_size / dt, "elapsed_s": train_time}
-            check_savable(model, row["test_bpd"], done, ckpt_path)
-            save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": done, "config": asdict(cfg), "args": vars(args), "test_bpd": row["test_bpd"],
-                         "train_time": train_time}, ckpt_path)
-            log.writerow(row)
-            log_file.flush()
-            tqdm.write(f"epoch {done:3d}  train {row['train_bpd']:.4f}  test {row['test_bpd']:.4f} bits/dim  "
-                       f"lr {lr:.1e}  {row['images_per_s']:,.0f} images/s  {train_time:.0f} s")
-            if args.wandb:
-                wandb.log(row, step=done)
+        import wandb
+        wandb.init(project="papers-nf", config=vars(args), dir=out)
+        return wandb
+    except ImportError:
+        raise SystemExit("nf: --wandb needs the wandb package (pip install wandb)")
+    except Exception as e:  # not logged in, no network: say so in one line
+        raise SystemExit(f"nf: --wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+@contextlib.contextmanager
+def logged(args, run):
+    """log.csv (and wandb) open around the loop; Ctrl-C keeps the last epoch's checkpoint and says so."""
+    run.wandb = start_wandb(args, run.dir) if args.wandb else None
+    run.log_file, run.log = open_log(run.dir / "log.csv", run.epoch)
+    if run.epoch >= args.epochs:
+        print(f"{run.ckpt_path} is at epoch {run.epoch}, which is not below --epochs {args.epochs}: nothing to train")
+    run.model.train()
+    try:
+        yield
     except KeyboardInterrupt:
-        if ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint ({ckpt_path}) is from the end of an epoch: "
+        if run.ckpt_path.exists():
+            print(f"\ninterrupted; the last checkpoint ({run.ckpt_path}) is from the end of an epoch: "
                   f"continue with --resume")
         else:
             print("\ninterrupted before the first epoch ended; nothing was saved")
         raise SystemExit(130)
     finally:
-        log_file.close()
-        if args.wandb:
-            wandb.finish()
-    return model
+        run.log_file.close()
+        if run.wandb:
+            run.wandb.finish()
+
+
+def end_epoch(args, run, done, losses, lr, dt):
+    """After an epoch: the test set's bits/dim, the guard against non-finite numbers, an atomic checkpoint,
+    a row of log.csv (and wandb), a line on the terminal."""
+    run.train_time += dt
+    row = {"epoch": done, "train_bpd": torch.stack(losses).mean().item(),
+           "test_bpd": evaluate(run.model, run.test_set, run.device), "lr": lr,
+           "images_per_s": run.steps_per_epoch * args.batch_size / dt, "elapsed_s": run.train_time}
+    check_savable(run.model, row["test_bpd"], done, run.ckpt_path)
+    save_atomic({"folder": FOLDER, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "epoch": done, "config": asdict(run.cfg), "args": vars(args), "test_bpd": row["test_bpd"],
+                 "train_time": run.train_time}, run.ckpt_path)
+    run.log.writerow(row)
+    run.log_file.flush()
+    tqdm.write(f"epoch {done:3d}  train {row['train_bpd']:.4f}  test {row['test_bpd']:.4f} bits/dim  "
+               f"lr {lr:.1e}  {row['images_per_s']:,.0f} images/s  {run.train_time:.0f} s")
+    if run.wandb:
+        run.wandb.log(row, step=done)
+
+
+def train(args):
+    """Maximum likelihood (Sec. 3.1): for each batch of freshly dequantised training images x, a gradient step
+    on the bits/dim -log p_X(x) / (D log 2) (+ the 1/256 bins), Adam with warmup + cosine; after each epoch
+    the test bits/dim and a checkpoint (end_epoch)."""
+    run = start_run(args)
+    with logged(args, run):
+        for epoch in range(run.epoch, args.epochs):
+            # The batch order and the dequantisation noise of an epoch are seeded by (seed, epoch):
+            # resuming replays them exactly.
+            # On CUDA both are drawn there (a CUDA generator: other numbers than the CPU's, as reproducible).
+            g = torch.Generator(run.device).manual_seed(args.seed * 100_003 + epoch)
+            order = torch.randperm(len(run.train_set), generator=g, device=run.device)
+            t0, losses = time.perf_counter(), []
+            pbar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True,
+                        leave=False)
+            for s in pbar:
+                step = epoch * run.steps_per_epoch + s
+                lr = get_lr(step, run.total_steps, args.warmup_steps, args)
+                x = dequantize(run.train_set[order[s * args.batch_size:(s + 1) * args.batch_size]], g)  # Sec. 4.1
+                log_step = s % args.log_interval == 0
+                # The finiteness check syncs: every step on the CPU (free there), at log steps elsewhere;
+                # check_savable still keeps a non-finite state out of every checkpoint.
+                check = (lambda l, gn: check_finite(l, gn, step, run.ckpt_path)) if run.device == "cpu" or log_step \
+                    else None
+                losses.append(train_step(run.model, run.bits_per_dim, run.optimizer, x, lr, args, check))
+                if log_step:
+                    pbar.set_postfix(bpd=f"{losses[-1].item():.3f}", lr=f"{lr:.1e}")
+            end_epoch(args, run, epoch + 1, losses, lr, time.perf_counter() - t0)
+    return run.model

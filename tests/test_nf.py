@@ -6,6 +6,7 @@ hand-worked numbers, learning below a per-pixel Gaussian; then resume, NaN stop 
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -405,8 +406,8 @@ def one_line_error(capsys, *args):
 @pytest.mark.parametrize("args, says", [
     (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10' (choose from"),
     (["--n-couplings", "4", "--scales", "2"], "--n-couplings 4 is too few for --scales 2"),
-    (["--scales", "3"], "argument --scales: '3': must be in [0, 3)"),
-    (["--alpha", "0.5"], "argument --alpha: '0.5': must be in (0, 0.5)"),
+    (["--scales", "3"], "argument --scales: '3': must be >= 0 and <= 2"),
+    (["--alpha", "0.5"], "argument --alpha: '0.5': must be > 0 and <= 0.499"),
 ])
 def test_bad_flags_get_one_line(args, says, capsys):
     assert says in one_line_error(capsys, *args)
@@ -491,3 +492,47 @@ def test_the_step_loop_syncs_with_the_host_only_at_log_steps(tmp_path, monkeypat
                             _f(self, *a, **k))
     train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--log-interval", str(log_interval))
     assert len(calls) <= math.ceil(20 / log_interval) + 2, calls
+
+
+def test_the_shipped_weights_load_into_todays_flow_and_reproduce_their_check():
+    """pretrained/nf/mnist: it passes its SHA256SUMS line, every tensor fits today's flow (strict), and the
+    bits/dim of the JSON's fixed input, built here from seed 0, are the ones the export measured."""
+    meta = nf.pretrained.read_meta("mnist")
+    assert (nf.pretrained.HERE / "mnist.safetensors").stat().st_size <= 4 * 2 ** 20 and meta["name"] == "mnist"
+    model = RealNVP(FlowConfig(**meta["config"])).eval()
+    model.load_state_dict(nf.pretrained.load_pretrained("mnist"))      # strict
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bpd = model.bits_per_dim(x)
+    torch.testing.assert_close(bpd, torch.tensor(meta["check"]["bits_per_dim"]), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_only_with_the_shipped_weights_needs_no_data_and_writes_no_run(tmp_path, monkeypatch, capsys):
+    """--sample-only --pretrained without test images: the shipped test bits/dim, the samples and temperature
+    figures from the shipped weights, no interpolation (it needs test digits), nothing in --out-dir."""
+    drawn = []
+    ranked = nf.sample.ranked_samples
+    monkeypatch.setattr(nf.sample, "ranked_samples", lambda model, *a: drawn.append(model.state_dict()) or ranked(model, *a))
+    nf.main.main(["--sample-only", "--pretrained", "--device", "cpu", "--n-samples", "4", "--data-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "runs"), "--figures-dir", str(tmp_path / "fig")])
+    shipped = nf.pretrained.load_pretrained("mnist")
+    assert all(torch.equal(drawn[0][k], v) for k, v in shipped.items())
+    assert f"{nf.pretrained.read_meta('mnist')['metric']['value']:.4f} bits/dim" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["nf_mnist_samples.png", "nf_mnist_temperatures.png"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "MNIST").exists()
+
+
+def test_a_tampered_shipped_file_is_one_line_naming_it(root, tmp_path):
+    """A copy of the folder and its shipped weights with one byte flipped: one line naming the file."""
+    shutil.copytree(root / "nf", tmp_path / "nf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "pretrained" / "nf", tmp_path / "pretrained" / "nf")
+    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    weights = tmp_path / "pretrained" / "nf" / "mnist.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(data)
+    r = subprocess.run([sys.executable, "nf/main.py", "--sample-only", "--pretrained", "--out-dir", "runs",
+                        "--figures-dir", "fig"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == ("nf: pretrained/nf/mnist.safetensors does not match "
+                                                      "pretrained/SHA256SUMS; restore it with git checkout"), r.stderr
+    assert not (tmp_path / "fig").exists() and not (tmp_path / "runs").exists()
