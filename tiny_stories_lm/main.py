@@ -24,8 +24,11 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
+from export import export_pretrained
+from pretrained import pretrained_flags
 from sample import attention, sample, show_tokens
 from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
@@ -50,7 +53,8 @@ QUICK = dict(max_train_chars=300_000, max_valid_chars=30_000, vocab_size=512, n_
              log_interval=10, num_samples=1, max_new_tokens=60, benchmark_steps=5)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
 NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",
-               "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "layer", "attention_prompt"}
+               "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "layer", "attention_prompt",
+               "pretrained", "export_pretrained"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,14 +69,15 @@ def device(s):
 
 
 def number(kind, low, high=math.inf, low_open=False):
-    """An argparse type: a finite `kind` in [low, high), or (low, high) with low_open."""
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v < high):
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in {'(' if low_open else '['}{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
@@ -96,8 +101,10 @@ def per_model(flag):
     return f"(default: transformer {DEFAULTS['transformer'][flag]}, bag {DEFAULTS['bag'][flag]})"
 
 
-def parse_args(argv=None):
-    p = Parser(prog="tiny_stories_lm/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """Every flag, declared once; those left at None take the --model's DEFAULTS."""
+    p = Parser(prog="tiny_stories_lm/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               allow_abbrev=False)
     p.add_argument("command", nargs="?", choices=["train", "tokenize", "sample", "attention"], default="train",
                    help="train (default): train, then tell stories and draw figures; tokenize TEXT: show its tokens; "
                         "sample: stories from a checkpoint; attention: heatmaps of a checkpoint's attention")
@@ -116,15 +123,26 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=positive(float), help=f"peak learning rate {per_model('lr')}")
     g.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its flags (same schedule and batches)")
     g.add_argument("--sample-only", action="store_true", help="skip training: stories and figures from the checkpoint")
+    g.add_argument("--pretrained", action="store_true",
+                   help="use the shipped weights in pretrained/tiny_stories_lm/ instead of a run folder (--model picks which)")
+    g.add_argument("--export-pretrained", metavar="RUN_DIR", default=None,
+                   help="write pretrained/tiny_stories_lm/<model>.{safetensors,json} from the finished run in RUN_DIR "
+                        "(scored on its validation text: --data-dir), then stop")
     g.add_argument("--quick", action="store_true", help="a slice of the text, a tiny model: the pipeline on CPU in < 60 s")
     g.add_argument("--preset", choices=["gpu"], default=None,
                    help="gpu: llama2.c's 15M model and recipe on the full corpus, bf16, compiled (flags typed win)")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
+    add_data_and_model_flags(p)
+    add_training_flags(p)
+    add_sampling_flags(p)
+    return p
 
+
+def add_data_and_model_flags(p):
     g = p.add_argument_group("data and tokenizer (on --resume, the checkpoint's tokenizer)")
     g.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
                    help="byte-level BPE (default) or words and punctuation, trained on the training stories")
-    g.add_argument("--vocab-size", type=number(int, 260, 65_537), default=2048, help="tokens in the vocabulary")
+    g.add_argument("--vocab-size", type=number(int, 260, 65_536), default=2048, help="tokens in the vocabulary")
     g.add_argument("--corpus", choices=["any", "full"], default="any",
                    help="any: the full TinyStoriesV2-GPT4 files, else the excerpts, else download the full ones; "
                         "full: the full files only (downloaded when missing)")
@@ -144,6 +162,8 @@ def parse_args(argv=None):
     g.add_argument("--hidden", type=positive(int), default=1024, help="bag: the MLP's hidden width")
     g.add_argument("--dropout", type=number(float, 0, 1), help=f"dropout probability {per_model('dropout')}")
 
+
+def add_training_flags(p):
     g = p.add_argument_group("training")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"{per_model('optimizer')}; sgd has momentum 0.9")
     g.add_argument("--min-lr", type=number(float, 0), help=f"learning rate at the end of the cosine {per_model('min_lr')}")
@@ -163,6 +183,8 @@ def parse_args(argv=None):
     g.add_argument("--benchmark-steps", type=positive(int), default=20,
                    help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
 
+
+def add_sampling_flags(p):
     g = p.add_argument_group("sampling and attention")
     g.add_argument("--prompt", default="Once upon a time", help="how the stories start")
     g.add_argument("--num-samples", type=positive(int), default=3, help="stories to tell")
@@ -175,12 +197,35 @@ def parse_args(argv=None):
     g.add_argument("--attention-prompt", default="Lily went to the park with her dog. She",
                    help="attention: the text whose attention is drawn")
 
-    # Defaults, then the model's, the preset's, --quick's, then the resumed run's flags; flags typed now win.
+
+def typed_flags(p, argv):
+    """The destinations of the flags typed in argv (abbreviations are off, so a flag is its full name)."""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in p._actions if typed & set(a.option_strings)}
+
+
+def apply_overrides(args, explicit, *layers):
+    """Each layer (a dict of flag values) overrides the declared defaults and the layers before it;
+    flags typed on the command line (explicit) override them all."""
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    return args
+
+
+def parse_args(argv=None):
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    p = build_parser()
     args = p.parse_args(argv)
     if args.preset and (args.quick or args.model != "transformer"):
         p.error(f"--preset {args.preset} trains the Transformer at full size; leave out --quick and --model bag")
-    p.set_defaults(**{**DEFAULTS[args.model], **PRESETS.get(args.preset, {}), **(QUICK if args.quick else {})})
-    args = p.parse_args(argv)
+    if args.pretrained and args.resume:
+        p.error("--pretrained starts from the shipped weights; --resume continues a run: choose one")
+    # The model's defaults, the preset's, --quick's, then a resumed run's flags or the shipped model's
+    # config; flags typed on the command line win over all of them.
+    explicit = typed_flags(p, argv)
+    apply_overrides(args, explicit, DEFAULTS[args.model], PRESETS.get(args.preset, {}), QUICK if args.quick else {})
     if args.out_dir is None:
         run = args.model + (f"-{args.preset}" if args.preset else "")
         args.out_dir = f"{QUICK_OUT_DIR if args.quick else 'runs/tiny_stories_lm'}/{run}"
@@ -189,9 +234,9 @@ def parse_args(argv=None):
             check_folder(p, flag, path)
     if args.resume:
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt")["args"]
-        p.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED})
-        out_dir, args = args.out_dir, p.parse_args(argv)
-        args.out_dir = out_dir
+        apply_overrides(args, explicit, {k: v for k, v in saved.items() if k not in NOT_RESUMED})
+    if args.pretrained:
+        apply_overrides(args, explicit, pretrained_flags(args.model))
     if args.benchmark and (args.command != "train" or args.resume or args.sample_only):
         p.error("--benchmark times a fresh model's training; leave out the command, --resume and --sample-only")
     if args.command == "tokenize" and not args.text:
@@ -206,12 +251,37 @@ def parse_args(argv=None):
         p.error(f"--eval-interval {args.eval_interval} must be a multiple of --log-interval {args.log_interval}")
     if args.prompt == "":
         p.error("--prompt is empty; give at least one character")
+    if args.beta2 == 1:
+        p.error("argument --beta2: '1': must be < 1 (AdamW divides by 1 - beta2^t)")
     args.figures_dir = args.figures_dir or args.out_dir
     return args
 
 
+
+
+def command_of(saved):
+    """The `python tiny_stories_lm/main.py ...` that reproduces a run's flags: those that differ from the
+    defaults of its --model (for the card of --export-pretrained; --data-dir shown as DIR)."""
+    p = build_parser()
+    reference = vars(apply_overrides(p.parse_args([]), set(), DEFAULTS[saved["model"]]))
+    words = ["python", "tiny_stories_lm/main.py"]
+    for a in p._actions:
+        v = saved.get(a.dest, reference.get(a.dest))
+        if a.dest in NOT_RESUMED or a.dest == "help" or v == reference.get(a.dest):
+            continue
+        if isinstance(a, argparse.BooleanOptionalAction):
+            words.append(a.option_strings[0] if v else a.option_strings[1])
+        elif a.nargs == 0:
+            words.append(a.option_strings[0])
+        else:
+            words += [a.option_strings[0], "DIR" if a.dest == "data_dir" else str(v)]
+    return " ".join(words)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.export_pretrained:
+        return export_pretrained(Path(args.export_pretrained), args, command_of)
     if args.benchmark:
         return benchmark(args)
     if args.command == "tokenize":

@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from data import BPETokenizer, WordTokenizer, load_tokenizer, piece_strings, read_stories, train_tokenizer
-from model import Transformer, generate
+from model import Config, Transformer, build_model, generate
+from pretrained import load_weights, log_path, pretrained_tokenizer, pretrained_weights
 from train import TOKENIZER_CHARS, load_checkpoint, load_model, resolve_device
 
 
@@ -36,20 +37,39 @@ def tell_stories(args, model, tok):
     return stories
 
 
+def shipped(args):
+    """--pretrained outside training: the commands read the shipped model, not --out-dir's checkpoint."""
+    return args.pretrained and (args.command != "train" or args.sample_only)
+
+
+def load_for_sampling(args):
+    """The model (eval mode), tokenizer, config and log.csv of --out-dir's run, or of the shipped --model."""
+    device = resolve_device(args.device)
+    if shipped(args):
+        saved, weights, card = pretrained_weights(args.model)
+        model = build_model(Config(**card["config"]))
+        load_weights(model, weights, args.model)
+        return model.to(device).eval(), load_tokenizer(saved), card["config"], log_path(args.model)
+    model, tok, ckpt = load_model(Path(args.out_dir) / "ckpt.pt", device)
+    return model, tok, ckpt["config"], Path(args.out_dir) / "log.csv"
+
+
 def sample(args):
-    """Stories, the loss curve and (a Transformer) the attention figures of the run in --out-dir."""
+    """Stories, the loss curve and (a Transformer) the attention figures of the run in --out-dir (or of
+    the shipped model)."""
     out = Path(args.out_dir)
-    model, tok, ckpt = load_model(out / "ckpt.pt", resolve_device(args.device))
+    model, tok, config, log_csv = load_for_sampling(args)
     stories = tell_stories(args, model, tok)
     text = "".join(f"#### STORY {i} ####\n{s}\n\n" for i, s in enumerate(stories, 1))
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "stories.txt", text)
     print(text, end="")
     print(f"wrote {out / 'stories.txt'}")
     fig_dir = Path(args.figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    if (out / "log.csv").is_file():
-        path = fig_dir / f"tiny_stories_lm_{ckpt['config']['model']}_loss.png"
-        plot_loss(out / "log.csv", path, ckpt["config"]["model"])
+    if log_csv is not None and log_csv.is_file():
+        path = fig_dir / f"tiny_stories_lm_{config['model']}_loss.png"
+        plot_loss(log_csv, path, config["model"])
         print(f"wrote {path}")
     if isinstance(model, Transformer):
         draw_attention(args, model, tok)
@@ -80,8 +100,8 @@ def attention_weights(model, tok, prompt):
 
 
 def attention(args):
-    """The attention command: the figures of draw_attention for the run in --out-dir."""
-    model, tok, _ = load_model(Path(args.out_dir) / "ckpt.pt", resolve_device(args.device))
+    """The attention command: the figures of draw_attention for the run in --out-dir (or the shipped model)."""
+    model, tok, _, _ = load_for_sampling(args)
     if not isinstance(model, Transformer):
         raise SystemExit("tiny_stories_lm: the bag model has no attention; pass the --out-dir of a transformer run")
     draw_attention(args, model, tok)
@@ -98,6 +118,7 @@ def draw_attention(args, model, tok):
     png = fig_dir / f"tiny_stories_lm_attention_layer{args.layer}.png"
     plot_heads(tokens, weights[args.layer], png, args.layer)
     page = Path(args.out_dir) / "attention.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(page, attention_html(tokens, weights))
     print(f"wrote {png} and {page} (open it in a browser)")
 
@@ -151,7 +172,10 @@ def show_tokens(args):
     otherwise each trained here on the training stories."""
     saved = {}
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
-    if ckpt_path.is_file():
+    if args.pretrained:
+        tok = load_tokenizer(pretrained_tokenizer(args.model))
+        saved[type(tok)], ckpt_path = tok, Path(f"pretrained/tiny_stories_lm/{args.model}.tokenizer.json")
+    elif ckpt_path.is_file():
         tok = load_tokenizer(load_checkpoint(ckpt_path)["tokenizer"])
         saved[type(tok)] = tok
     stories = None

@@ -13,6 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from data import (FILES, characters, encode_stories, eval_windows, get_batch, load_tokenizer, read_stories,
                   train_tokenizer)
 from model import Config, build_model, num_params
+from pretrained import load_weights, pretrained_weights
 
 FOLDER = "tiny_stories_lm"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/tiny_stories_lm-quick"  # the one place (/<model>) a fresh --quick run may overwrite a checkpoint
@@ -240,151 +242,216 @@ def bits_per_character(model, valid_ids, valid_chars, args, device, autocast):
 
 
 def train(args):
-    # ---- processes and device: one per GPU under torchrun, else just this one
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if args.device == "mps":
-            raise SystemExit("tiny_stories_lm: torchrun with --device mps is not supported; use cuda or cpu")
-        use_cuda = torch.cuda.is_available() and args.device != "cpu"
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    else:
-        rank, world, local_rank, device = 0, 1, 0, resolve_device(args.device)
-    check_memory(args, device)
-    master = rank == 0
-    device_type = device.split(":")[0]
+    """The loop of both models: each step a batch per micro-step, forward, backward, the gradient
+    clipped, the optimiser at the scheduled learning rate; every --log-interval a log row, every
+    --eval-interval the loss on --eval-tokens of validation and an atomic checkpoint; at the end
+    bits per character on the whole validation text."""
+    procs = start_processes(args)
+    check_memory(args, procs.device)
+    run = start_run(args, procs)  # tokenizer, data, model, optimiser; restored on --resume, shipped with --pretrained
+    log = RunLog(args, run, procs)
+    watch = Divergence(args, run, procs.device, procs.master)
+    pbar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc="train", dynamic_ncols=True,
+                **({} if procs.master else {"disable": True}))  # disable=False would override TQDM_DISABLE=1
+    try:
+        for step in pbar:
+            done = step + 1
+            watch.at(done, at_log=done % args.log_interval == 0 or done == args.steps)
+            batches = [to_device(get_batch(run.train_ids, args.batch_size, run.cfg.block_size,
+                                           (args.seed, step, procs.rank, micro)), procs.device)
+                       for micro in range(args.grad_accum)]
+            lr = get_lr(step, args)
+            loss, _ = train_step(run.model, run.optimizer, batches, lr, args, run.autocast, procs.ddp, watch.check)
+            at_eval = done % args.eval_interval == 0 or done == args.steps
+            if at_eval:
+                watch.check_weights(run.raw)
+            if procs.master:
+                log.step(loss, done, lr, watch.at_log, at_eval, pbar)
+    except KeyboardInterrupt:
+        interrupted(run.ckpt_path, run.last_ckpt, procs.master)
+    finally:
+        log.close()
+        if procs.ddp:
+            dist.destroy_process_group()
+    if procs.master:
+        log.summary(args, run)
+    return run.raw
+
+
+def start_processes(args):
+    """One process per GPU under torchrun (DistributedDataParallel averages the gradients), else this one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return SimpleNamespace(ddp=False, rank=0, world=1, local_rank=0, device=resolve_device(args.device),
+                               master=True)
+    if args.device == "mps":
+        raise SystemExit("tiny_stories_lm: torchrun with --device mps is not supported; use cuda or cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"  # one GPU per process, by local rank
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = int(os.environ["RANK"])
+    return SimpleNamespace(ddp=True, rank=rank, world=int(os.environ["WORLD_SIZE"]), local_rank=local_rank,
+                           device=device, master=rank == 0)
+
+
+def start_run(args, procs):
+    """The stories, the tokenizer and token streams, the model and optimiser. --resume restores the
+    checkpoint's tokenizer, weights, optimiser, step and RNG; --pretrained starts from the shipped
+    tokenizer and weights; a fresh run refuses to overwrite another run's checkpoint."""
+    device, device_type = procs.device, procs.device.split(":")[0]
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-
-    # ---- data, tokenizer (the checkpoint's when resuming) and model
-    out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is None and ckpt_path.exists() and not (args.quick and Path(args.out_dir).parent == Path(QUICK_OUT_DIR)):
         raise SystemExit(f"tiny_stories_lm: {ckpt_path} exists; pass --resume to continue it, or another --out-dir")
-    if ddp and local_rank != 0:
+    shipped = pretrained_weights(args.model) if args.pretrained else None  # (saved tokenizer, weights, card)
+    if procs.ddp and procs.local_rank != 0:
         dist.barrier()  # local rank 0 alone downloads the corpus, if it has to
-    tok, train_ids, valid_ids, valid_chars = prepare_data(args, ckpt and ckpt["tokenizer"])
-    if ddp and local_rank == 0:
+    tok, train_ids, valid_ids, valid_chars = prepare_data(args, ckpt["tokenizer"] if ckpt else
+                                                          shipped[0] if shipped else None)
+    if procs.ddp and procs.local_rank == 0:
         dist.barrier()
     cfg = Config(**ckpt["config"]) if ckpt else Config(
         vocab_size=len(tok), model=args.model, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
         n_embd=args.n_embd, dropout=args.dropout, pos=args.pos, norm=args.norm, context=args.context,
         hidden=args.hidden)
-    val_batches = eval_windows(valid_ids, cfg.block_size, args.batch_size, args.eval_tokens)
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(cfg).to(device)
-    optimizer = make_optimizer(model, args)
-    torch.manual_seed(args.seed + rank)  # but different dropout masks
-    step = 0
+    raw = build_model(cfg).to(device)
+    optimizer = make_optimizer(raw, args)
+    torch.manual_seed(args.seed + procs.rank)  # but different dropout masks
+    if shipped:  # fine-tuning: the shipped weights, a fresh optimiser and schedule
+        load_weights(raw, shipped[1], args.model)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if master:  # exact resume of the dropout masks (the other ranks draw fresh ones)
-            torch.set_rng_state(ckpt["rng"].cpu())
-            if device_type == "cuda" and ckpt["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
-    raw = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        restore(ckpt, raw, optimizer, procs)
+    model = torch.compile(raw) if args.compile else raw
+    if procs.ddp:
+        model = DDP(model, device_ids=[procs.local_rank] if device_type == "cuda" else None)
+    return SimpleNamespace(
+        ckpt_path=ckpt_path, device_type=device_type, tok=tok, cfg=cfg, raw=raw, model=model, optimizer=optimizer,
+        train_ids=train_ids, valid_ids=valid_ids, valid_chars=valid_chars,
+        val_batches=eval_windows(valid_ids, cfg.block_size, args.batch_size, args.eval_tokens),
+        step=ckpt["step"] if ckpt else 0, last_ckpt=ckpt["step"] if ckpt else 0,
+        train_time=ckpt["train_time"] if ckpt else 0.0, val_loss=ckpt["val_loss"] if ckpt else float("nan"),
+        resumed=ckpt is not None,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext(),
+        tokens_per_step=args.batch_size * cfg.block_size * args.grad_accum * procs.world)
 
-    tokens_per_step = args.batch_size * cfg.block_size * args.grad_accum * world
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{cfg.model}: {num_params(raw) / 1e6:.2f}M parameters, {args.tokenizer} tokenizer of {len(tok):,} "
-              f"tokens, {len(train_ids):,} train / {len(valid_ids):,} validation tokens, {tokens_per_step:,} tokens "
-              f"per step on {world} x {device}" + (f", resuming at step {step}" if ckpt else ""))
-        log_file, log = open_log(out / "log.csv", step)
+
+def restore(ckpt, raw, optimizer, procs):
+    """--resume: weights, optimiser and, on rank 0, the RNG (exact dropout masks; other ranks draw fresh ones)."""
+    raw.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if procs.master:
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if procs.device.startswith("cuda") and ckpt["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+
+
+class Divergence:
+    """Divergence is caught before the update of step `done`, at log steps only (on every device: a
+    host sync per step would stall a GPU); every save comes after such a check."""
+
+    def __init__(self, args, run, device, master):
+        self.args, self.run, self.master = args, run, master
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite gradient norm so far
+        self.done, self.at_log = 0, False
+
+    def at(self, done, at_log):
+        self.done, self.at_log = done, at_log
+
+    def check(self, norm):
+        self.finite.logical_and_(torch.isfinite(norm))  # the same on every rank after DDP's all-reduce
+        if self.at_log and not self.finite.item():
+            when = "at" if self.args.log_interval == 1 else "by"
+            raise diverged(self.args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
+                           f"{self.done}; stopping before the update", self.run.ckpt_path, self.run.last_ckpt,
+                           self.master)
+
+    def check_weights(self, raw):
+        if not all_finite(raw):
+            raise diverged(self.args, f"the weights became non-finite at step {self.done}; they are not saved",
+                           self.run.ckpt_path, self.run.last_ckpt, self.master)
+
+
+def interrupted(ckpt_path, last_ckpt, master):
+    if master and ckpt_path.exists():
+        print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: continue with --resume")
+    elif master:
+        print("\ninterrupted before the first checkpoint; nothing was saved")
+    raise SystemExit(130)
+
+
+class RunLog:
+    """Rank 0's side of the run: log.csv (and W&B), the progress bar, validation, checkpoints, results.json."""
+
+    def __init__(self, args, run, procs):
+        self.args, self.run, self.master, self.file = args, run, procs.master, None
+        self.losses, self.device, self.wandb, self.t0 = [], procs.device, None, time.perf_counter()
+        if not self.master:
+            return
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        print(f"{run.cfg.model}: {num_params(run.raw) / 1e6:.2f}M parameters, {args.tokenizer} tokenizer of "
+              f"{len(run.tok):,} tokens, {len(run.train_ids):,} train / {len(run.valid_ids):,} validation tokens, "
+              f"{run.tokens_per_step:,} tokens per step on {procs.world} x {procs.device}"
+              + (f", resuming at step {run.step}" if run.resumed else ""))
+        self.file, self.csv = open_log(Path(args.out_dir) / "log.csv", run.step)
         if args.wandb:
             import wandb
-            wandb.init(project="papers-tiny_stories_lm", config=vars(args), dir=out)
+            self.wandb = wandb
+            wandb.init(project="papers-tiny_stories_lm", config=vars(args), dir=args.out_dir)
 
-    def checkpoint(step, val_loss):
-        save_atomic({"folder": FOLDER, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "config": asdict(cfg), "tokenizer": tok.to_json(), "args": vars(args),
-                     "val_loss": val_loss, "train_time": train_time, "rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state() if device_type == "cuda" else None}, ckpt_path)
+    def step(self, loss, done, lr, at_log, at_eval, pbar):
+        """Collect the step's loss (a device tensor); at log steps write a row (the one sync with the GPU),
+        at eval steps also the validation loss and a checkpoint."""
+        self.losses.append(loss)
+        if not at_log:
+            return
+        run = self.run
+        train_loss = torch.stack(self.losses).mean().item()  # syncs with the GPU only here
+        dt = time.perf_counter() - self.t0
+        run.train_time += dt
+        tps = len(self.losses) * run.tokens_per_step / dt
+        self.losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
+        if at_eval:
+            nats, n = evaluate(run.raw, run.val_batches, self.device, run.autocast)
+            row["val_loss"] = run.val_loss = nats / n
+            save_checkpoint(run, self.args, done)
+            run.last_ckpt = done
+        row["elapsed_s"] = run.train_time
+        self.csv.writerow(row)
+        self.file.flush()
+        pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{run.val_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+        if self.wandb:
+            self.wandb.log(row, step=done)
+        self.t0 = time.perf_counter()
 
-    # ---- the loop
-    quiet = {} if master else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
-    pbar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True, **quiet)
-    start, t0, losses, last_ckpt = step, time.perf_counter(), [], step
-    finite = torch.ones((), dtype=torch.bool, device=device)  # no non-finite gradient norm so far
-    train_time, val_loss = (ckpt["train_time"], ckpt["val_loss"]) if ckpt else (0.0, float("nan"))
-
-    def check_finite(norm):
-        """Divergence is caught before the update of step `done`, at log steps only (on every device: a
-        host sync per step would stall a GPU); every save comes after such a check."""
-        finite.logical_and_(torch.isfinite(norm))  # the same on every rank after DDP's all-reduce
-        if at_log and not finite.item():
-            when = "at" if args.log_interval == 1 else "by"
-            raise diverged(args, f"the loss became non-finite (gradient norm {norm.item():g}) {when} step "
-                           f"{done}; stopping before the update", ckpt_path, last_ckpt, master)
-
-    try:
-        for step in pbar:
-            done = step + 1
-            at_log = done % args.log_interval == 0 or done == args.steps
-            batches = [to_device(get_batch(train_ids, args.batch_size, cfg.block_size, (args.seed, step, rank, micro)),
-                                 device) for micro in range(args.grad_accum)]
-            lr = get_lr(step, args)
-            loss, _ = train_step(model, optimizer, batches, lr, args, autocast, ddp, check_finite)
-            if master:
-                losses.append(loss)
-            if (done % args.eval_interval == 0 or done == args.steps) and not all_finite(raw):
-                raise diverged(args, f"the weights became non-finite at step {done}; they are not saved", ckpt_path,
-                               last_ckpt, master)
-
-            if master and at_log:
-                train_loss = torch.stack(losses).mean().item()  # syncs with the GPU only here
-                dt = time.perf_counter() - t0
-                train_time += dt
-                tps = len(losses) * tokens_per_step / dt
-                losses, row = [], {"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tps}
-                if done % args.eval_interval == 0 or done == args.steps:
-                    nats, n = evaluate(raw, val_batches, device, autocast)
-                    row["val_loss"] = val_loss = nats / n
-                    checkpoint(done, val_loss)
-                    last_ckpt = done
-                row["elapsed_s"] = train_time
-                log.writerow(row)
-                log_file.flush()
-                pbar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
-                if args.wandb:
-                    wandb.log(row, step=done)
-                t0 = time.perf_counter()
-    except KeyboardInterrupt:
-        if master and ckpt_path.exists():
-            print(f"\ninterrupted; the last checkpoint (step {last_ckpt}) is {ckpt_path}: continue with --resume")
-        elif master:
-            print("\ninterrupted before the first checkpoint; nothing was saved")
-        raise SystemExit(130)
-    finally:
-        if master:
-            log_file.close()
-        if ddp:
-            dist.destroy_process_group()
-
-    if master:
-        results = bits_per_character(raw, valid_ids, valid_chars, args, device, autocast)
-        results.update(model=cfg.model, tokenizer=args.tokenizer, vocab_size=len(tok), params=num_params(raw),
-                       steps=args.steps, train_seconds=round(train_time, 1), device=device)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"{cfg.model}: validation {results['val_loss']:.4f} nats/token, {results['bits_per_character']:.4f} "
+    def summary(self, args, run):
+        """Bits per character on the whole validation text, into results.json."""
+        results = bits_per_character(run.raw, run.valid_ids, run.valid_chars, args, self.device, run.autocast)
+        results.update(model=run.cfg.model, tokenizer=args.tokenizer, vocab_size=len(run.tok),
+                       params=num_params(run.raw), steps=args.steps, train_seconds=round(run.train_time, 1),
+                       device=self.device)
+        (Path(args.out_dir) / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{run.cfg.model}: validation {results['val_loss']:.4f} nats/token, {results['bits_per_character']:.4f} "
               f"bits/character ({results['characters_per_token']:.2f} characters per token, whole validation "
-              f"text) after {args.steps} steps; {train_time:.0f} s training")
-        if args.wandb:
-            wandb.log({"bits_per_character": results["bits_per_character"]})
-            wandb.finish()
-    return raw
+              f"text) after {args.steps} steps; {run.train_time:.0f} s training")
+        if self.wandb:
+            self.wandb.log({"bits_per_character": results["bits_per_character"]})
+            self.wandb.finish()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def save_checkpoint(run, args, step):
+    save_atomic({"folder": FOLDER, "model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "step": step, "config": asdict(run.cfg), "tokenizer": run.tok.to_json(), "args": vars(args),
+                 "val_loss": run.val_loss, "train_time": run.train_time, "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state() if run.device_type == "cuda" else None}, run.ckpt_path)
 
 
 def benchmark_data(args):
