@@ -7,7 +7,7 @@ words), makemore's names and any text, character by character.
     python sequence_models/main.py --task names --model mlp --data-dir /path/to/datasets  # Bengio 2003 on names
     python sequence_models/main.py --task text --text /path/to/1984.txt --model lstm      # any UTF-8 text
     python sequence_models/main.py interact --task imdb                                   # type reviews, get sentiment
-    python sequence_models/main.py interact --pretrained --task imdb --review "A dull, lifeless mess."  # shipped weights
+    python sequence_models/main.py interact --pretrained --task imdb --review "A dull, lifeless mess."  # shipped
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
     python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the pipeline, CPU, < 60 s
@@ -135,7 +135,8 @@ class Config:
     # shared
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps", "shared", type=device)
     seed: int = flag(0, "seeds weights, dropout and batch order", "shared", type=number(int, 0, 2 ** 31 - 1))
-    data_dir: str = flag("data", "dataset root; IMDb is DIR/imdb/aclImdb_v1.tar.gz, makemore's names DIR/names/names.txt "
+    data_dir: str = flag("data", "dataset root; IMDb is DIR/imdb/aclImdb_v1.tar.gz, makemore's names "
+                         "DIR/names/names.txt "
                          "(downloaded there if missing); human numbers are generated", "shared")
     out_dir: str = flag("runs/sequence_models", "runs go to OUT_DIR/<task>-<model>/", "shared")
     figures_dir: str = flag(None, "where figures go (default: --out-dir); 'images' refreshes the README's", "shared")
@@ -218,7 +219,8 @@ class Config:
 
 
 def build_parser():
-    p = Parser(prog="sequence_models/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="sequence_models/main.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {}
     for f in fields(Config):
         kw = dict(f.metadata)
@@ -275,7 +277,8 @@ def validate(p, args):
         p.error(f"--temperature {args.temperature}: give 0 (greedy) or at least 0.01")
     for name in ("out_dir", "figures_dir"):
         if getattr(args, name) and (blocker := not_a_folder(getattr(args, name))) is not None:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: {blocker} is a file, not a folder; give a folder")
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: {blocker} is a file, not a folder; "
+                    f"give a folder")
 
 
 def parse_args(argv=None):

@@ -90,10 +90,14 @@ def command(task, flags):
                                                                         for k in keys) + data)
 
 
-def hardware():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
-    return f"{os.cpu_count()}-core CPU ({cpu}), shared with other jobs"
+def hardware(device):
+    """The run's device, as this machine names it (the run's own wall time was measured there)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] \
+        if cpuinfo.is_file() else []
+    return f"{os.cpu_count()}-core CPU ({names[0] if names else platform.processor()})"
 
 
 def export(run):
@@ -114,7 +118,8 @@ def export(run):
     model.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(weights).items()})
     split = "test" if task == "imdb" else "valid"
     info = {"folder": FOLDER, "name": name, "config": best["config"], "flags": {k: flags[k] for k in FLAGS},
-            "command": command(task, flags), "hardware": hardware(), "wall_time_s": results["train_seconds"],
+            "command": command(task, flags), "hardware": hardware(best["args"]["device"]),
+            "wall_time_s": results["train_seconds"],
             "wall_time_note": "the training and validation epochs, summed from log.csv (reading the data and the "
                               "final test are not counted)",
             "metric": {"name": f"{split}_accuracy", "value": results[f"{split}_accuracy"], "split": split,
