@@ -30,13 +30,15 @@ from tqdm import tqdm
 from coder import Decoder, Encoder
 from model import BOS
 
-MAGIC, VERSION = b"LMZ\x1a", 2
+MAGIC, VERSION = b"LMZ\x1a", 3
 KINDS = {"bytes": 0, "tokens": 1}
 HEAD = struct.Struct(">4sBBHB")          # magic, version, kind, name length, setting length; name, setting
-TAIL = struct.Struct(">16sIQI")          # digest, chunk size, original length, CRC-32 of the original
+TAIL = struct.Struct(">16sIIQI")         # digest, chunk size, chunks side by side, original length, CRC-32 of it
+TAIL_V2 = struct.Struct(">16sIQI")       # version 2: no chunks side by side, always 32
 CHECK = struct.Struct(">I")              # CRC-32 of the container up to here
 UNIFORM = np.arange(257, dtype=np.int64)  # cumulative frequencies of a uniform byte
-BATCH_CHUNKS = 32                        # byte model: chunks coded side by side
+GROUP, GROUP_V2 = 512, 32                # byte model: chunks coded side by side (a batch per forward pass)
+FULL_PASS = 32                           # integer path, encoding: chunks per full forward pass
 ESCAPE_STEP = 32                         # escaped bytes: counts start at 1, +32 per occurrence
 SETTING = {"integer": ("path", "version", "weights"),              # what the container records
            "float": ("path", "device", "dtype", "threads", "torch")}
@@ -47,7 +49,7 @@ class Corrupt(Exception):
 
 
 class EncodeIO:
-    """code(cum, s): write s, return it."""
+    """code(cum, s): write s, return it; code_step(cum, symbols): a batch of them, one per row of cum."""
 
     def __init__(self):
         self.coder = Encoder()
@@ -55,6 +57,15 @@ class EncodeIO:
     def code(self, cum, s):
         self.coder.encode(cum, s)
         return s
+
+    def code_step(self, cum, symbols):
+        """cum (B, V + 1) on the predictor's device; symbols (B,) int64 on the CPU. Each symbol's share
+        (cum[s], cum[s + 1], total) gathered on the device: three numbers per symbol reach the coder."""
+        s = symbols.to(cum.device)[:, None]
+        shares = torch.cat([cum.gather(1, s), cum.gather(1, s + 1), cum[:, -1:]], 1).tolist()
+        for lo, hi, total in shares:
+            self.coder.encode_range(lo, hi, total)
+        return symbols
 
 
 class DecodeIO:
@@ -65,6 +76,10 @@ class DecodeIO:
 
     def code(self, cum, _):
         return self.coder.decode(cum)
+
+    def code_step(self, cum, _):
+        """cum (B, V + 1) -> (B,) symbols read one after the other (each narrows the interval the next reads)."""
+        return torch.tensor([self.coder.decode(row) for row in cum.cpu().numpy()])
 
 
 def code_uint16(io, n=0):
@@ -79,19 +94,40 @@ def utf8_cut(buf, start, end):
     return cut
 
 
-def code_bytes(lm, io, buf, length, pbar):
-    """Byte model: buf[i] for i < length, chunk by chunk of lm.context, BATCH_CHUNKS at a time."""
-    starts = list(range(0, length, lm.context))
-    for g in range(0, len(starts), BATCH_CHUNKS):
-        group = starts[g:g + BATCH_CHUNKS]
-        lens = [min(lm.context, length - s) for s in group]
-        inputs, past = [BOS] * len(group), None
-        for t in range(max(lens)):
-            cum, past = lm.freqs(inputs, past)                  # (B, 257)
-            for b, s in enumerate(group):
-                if t < lens[b]:
-                    buf[s + t] = inputs[b] = io.code(cum[b], buf[s + t])
-            pbar.update(sum(t < n for n in lens))
+def encode_bytes_full(lm, io, buf, length, pbar, group=GROUP):
+    """The integer path's encoder: every byte's share of the frequencies from full passes over its chunk
+    (all inputs are known), then the coder in the order `code_bytes` decodes: group by group, position by
+    position, chunk by chunk."""
+    C, n = lm.context, -(-length // lm.context)
+    y = torch.zeros(n * C, dtype=torch.long)
+    y[:length] = torch.frombuffer(bytearray(buf[:length]), dtype=torch.uint8)
+    y = y.view(n, C)                                         # (n, C); the last chunk padded (causal: unread)
+    x = torch.cat([torch.full((n, 1), BOS), y[:, :-1]], 1)
+    shares = torch.cat([lm.shares(x[i:i + FULL_PASS], y[i:i + FULL_PASS]) for i in range(0, n, FULL_PASS)])
+    coded = torch.arange(n * C).view(n, C) < length          # (n, C): positions inside the input
+    for g in range(0, n, group):
+        in_order = shares[g:g + group].transpose(0, 1)[coded[g:g + group].T]   # (positions, 3), t-major
+        for lo, hi, total in in_order.tolist():
+            io.coder.encode_range(lo, hi, total)
+        pbar.update(len(in_order))
+
+
+def code_bytes(lm, io, buf, length, pbar, group=GROUP):
+    """Byte model: buf[i] for i < length, in chunks of lm.context, `group` chunks side by side (one batch
+    per forward pass, their bytes interleaved position by position in the code stream)."""
+    if not length:
+        return
+    view = np.frombuffer(buf, dtype=np.uint8)                # writes go to buf
+    for first in torch.arange(0, length, lm.context).split(group):  # (B,) the group's chunk starts
+        n_last = min(lm.context, length - int(first[-1]))    # only the input's last chunk can be shorter
+        inputs, past = torch.full((len(first),), BOS), None  # a finished chunk keeps its last byte as input
+        for t in range(lm.context if len(first) > 1 else n_last):
+            B = len(first) - (t >= n_last)                   # chunks still coding at position t
+            cum, past = lm.freqs(inputs, past)               # (len(first), 257)
+            at = (first[:B] + t).numpy()
+            inputs[:B] = io.code_step(cum[:B], torch.from_numpy(view[at].astype(np.int64)))
+            view[at] = inputs[:B].numpy()
+            pbar.update(B)
 
 
 def code_escaped(io, chunk, n):
@@ -116,7 +152,7 @@ def code_tokens(lm, io, buf, length, pbar, encoding):
             n, tokens, token, past = code_uint16(io, len(ids) if encoding else 0), [], lm.bos, None
             for i in range(n):
                 cum, past = lm.freqs([token], past)
-                token = io.code(cum[0], ids[i] if encoding else 0)
+                token = io.code(cum[0].numpy(), ids[i] if encoding else 0)
                 tokens.append(token)
             chunk = lm.detokenize(tokens)
         else:
@@ -129,25 +165,28 @@ def code_tokens(lm, io, buf, length, pbar, encoding):
         pbar.update(len(chunk))
 
 
-def code(lm, io, buf, length, encoding, progress=True, setting=None):
+def code(lm, io, buf, length, encoding, progress=True, setting=None, group=GROUP):
     """The loop both directions share; buf holds the input (encoding) or receives it (decoding), with
-    the threads of `setting` (what the container recorded; by default the predictor's own)."""
+    the threads of `setting` (what the container recorded; by default the predictor's own) and a byte
+    model's `group` of chunks side by side."""
     with tqdm(total=length, unit="B", unit_scale=True, desc="compress" if encoding else "decompress",
               disable=not progress or length < 4096, dynamic_ncols=True, leave=False) as pbar, \
             threads(setting or lm.setting()):
-        if lm.kind == "bytes":
-            code_bytes(lm, io, buf, length, pbar)
+        if lm.kind == "bytes" and encoding and lm.inference == "integer" and length:
+            encode_bytes_full(lm, io, buf, length, pbar, group)
+        elif lm.kind == "bytes":
+            code_bytes(lm, io, buf, length, pbar, group)
         else:
             code_tokens(lm, io, buf, length, pbar, encoding)
 
 
-def compress(data, lm, progress=True):
+def compress(data, lm, progress=True, group=GROUP):
     """bytes -> container bytes."""
     io = EncodeIO()
-    code(lm, io, bytearray(data), len(data), True, progress)
+    code(lm, io, bytearray(data), len(data), True, progress, group=group)
     name, setting = lm.name.encode()[:65535], pack_setting(lm.setting())
     body = (HEAD.pack(MAGIC, VERSION, KINDS[lm.kind], len(name), len(setting)) + name + setting
-            + TAIL.pack(lm.digest, lm.context, len(data), zlib.crc32(data)) + io.coder.finish())
+            + TAIL.pack(lm.digest, lm.context, group, len(data), zlib.crc32(data)) + io.coder.finish())
     return body + CHECK.pack(zlib.crc32(body))
 
 
@@ -163,23 +202,27 @@ def unpack_setting(raw):
 
 
 def read_header(blob):
-    """The container's fields, after checking its magic, version and checksum."""
+    """The container's fields, after checking its magic, version and checksum. Version 2 (before the
+    group of chunks side by side was recorded: always 32) is still read."""
     if len(blob) < HEAD.size or blob[:4] != MAGIC:
         raise Corrupt("not a file this tool wrote (no LMZ header)")
     _, version, kind, name_len, setting_len = HEAD.unpack_from(blob)
-    if version != VERSION:
-        raise Corrupt(f"format version {version}; this tool reads version {VERSION}")
-    start = HEAD.size + name_len + setting_len
-    if len(blob) < start + TAIL.size + CHECK.size:
+    if version not in (2, VERSION):
+        raise Corrupt(f"format version {version}; this tool reads versions 2 and {VERSION}")
+    start, tail = HEAD.size + name_len + setting_len, TAIL if version == VERSION else TAIL_V2
+    if len(blob) < start + tail.size + CHECK.size:
         raise Corrupt("truncated (shorter than its header)")
     if zlib.crc32(blob[:-CHECK.size]) != CHECK.unpack_from(blob, len(blob) - CHECK.size)[0]:
         raise Corrupt("damaged or truncated (checksum mismatch)")
     name = blob[HEAD.size:HEAD.size + name_len].decode("utf-8", "replace")
-    digest, context, length, crc = TAIL.unpack_from(blob, start)
+    fields = tail.unpack_from(blob, start)
+    digest, context, group, length, crc = fields if version == VERSION else (*fields[:2], GROUP_V2, *fields[2:])
+    if group < 1:
+        raise Corrupt("no chunks side by side (0 in its header)")
     kind = {v: k for k, v in KINDS.items()}.get(kind, "unknown")
-    return {"kind": kind, "name": name, "setting": unpack_setting(blob[HEAD.size + name_len:start]),
-            "digest": digest, "context": context, "length": length, "crc": crc,
-            "code": blob[start + TAIL.size:-CHECK.size]}
+    return {"version": version, "kind": kind, "name": name,
+            "setting": unpack_setting(blob[HEAD.size + name_len:start]), "digest": digest, "context": context,
+            "group": group, "length": length, "crc": crc, "code": blob[start + tail.size:-CHECK.size]}
 
 
 def check_model(header, lm):
@@ -233,7 +276,7 @@ def decompress(blob, lm, progress=True):
     lm.context = header["context"]
     io = DecodeIO(header["code"])
     buf = bytearray(header["length"])
-    code(lm, io, buf, header["length"], False, progress, header["setting"])
+    code(lm, io, buf, header["length"], False, progress, header["setting"], header["group"])
     if zlib.crc32(buf) != header["crc"] or io.coder.overrun() > 64:
         raise Corrupt("decoded bytes fail the CRC of the original (a float predictor computing other "
                       "probabilities than where it was compressed?)")

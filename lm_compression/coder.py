@@ -49,9 +49,13 @@ class Encoder:
         self.pending = 0
 
     def encode(self, cum, s):
-        total, span = int(cum[-1]), self.high - self.low + 1
-        self.high = self.low + span * int(cum[s + 1]) // total - 1
-        self.low = self.low + span * int(cum[s]) // total
+        self.encode_range(int(cum[s]), int(cum[s + 1]), int(cum[-1]))
+
+    def encode_range(self, lo, hi, total):
+        """The symbol whose share of the cumulative frequencies is [lo, hi) out of total."""
+        span = self.high - self.low + 1
+        self.high = self.low + span * hi // total - 1
+        self.low = self.low + span * lo // total
         while True:
             if self.high < HALF:                                # both in the lower half: a 0
                 self._emit(0)

@@ -30,7 +30,6 @@ operations (division, frexp, round), so it too gives the same integers on every 
 import hashlib
 import math
 
-import numpy as np
 import torch
 
 VERSION = 1                  # of the integer kernels: recorded in every container coded with them
@@ -51,18 +50,27 @@ def saturate(q):
     return q.clamp(-LIMIT, LIMIT)
 
 
-def round_shift(q, s):
-    """round(q / 2^s) for s >= 0 (halves up), int64, exact; s an int or a tensor broadcast against q."""
-    half = (1 << s) >> 1 if isinstance(s, int) else (torch.ones_like(s) << s) >> 1
-    return (q + half) >> s
-
-
 POWERS = torch.tensor([1 << i for i in range(63)])
+
+
+def round_shift(q, s, half=None):
+    """round(q / 2^s) for 0 <= s < 63 (halves up), int64, exact; s an int or a tensor broadcast against q;
+    `half` = floor(2^(s - 1)), where the caller has it in fewer operations per element."""
+    if half is None:
+        half = (1 << s) >> 1 if isinstance(s, int) else (torch.ones_like(s) << s) >> 1
+    return (q + half) >> s
 
 
 def bit_length(v):
     """The number of bits of each v >= 0 (0 for 0): how many of 1, 2, 4, ..., 2^62 are <= v."""
-    return torch.searchsorted(POWERS, v, right=True)
+    return torch.searchsorted(POWERS.to(v.device), v, right=True)
+
+
+def exact_matmul(a, b):
+    """a @ b of int64 tensors through float64 (BLAS on the CPU, cuBLAS on a GPU), exact: every caller
+    keeps each product and every partial sum of its rows below 2^53 in magnitude, so each is an integer
+    that float64 holds exactly, in any order of summation. b may already be float64."""
+    return torch.matmul(a.double(), b.double() if b.dtype != torch.float64 else b).long()
 
 
 def per_row(q):
@@ -80,7 +88,7 @@ class IntLinear:
     """y = x W^T + b with W_q = round(W / s_j) per output channel j, s_j = max_i |W_ji| / (2^(bits-1) - 1)
     written as m_j / 2^K_j with m_j in [2^15, 2^16) (I-BERT's dyadic requantisation)."""
 
-    def __init__(self, linear, bits, row_scale=None):
+    def __init__(self, linear, bits, row_scale=None, device="cpu"):
         w = linear.weight.detach().double().cpu()                    # (out, in)
         if row_scale is not None:                                   # folded constants (attention's 1/sqrt(d))
             w = w * row_scale[:, None]
@@ -94,14 +102,19 @@ class IntLinear:
         self.m, self.k = torch.where(top, self.m >> 1, self.m), torch.where(top, self.k - 1, self.k)
         b = linear.bias if linear.bias is not None else torch.zeros(w.shape[0])
         self.b = fixed(b * (row_scale if row_scale is not None else 1))
-        # Bounds: |acc| <= in * q_max * 2^15 and |acc * m| < in * q_max * 2^31 < 2^63; the shift k - e >= 0.
+        # Bounds: |acc| <= in * q_max * 2^15 < 2^47 (exact in float64) and |acc * m| < in * q_max * 2^31 < 2^63;
+        # the shift k - e >= 0.
         if w.shape[1] * q_max >= 1 << 32 or self.k.min() < E_MAX or self.b.abs().max() > LIMIT:
             raise ValueError("weights or biases too large for the integer path")
+        self.w_t = self.w.T.double().contiguous().to(device)              # (in, out): the matmul's operand
+        self.m, self.k, self.b = self.m.to(device), self.k.to(device), self.b.to(device)
+        self.pow_k = 1 << self.k if self.k.max() < 63 else None     # (a row of tiny weights has a larger k)
 
     def __call__(self, x):                                          # x (..., in) at 2^-16
         xs, e = per_row(x)
-        acc = torch.matmul(xs, self.w.T)                            # (..., out), int64, exact
-        return saturate(round_shift(acc * self.m, self.k - e) + self.b)
+        acc = exact_matmul(xs, self.w_t)                            # (..., out), |acc| < 2^47
+        half = None if self.pow_k is None else self.pow_k >> (e + 1)  # 2^(k - e - 1), 0 where k = e
+        return saturate(round_shift(acc * self.m, self.k - e, half) + self.b)
 
 
 def i_sqrt(n):
@@ -117,11 +130,12 @@ def i_sqrt(n):
 class IntLayerNorm:
     """gamma (x - mu) / sqrt(var + eps) + beta, in integers (I-BERT's integer-only LayerNorm)."""
 
-    def __init__(self, ln):
+    def __init__(self, ln, device="cpu"):
         self.gamma, self.beta = fixed(ln.weight), fixed(ln.bias)
         self.eps = int(round(ln.eps * 2 ** (2 * F + 14)))            # eps in (2^-16)^2 units, times 2^14
         if self.gamma.abs().max() > 1 << 36 or self.beta.abs().max() > LIMIT or self.eps >= 1 << 40:
             raise ValueError("LayerNorm parameters too large for the integer path")
+        self.gamma, self.beta = self.gamma.to(device), self.beta.to(device)
 
     def __call__(self, x):                                          # x (..., C), |x| <= 2^27
         C = x.shape[-1]
@@ -138,15 +152,18 @@ def i_exp(d):
     """exp(d) for d <= 0 at 2^-16 (I-BERT's I-EXP): d = -z ln2 + p, exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344,
     then >> z. Result in units of 0.3585 / 2^32, <= (2^16 1.353)^2 + EXP_C < 2^34."""
     z = torch.div(-d, Q_LN2, rounding_mode="floor").clamp(max=40)   # beyond 34 the result is 0 anyway
-    p = (d + z * Q_LN2).clamp(min=-Q_LN2)                           # in (-ln 2, 0]
-    return ((p + EXP_B) ** 2 + EXP_C) >> z
+    p = (d + z * Q_LN2).clamp(min=-Q_LN2) + EXP_B                   # p + b, p in (-ln 2, 0]
+    return (p * p + EXP_C) >> z
 
 
 def i_softmax(s, allowed, bits):
-    """softmax over the last axis at 2^-bits, where `allowed` (entries elsewhere get 0). The largest
-    allowed entry has exp >= EXP_B^2 > 2^32, so the sum is never 0; exp 2^bits <= 2^(34 + bits)."""
-    s = torch.where(allowed, s, -LIMIT)
-    d = torch.where(allowed, s - s.amax(-1, keepdim=True), -(1 << 40))
+    """softmax over the last axis at 2^-bits, where `allowed` (entries elsewhere get 0; None: all). The
+    largest allowed entry has exp >= EXP_B^2 > 2^32, so the sum is never 0; exp 2^bits <= 2^(34 + bits)."""
+    if allowed is None:
+        d = s - s.amax(-1, keepdim=True)
+    else:
+        s = torch.where(allowed, s, -LIMIT)
+        d = torch.where(allowed, s - s.amax(-1, keepdim=True), -(1 << 40))
     e = i_exp(d)
     return (e << bits) // e.sum(-1, keepdim=True)
 
@@ -154,7 +171,8 @@ def i_softmax(s, allowed, bits):
 def i_gelu(x):
     """x/2 (1 + erf(x / sqrt 2)) with I-BERT's I-ERF / I-GELU: erf(u) ~ sgn(u) [a (min(|u|, -b) + b)^2 + 1],
     a = -0.2888, b = -1.769, at the input's scale / sqrt 2; |x| <= 2^27."""
-    L = torch.sign(x) * ((torch.minimum(x.abs(), torch.tensor(-ERF_B)) + ERF_B) ** 2 + ERF_C)  # |L| < 2^35
+    u = x.abs().clamp(max=-ERF_B) + ERF_B
+    L = torch.sign(x) * (u * u + ERF_C)                              # |L| < 2^35
     erf = round_shift(L * ERF_A, 2 * F + 1)                          # at 2^-16: |L a| < 2^50, |erf| <= 2^16 + 2
     return saturate(round_shift(x * ((1 << F) + erf), F + 1))        # |x (2^16 + erf)| < 2^27 2^18
 
@@ -165,34 +183,36 @@ class IntAttention:
     cache, the same integers a full pass computes."""
     W_BITS = 24                                                      # attention weights at 2^-24
 
-    def __init__(self, attn, bits):
+    def __init__(self, attn, bits, device="cpu"):
         C, self.n_head = attn.qkv.weight.shape[1], attn.n_head
         if C // self.n_head > 1 << 12:                                  # the scores' bound below
             raise ValueError("heads wider than 4096 are too wide for the integer path")
         fold = torch.ones(3 * C, dtype=torch.float64)
         fold[:C] = 1 / math.sqrt(C // self.n_head)                      # sqrt and / are IEEE-exact
-        self.qkv, self.proj = IntLinear(attn.qkv, bits, fold), IntLinear(attn.proj, bits)
+        self.qkv, self.proj = IntLinear(attn.qkv, bits, fold, device), IntLinear(attn.proj, bits, device=device)
 
     def __call__(self, x, cache):                                   # x (B, T, C)
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         (qs, eq), (ks, ek) = per_row(q), per_row(k)                 # |qs|, |ks| <= 2^15; eq, ek <= 13
-        ks, ek, v = cache.append(ks, ek, v)                         # (B, nh, Tk, .): earlier positions too
-        # one query (the coder's steps) as a product and a sum: int64 matmul is slower for it on the CPU
-        acc = (qs * ks).sum(-1)[:, :, None] if T == 1 else qs @ ks.transpose(-1, -2)  # (B, nh, T, Tk), <= hs 2^30
+        ks, ek, v = cache.append(ks.double(), ek, v.double())       # (B, nh, Tk, .): earlier positions too
+        acc = exact_matmul(qs, ks.transpose(-1, -2))                 # (B, nh, T, Tk), |acc| <= hs 2^30 <= 2^42
         # to 2^-16: acc 2^(eq + ek - 16), the exponent in [-16, 10]: acc << 10 <= hs 2^40, then one rounding shift
-        scores = saturate(round_shift(acc << 10, 26 - eq - ek.transpose(-1, -2)))
+        ek = ek.transpose(-1, -2)
+        scores = saturate(round_shift(acc << 10, 26 - eq - ek, ((1 << 25) >> eq) >> ek))
         Tk = ks.size(2)
-        allowed = torch.ones(T, Tk, dtype=torch.bool).tril(Tk - T)   # query i sees keys up to Tk - T + i
+        # query i sees keys up to Tk - T + i: all of them for one query (the coder's steps)
+        allowed = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
         w = i_softmax(scores, allowed, self.W_BITS)                 # (B, nh, T, Tk), sum <= 2^24
-        wv = (w.transpose(-1, -2) * v).sum(-2, keepdim=True) if T == 1 else w @ v  # summed <= 2^24 2^27 = 2^51
+        wv = exact_matmul(w, v)                                     # w >= 0: every partial sum <= 2^24 2^27 = 2^51
         y = round_shift(wv, self.W_BITS)                             # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Cache:
     """One layer's keys (as `per_row` gives them), their exponents and values so far, in buffers of
-    the whole context: a new position is copied in, not concatenated into a new tensor."""
+    the whole context: a new position is copied in, not concatenated into a new tensor. Keys and
+    values are kept as float64 (integers below 2^53, exactly), the operands of `exact_matmul`."""
 
     def __init__(self, context):
         self.context, self.n, self.buffers = context, 0, None
@@ -210,10 +230,10 @@ class Cache:
 class IntBlock:
     """x + Attn(LN(x)), then x + MLP(LN(x)), as `Block`, each sum saturated."""
 
-    def __init__(self, block, bits):
-        self.ln_1, self.ln_2 = IntLayerNorm(block.ln_1), IntLayerNorm(block.ln_2)
-        self.attn = IntAttention(block.attn, bits)
-        self.fc, self.fc2 = IntLinear(block.mlp[0], bits), IntLinear(block.mlp[2], bits)
+    def __init__(self, block, bits, device="cpu"):
+        self.ln_1, self.ln_2 = IntLayerNorm(block.ln_1, device), IntLayerNorm(block.ln_2, device)
+        self.attn = IntAttention(block.attn, bits, device)
+        self.fc, self.fc2 = IntLinear(block.mlp[0], bits, device=device), IntLinear(block.mlp[2], bits, device=device)
 
     def __call__(self, x, cache):
         x = saturate(x + self.attn(self.ln_1(x), cache))
@@ -223,15 +243,16 @@ class IntBlock:
 class IntByteTransformer:
     """A trained `ByteTransformer` in integers: forward gives logits at 2^-16, `frequencies` the coder's."""
 
-    def __init__(self, net, bits=WEIGHT_BITS):
-        self.context, self.bits, self.n_head = net.cfg.context, bits, net.cfg.n_head
+    def __init__(self, net, bits=WEIGHT_BITS, device="cpu"):
+        self.context, self.bits, self.n_head, self.device = net.cfg.context, bits, net.cfg.n_head, device
         if net.cfg.n_embd > 1 << 16:                                    # IntLayerNorm's and IntLinear's bounds
             raise ValueError("widths above 65536 are too wide for the integer path")
         self.tok, self.pos = fixed(net.tok.weight), fixed(net.pos.weight)
         if max(self.tok.abs().max(), self.pos.abs().max()) > LIMIT:
             raise ValueError("embeddings too large for the integer path")
-        self.blocks = [IntBlock(b, bits) for b in net.blocks]
-        self.ln_f, self.head = IntLayerNorm(net.ln_f), IntLinear(net.head, bits)
+        self.tok, self.pos = self.tok.to(device), self.pos.to(device)
+        self.blocks = [IntBlock(b, bits, device) for b in net.blocks]
+        self.ln_f, self.head = IntLayerNorm(net.ln_f, device), IntLinear(net.head, bits, device=device)
 
     def forward(self, idx, past=None):
         """idx (B, T) symbols 0..256 -> logits (B, T, 256) at 2^-16, int64, and the cache (`past`, extended)."""
@@ -246,7 +267,7 @@ class IntByteTransformer:
         """sha256 of every integer: two machines that quantised differently would disagree here."""
         h = hashlib.sha256(f"integer v{VERSION} int{self.bits} heads {self.n_head}".encode())
         for t in self.tensors():
-            h.update(t.contiguous().numpy().tobytes())
+            h.update(t.cpu().contiguous().numpy().tobytes())
         return h.digest()[:16]
 
     def tensors(self):
@@ -259,9 +280,9 @@ class IntByteTransformer:
 
 
 def frequencies(logits):
-    """(B, 256) logits at 2^-16 -> (B, 257) cumulative integer frequencies for the coder: with
-    e = i_exp(logit - max) >> 4, freq = 1 + floor(e BUDGET / sum e): every byte >= 1, the total
-    <= 2^30. e <= 2^30, so e BUDGET < 2^60; the largest e is >= 2^28, so the sum is never 0."""
+    """(B, 256) logits at 2^-16 -> (B, 257) cumulative integer frequencies for the coder, on the
+    logits' device: with e = i_exp(logit - max) >> 4, freq = 1 + floor(e BUDGET / sum e): every byte
+    >= 1, the total <= 2^30. e <= 2^30, so e BUDGET < 2^60; the largest e is >= 2^28, so the sum is never 0."""
     e = i_exp(logits - logits.amax(-1, keepdim=True)) >> 4
     freq = 1 + e * BUDGET // e.sum(-1, keepdim=True)
-    return np.concatenate([np.zeros((len(freq), 1), np.int64), freq.cumsum(-1).numpy()], 1)
+    return torch.cat([freq.new_zeros(len(freq), 1), freq.cumsum(-1)], 1)

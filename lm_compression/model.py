@@ -123,7 +123,7 @@ def float_frequencies(logits):
     the CPU for `coder.quantize`. Exact only where the logits are: the same device, dtype, threads
     and library versions (what `float_setting` records)."""
     probs = F.softmax(logits.float(), -1).double().cpu().numpy()
-    return np.stack([quantize(p) for p in probs])
+    return torch.from_numpy(np.stack([quantize(p) for p in probs]))
 
 
 def float_setting(device, dtype):
@@ -153,24 +153,33 @@ class ByteLM:
 
 
 class IntByteLM:
-    """A byte model through the integer-only path (intmodel.py), on the CPU: the same frequencies on
-    every machine, thread count and batch size."""
+    """A byte model through the integer-only path (intmodel.py), on any device: the same frequencies on
+    every machine, device, thread count and batch size."""
     kind, inference = "bytes", "integer"
 
-    def __init__(self, net, name):
+    def __init__(self, net, name, device="cpu"):
         try:
-            self.int_net = IntByteTransformer(net)
+            self.int_net = IntByteTransformer(net, device=device)
         except ValueError as e:
             raise SystemExit(f"lm_compression: {name}: {e}; compress with --float")
-        self.name, self.device, self.context, self.vocab = name, "cpu", net.cfg.context, 256
+        self.name, self.device, self.context, self.vocab = name, device, net.cfg.context, 256
         self.digest = self.int_net.digest()
 
     def setting(self):
         return {"path": "integer", "version": str(INT_VERSION), "weights": f"int{self.int_net.bits}"}
 
     def freqs(self, inputs, past=None):
-        logits, past = self.int_net.forward(torch.as_tensor(inputs).view(-1, 1), past)
+        logits, past = self.int_net.forward(torch.as_tensor(inputs, device=self.device).view(-1, 1), past)
         return frequencies(logits[:, -1]), past
+
+    def shares(self, x, y):
+        """x, y (B, T): the inputs (BOS, then the bytes) and the bytes -> (B, T, 3) int64 on the CPU: each
+        byte's (cum[y], cum[y + 1], total) from one full pass, the same integers `freqs` gives position by
+        position (the integer path does not depend on the KV cache)."""
+        logits, _ = self.int_net.forward(x.to(self.device))
+        cum = frequencies(logits.flatten(0, 1))                             # (B T, 257)
+        y = y.to(self.device).reshape(-1, 1)
+        return torch.cat([cum.gather(1, y), cum.gather(1, y + 1), cum[:, -1:]], 1).view(*x.shape, 3).cpu()
 
 
 class TokenLM:
@@ -259,7 +268,7 @@ def load_predictor(spec, device, context=2048, integer=True):
         if loaded is None:
             raise SystemExit(f"lm_compression: {spec} is not a byte-model checkpoint of this folder "
                              f"(write one with: python lm_compression/main.py train --data TEXT --out CKPT)")
-        return IntByteLM(loaded[0], spec) if integer else ByteLM(loaded[0], spec, device)
+        return IntByteLM(loaded[0], spec, device) if integer else ByteLM(loaded[0], spec, device)
     try:
         tf = transformers()
         kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}

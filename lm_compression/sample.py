@@ -26,6 +26,6 @@ def sample(lm, n_bytes, seed):
     io, tokens, token, past = DecodeIO(bits=coin_flips(4 * n_bytes, seed)), [], lm.bos, None
     while len(lm.detokenize(tokens)) < n_bytes and len(tokens) < 4 * n_bytes:
         cum, past = lm.freqs([token], past)
-        token = io.code(cum[0], 0)
+        token = io.code(cum[0].numpy(), 0)
         tokens.append(token)
     return lm.detokenize(tokens)

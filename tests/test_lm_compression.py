@@ -2,6 +2,7 @@
 codec's round trip on awkward bytes with byte models and a (tiny, offline) Hugging Face LM,
 the KV cache against a full pass, the container's checks, learning, and the command line."""
 import contextlib
+import hashlib
 import io
 import json
 import gzip
@@ -10,6 +11,7 @@ import math
 import os
 import stat
 import sys
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -191,6 +193,55 @@ def test_every_flipped_bit_and_truncation_is_reported():
             codec.decompress(blob[:n], lm, progress=False)
 
 
+def as_version_2(blob):
+    """A version-3 container rewritten as version 2 wrote it: version byte 2, no group field (v2 always
+    coded 32 chunks side by side), the trailing CRC recomputed."""
+    h = codec.read_header(blob)
+    assert h["group"] == codec.GROUP_V2
+    start = len(blob) - codec.CHECK.size - len(h["code"]) - codec.TAIL.size
+    body = (blob[:4] + bytes([2]) + blob[5:start] + codec.TAIL_V2.pack(h["digest"], h["context"], h["length"], h["crc"])
+            + h["code"])
+    return body + codec.CHECK.pack(zlib.crc32(body))
+
+
+ORWELL = b"It was a bright cold day in April, and the clocks were striking thirteen. " * 6  # 57 chunks of 8
+
+
+def test_version_2_files_are_still_decoded_and_32_chunks_side_by_side_code_as_before():
+    """The bytes version 2 wrote for this model and text (sha256 taken with the code before version 3,
+    commit 7fb1f3b): the integer path's code is exact, so the same model gives the same bytes anywhere."""
+    lm = tiny_byte_lm()
+    v2 = as_version_2(codec.compress(ORWELL, lm, progress=False, group=codec.GROUP_V2))
+    assert hashlib.sha256(v2).hexdigest() == "e0cfee9489924baf47d6d15cf174dfd50848cf919d0111b1ec5f8fa8908b22b3"
+    assert codec.decompress(v2, lm, progress=False) == ORWELL
+    float_lm = tiny_byte_lm(integer=False)
+    assert codec.decompress(as_version_2(codec.compress(ORWELL, float_lm, progress=False, group=32)), float_lm,
+                            progress=False) == ORWELL
+    v4 = bytearray(v2)
+    v4[4] = 4
+    with pytest.raises(codec.Corrupt, match="format version 4; this tool reads versions 2 and 3"):
+        codec.decompress(bytes(v4), lm, progress=False)
+
+
+@pytest.mark.parametrize("group", [1, 3, 512])
+def test_the_full_pass_encoder_writes_what_the_step_by_step_decoder_reads(group):
+    """Encoding with the integer path takes every position's frequencies from full passes; the code must
+    be the one the position-by-position loop writes (and decodes), for any group of chunks side by side."""
+    lm, data = tiny_byte_lm(), ORWELL[:-3]                              # the last chunk 5 bytes long
+    steps = codec.EncodeIO()
+    codec.code_bytes(lm, steps, bytearray(data), len(data), tqdm_stub(), group)
+    blob = codec.compress(data, lm, progress=False, group=group)
+    assert codec.read_header(blob)["code"] == steps.coder.finish()
+    assert codec.read_header(blob)["group"] == group and codec.decompress(blob, lm, progress=False) == data
+
+
+def tqdm_stub():
+    class Bar:
+        def update(self, n):
+            pass
+    return Bar()
+
+
 def test_another_model_is_refused():
     blob = codec.compress(b"hello", tiny_byte_lm(seed=0), progress=False)
     with pytest.raises(codec.Corrupt, match="compressed with model tiny-0"):
@@ -204,7 +255,7 @@ def test_sampling_decodes_coin_flips_into_the_models_distribution():
         def freqs(self, inputs, past=None):
             p = np.full(256, 0.1 / 255)
             p[ord("a")] = 0.9
-            return np.stack([coder.quantize(p)] * len(inputs)), past
+            return torch.from_numpy(np.stack([coder.quantize(p)] * len(inputs))), past
     text = lmc.sample.sample(Peaked(), 64, seed=0) + lmc.sample.sample(Peaked(), 64, seed=1)
     assert 0.75 < text.count(b"a") / len(text) < 0.99
 
@@ -541,7 +592,7 @@ def scaled_net(context=16, n_layer=2, n_embd=32, seed=0, std=0.3):
 def int_frequencies_full(int_net, chunks):
     """Every position's frequencies from one full pass: (B, T, 257)."""
     logits, _ = int_net.forward(chunks)
-    return im.frequencies(logits.reshape(-1, 256)).reshape(*chunks.shape, 257)
+    return im.frequencies(logits.reshape(-1, 256)).reshape(*chunks.shape, 257).numpy()
 
 
 def test_integer_logits_follow_the_float_model_and_its_frequencies_its_softmax():
@@ -553,7 +604,7 @@ def test_integer_logits_follow_the_float_model_and_its_frequencies_its_softmax()
     logits, _ = int_net.forward(x)
     assert ref.std() > 1                                               # logits that matter
     torch.testing.assert_close(logits.double() / SCALE, ref.double(), atol=0.05 * ref.abs().max().item(), rtol=0)
-    cum = im.frequencies(logits.reshape(-1, 256))
+    cum = im.frequencies(logits.reshape(-1, 256)).numpy()
     freq = np.diff(cum, axis=1)
     assert freq.min() >= 1 and cum[:, -1].max() <= 2 ** 30
     p = torch.softmax(ref.reshape(-1, 256).double(), -1).numpy()
