@@ -512,3 +512,51 @@ def test_an_epochs_batches_are_the_graphs_of_its_order_batched_one_by_one(chunk)
         assert a.num_graphs == b.num_graphs == (3 if s == 4 else 5)
         for t, u in ((a.x, b.x), (a.edge_index, b.edge_index), (a.batch, b.batch), (a.y, b.y)):
             assert torch.equal(t, u)
+
+
+# ---- the shipped weights (pretrained/gnns/)
+
+@pytest.mark.parametrize("name", ["gcn"])
+def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(name):
+    """The weights in pretrained/gnns/ load into the model code as it is now and give, on the JSON's
+    fixed random pixel graphs, the logits recorded at export (the dense implementation too): a model
+    change that forgets to re-export fails here."""
+    model, meta = gnns.pretrained.load_model(name, "cpu")
+    check = meta["check"]
+    images = gnns.data.random_images(check["graphs"], torch.Generator().manual_seed(check["seed"]))
+    b = gnns.data.build_graphs(images, torch.zeros(len(images), dtype=torch.long), check["background"]).batch(
+        torch.arange(len(images)))
+    with torch.no_grad():
+        for dense in (False, True):
+            logits = model(b.x, b.edge_index, b.batch, b.num_graphs, dense=dense)
+            assert logits.sum().item() == pytest.approx(check["logits_sum"], rel=1e-3, abs=1e-3)
+            assert logits.abs().sum().item() == pytest.approx(check["logits_abs_sum"], rel=1e-3)
+            assert logits.argmax(-1).tolist() == check["argmax"]
+    assert model.cfg.model == name and model.num_params() < 30_000
+    images, labels = gnns.pretrained.decode_examples(meta)
+    assert images.shape == (8, 28, 28) and images.dtype == torch.uint8 and len(labels) == 8
+
+
+def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    """A flipped byte in a shipped file, or a file missing from pretrained/SHA256SUMS: one line naming
+    the file, before anything is loaded or written."""
+    import shutil
+    shutil.copytree(ROOT / "pretrained" / "gnns", tmp_path / "pretrained" / "gnns")
+    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    monkeypatch.setattr(gnns.pretrained, "ROOT", tmp_path / "pretrained")
+    weights = tmp_path / "pretrained" / "gnns" / "gcn.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    argv = ["--sample-only", "--pretrained", "--model", "gcn", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing")]
+    with pytest.raises(SystemExit) as e:
+        gnns.main.main(argv)
+    assert str(e.value.code) == ("gnns: pretrained/gnns/gcn.safetensors does not match pretrained/SHA256SUMS; "
+                                 "restore it with git checkout")
+    sums = tmp_path / "pretrained" / "SHA256SUMS"
+    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith("gnns/gcn.json")))
+    with pytest.raises(SystemExit) as e:
+        gnns.main.main(argv)
+    assert "pretrained/gnns/gcn.json does not match pretrained/SHA256SUMS" in str(e.value.code)
+    assert not (tmp_path / "run").exists()
