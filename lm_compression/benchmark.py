@@ -13,7 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from codec import compress, decompress
+import torch
+
+from codec import GROUP, compress, decompress
 
 CHUNK = 2048
 
@@ -61,6 +63,19 @@ def run_lm(lm, data):
         raise SystemExit(f"lm_compression: {lm.name} did not round-trip; this is a bug")
     return (Path(lm.name).name, f"{lm.context}-byte chunks ({lm.kind}, {lm.inference})", len(blob), seconds,
             back_seconds)
+
+
+def coder_benchmark(lm, data, kind):
+    """`benchmark-coder`: compress, then decompress, `data` with one model; the row as a dict (kB = 1000 bytes)."""
+    blob, seconds = measure(lambda d: compress(d, lm, progress=False), data)
+    back, back_seconds = measure(lambda b: decompress(b, lm, progress=False), blob)
+    device = f"cuda:0 {torch.cuda.get_device_name(lm.device)}" if str(lm.device).startswith("cuda") else str(lm.device)
+    return {"folder": "lm_compression", "device": device, "torch": torch.__version__, "model": lm.name,
+            "inference": lm.inference, "context": lm.context, "chunks_side_by_side": GROUP if lm.kind == "bytes" else 1,
+            "threads": torch.get_num_threads() if lm.inference == "float" else 1, "bytes": len(data),
+            "data": kind, "compressed_bytes": len(blob), "rate": len(blob) / len(data),
+            "compress_kB_s": len(data) / seconds / 1e3, "decompress_kB_s": len(data) / back_seconds / 1e3,
+            "exact": back == data}
 
 
 def table(path, data, rows):

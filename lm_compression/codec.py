@@ -226,10 +226,12 @@ def read_header(blob):
 
 
 def check_model(header, lm):
+    """The model the container names (by its weights' digest) must be the one here."""
     if (lm.kind, lm.digest) != (header["kind"], header["digest"]):
+        hint = "--pretrained" if header["name"].startswith("pretrained:") else f"--model {header['name']}"
         raise Corrupt(f"it was compressed with model {header['name']} ({header['kind']}, digest "
                       f"{header['digest'].hex()[:12]}), not with {lm.name} ({lm.kind}, digest {lm.digest.hex()[:12]}); "
-                      f"pass --model {header['name']}")
+                      f"pass {hint}")
 
 
 def check_setting(header, lm):

@@ -27,6 +27,8 @@ compressed with (the file records them; the thread count is restored).
 """
 import argparse
 import gzip
+import json
+import math
 import os
 import re
 import secrets
@@ -35,16 +37,23 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark import benchmark, plot
+import torch
+
+from benchmark import benchmark, coder_benchmark, plot
 from codec import Corrupt, DecodeIO, EncodeIO, code, compress, decompress, read_header
-from model import load_predictor
+from predictors import load_predictor
 from sample import sample
 from train import benchmark as benchmark_training, read_text, resolve_device, split, train
+from weights import PRETRAINED, export_pretrained
 
-SHARED = ("shared flags, on every command: --device, --seed, --data-dir, --out-dir; on train: --quick, --resume, "
-          "--sample-only, --wandb, --benchmark, --benchmark-steps, --compile; on benchmark: --figures-dir")
+SHARED = ("shared flags, on every command: --device, --seed, --data-dir, --out-dir, --pretrained; on train: --quick, "
+          "--resume, --sample-only, --wandb, --benchmark, --benchmark-steps, --compile; on benchmark: --figures-dir; "
+          "before the command: --export-pretrained RUN_DIR")
+# train's defaults: the README's model, measured not to memorise 1984 in 4,000 steps (a 6 x 512 one did by 1,500)
+TRAIN = dict(steps=4000, batch_size=16, lr=2e-3, context=256, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+             weight_decay=0.1, warmup_steps=200, eval_interval=500, val_fraction=0.1, benchmark_steps=20)
 QUICK = dict(steps=150, batch_size=16, context=64, n_layer=2, n_head=2, n_embd=64, eval_interval=50,
-             warmup_steps=10, lr=3e-3)
+             warmup_steps=10, lr=3e-3, benchmark_steps=3)
 OUT_DIR, QUICK_OUT_DIR = "runs/lm_compression", "runs/lm_compression-quick"
 QUICK_ROUND_TRIP = 16_384  # --quick codes only the start of the held-out text
 
@@ -60,27 +69,31 @@ def device(s):
     return s
 
 
-def number(kind, low, high=float("inf")):
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a finite `kind` in [low, high], or in (low, high] with low_open."""
     def parse(s):
         try:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}")
-        if not low <= v < high:
-            raise argparse.ArgumentTypeError(f"{s!r}: must be in [{low}, {high})")
+        if not (math.isfinite(v) and (v > low if low_open else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(
+                f"{s!r}: must be {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else ""))
         return v
     return parse
 
 
-def build_parser():
-    """(the parser, its `train` subparser)."""
+def shared_flags():
+    """The flags every command takes, and those of the commands that code with a model."""
     shared = argparse.ArgumentParser(add_help=False)
     g = shared.add_argument_group("shared")
     g.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--seed", type=number(int, 0, 2 ** 31), default=0, help="seeds training and sampling")
+    g.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0, help="seeds training and sampling")
     g.add_argument("--data-dir", default="data", help="dataset root holding text/1984.txt (the default training text)")
     g.add_argument("--out-dir", default=None, help=f"where `train` writes byte_model.pt, the default --model "
                                                     f"(default: {OUT_DIR}, {QUICK_OUT_DIR} with --quick)")
+    g.add_argument("--pretrained", action="store_true", help="use the shipped weights in pretrained/lm_compression/ "
+                   "instead of a run folder")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default=None, help="byte-model checkpoint, Hugging Face name or folder, or .gguf "
                                                      "file (default: OUT_DIR/byte_model.pt)")
@@ -89,22 +102,31 @@ def build_parser():
     model.add_argument("--float", action="store_true", help="run a byte model in float, not through the integer "
                        "path (float decodes only with the same device, dtype, torch version; decompress reads "
                        "which from the file)")
+    return shared, model
+
+
+def build_parser():
+    """Every command and flag, declared once; train's defaults are applied after parsing (`apply_overrides`)."""
+    shared, model = shared_flags()
     force = argparse.ArgumentParser(add_help=False)
     force.add_argument("--force", action="store_true", help="replace an existing OUT (never IN itself)")
-
     p = Parser(prog="lm_compression/main.py", description=__doc__, epilog=SHARED,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    c = sub.add_parser("compress", parents=[shared, model, force], help="IN -> OUT, '-' for stdin/stdout")
-    c.add_argument("input", metavar="IN")
-    c.add_argument("output", metavar="OUT")
-    d = sub.add_parser("decompress", parents=[shared, model, force], help="IN -> OUT, exactly the original")
-    d.add_argument("input", metavar="IN")
-    d.add_argument("output", metavar="OUT")
+    p.add_argument("--export-pretrained", metavar="RUN_DIR", default=None, help="write pretrained/lm_compression/"
+                   "byte_model.{safetensors,json} from a finished run (RUN_DIR/byte_model.pt), and SHA256SUMS")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, help in (("compress", "IN -> OUT, '-' for stdin/stdout"), ("decompress", "IN -> OUT, exactly the original")):
+        c = sub.add_parser(name, parents=[shared, model, force], help=help)
+        c.add_argument("input", metavar="IN")
+        c.add_argument("output", metavar="OUT")
     n = sub.add_parser("number", parents=[shared, model], help="a sentence as a binary fraction in [0, 1), and back")
     n.add_argument("text")
     s = sub.add_parser("sample", parents=[shared, model], help="decode coin flips with the model: a sample")
     s.add_argument("--bytes", type=number(int, 1, 1 << 16), default=400, help="about this many bytes")
+    c = sub.add_parser("benchmark-coder", parents=[shared, model], help="time compress and decompress of one input "
+                       "(default 1 MiB) with one model; one JSON line, nothing written")
+    c.add_argument("file", nargs="?", metavar="FILE", help="the text (repeated up to --bytes; default: random bytes)")
+    c.add_argument("--bytes", type=number(int, 1), default=1 << 20, help="bytes to code (default 1 MiB)")
     b = sub.add_parser("benchmark", parents=[shared], help="rates and speeds against gzip -9, xz -9, zstd -19")
     b.add_argument("files", nargs="+", metavar="FILE")
     b.add_argument("--model", action="append", default=None, help="a model to measure (repeatable; "
@@ -114,13 +136,12 @@ def build_parser():
                                                               "integer path")
     b.add_argument("--limit", type=number(int, 0), default=0, help="only the first N bytes of each file (0: all)")
     b.add_argument("--figures-dir", default=None, help="also draw the rates (default: OUT_DIR)")
-
-    t = sub.add_parser("train", parents=[shared], help="a byte-level Transformer on a text, its end held out")
-    add_train_flags(t)
-    return p, t
+    add_train_flags(sub.add_parser("train", parents=[shared], help="a byte-level Transformer on a text, its end held out"))
+    return p
 
 
 def add_train_flags(t):
+    """train's flags; those of TRAIN default to None here: `apply_overrides` fills them (--quick's or TRAIN's)."""
     t.add_argument("--data", default=None, help="the training text (default: DATA_DIR/text/1984.txt)")
     t.add_argument("--out", default=None, help="the checkpoint (default: OUT_DIR/byte_model.pt)")
     t.add_argument("--quick", action="store_true", help="a tiny model, 150 steps, then the whole pipeline (< 60 s on CPU)")
@@ -130,39 +151,43 @@ def add_train_flags(t):
     t.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
     t.add_argument("--benchmark", action="store_true", help="only time the training step of these flags (on the "
                    "training text if it is here, else random bytes) and print one JSON line; writes nothing")
-    t.add_argument("--benchmark-steps", type=number(int, 1), default=None,
-                   help="--benchmark's timed steps, after warm-up ones (default 20; 3 with --quick)")
-    # defaults: the README's model, measured not to memorise 1984 in 4,000 steps (a 6 x 512 one did by 1,500)
-    t.add_argument("--steps", type=number(int, 1), default=4000, help="optimiser steps")
-    t.add_argument("--batch-size", type=number(int, 1), default=16, help="chunks per step")
-    t.add_argument("--lr", type=number(float, 1e-8), default=2e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--context", type=number(int, 8, 1 << 16), default=256, help="bytes per chunk (the paper: 2048)")
-    t.add_argument("--n-layer", type=number(int, 1), default=4)
-    t.add_argument("--n-head", type=number(int, 1), default=4)
-    t.add_argument("--n-embd", type=number(int, 8), default=128)
-    t.add_argument("--dropout", type=number(float, 0, 1), default=0.0)
-    t.add_argument("--weight-decay", type=number(float, 0), default=0.1)
-    t.add_argument("--warmup-steps", type=number(int, 0), default=200)
-    t.add_argument("--eval-interval", type=number(int, 1), default=500,
-                   help="held-out rate and checkpoint every N steps (the checkpoint keeps the best held-out weights)")
-    t.add_argument("--val-fraction", type=number(float, 0.01, 0.9), default=0.1, help="the end of the text held out")
+    flags = {"benchmark_steps": (number(int, 1), "--benchmark's timed steps, after warm-up ones"),
+             "steps": (number(int, 1), "optimiser steps"), "batch_size": (number(int, 1), "chunks per step"),
+             "lr": (number(float, 0, low_open=True), "peak learning rate (AdamW)"),
+             "context": (number(int, 8, 1 << 16), "bytes per chunk (the paper: 2048)"),
+             "n_layer": (number(int, 1), "Transformer blocks"), "n_head": (number(int, 1), "attention heads"),
+             "n_embd": (number(int, 8), "width"), "dropout": (number(float, 0, 0.99), "dropout probability"),
+             "weight_decay": (number(float, 0), "AdamW's, on the matrices"),
+             "warmup_steps": (number(int, 0), "linear warmup, then cosine to 10%%"),
+             "eval_interval": (number(int, 1), "held-out rate and checkpoint every N steps (the checkpoint keeps "
+                                               "the best held-out weights)"),
+             "val_fraction": (number(float, 0.01, 0.9), "the end of the text held out")}
+    for name, (kind, help) in flags.items():
+        t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"{help} (default {TRAIN[name]}; --quick: {QUICK.get(name, TRAIN[name])})")
+
+
+def apply_overrides(args):
+    """In one place, what the command line left out: train's flags from --quick's values or TRAIN's."""
+    for name, default in TRAIN.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK.get(name, default) if args.quick else default)
+    args.benchmark_warmup = 10 if args.compile else 3          # compiling happens in the first steps
 
 
 def parse_args(argv=None):
-    """Flags, with --quick's defaults, --out-dir's default and the output folders checked."""
-    p, t = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
+    """Flags, parsed once; train's defaults, --out-dir's default and the output folders checked."""
+    p = build_parser()
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        if args.export_pretrained:
+            return args
+        p.error("choose a command: compress, decompress, number, sample, benchmark, benchmark-coder, train")
     args.explicit_out_dir = args.out_dir is not None
     if args.command == "train":
-        if args.quick:
-            t.set_defaults(**QUICK)
-            args = p.parse_args(argv)
-            args.explicit_out_dir = args.out_dir is not None
+        apply_overrides(args)
         if args.n_embd % args.n_head:
             p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-        args.benchmark_steps = args.benchmark_steps or (3 if args.quick else 20)
-        args.benchmark_warmup = 10 if args.compile else 3          # compiling happens in the first steps
     args.out_dir = args.out_dir or (QUICK_OUT_DIR if getattr(args, "quick", False) else OUT_DIR)
     check_folder(p, "--out-dir", args.out_dir)
     if args.command == "train":
@@ -189,9 +214,16 @@ def default_models(args):
     return [Path(OUT_DIR) / "byte_model.pt", Path(QUICK_OUT_DIR) / "byte_model.pt"]
 
 
+def model_spec(args):
+    """What --model or --pretrained names (None: where `train` writes)."""
+    if args.pretrained and args.model:
+        raise SystemExit("lm_compression: --pretrained and --model name two models; pass one of them")
+    return PRETRAINED if args.pretrained else args.model
+
+
 def load(args, spec, integer=True):
-    """The predictor for --model SPEC, or (SPEC None) the byte model where `train` writes it; a byte
-    model through the integer path unless `integer` is False."""
+    """The predictor for --model SPEC, the shipped byte model with --pretrained, or (SPEC None) the byte
+    model where `train` writes it; a byte model through the integer path unless `integer` is False."""
     if spec is None:
         found = [p for p in default_models(args) if p.is_file()]
         if not found:
@@ -261,7 +293,7 @@ def report(what, n_in, n_out, raw, seconds):
 def cmd_compress(args):
     check_output(args)
     data = read_input(args.input)
-    lm = load(args, args.model, not args.float)
+    lm = load(args, model_spec(args), not args.float)
     t0 = time.perf_counter()
     blob = compress(data, lm)
     write_output(args.output, blob)
@@ -273,9 +305,9 @@ def cmd_decompress(args):
     blob = read_input(args.input)
     try:
         header = read_header(blob)
-        if not args.model and header["name"].endswith(".pt") and not Path(header["name"]).exists():
+        if not (args.model or args.pretrained) and header["name"].endswith(".pt") and not Path(header["name"]).exists():
             raise Corrupt(f"it was compressed with the byte model {header['name']}, which is not here; pass --model")
-        lm = load(args, args.model or header["name"], header["setting"].get("path") != "float")
+        lm = load(args, model_spec(args) or header["name"], header["setting"].get("path") != "float")
         t0 = time.perf_counter()
         data = decompress(blob, lm)
     except Corrupt as e:
@@ -285,7 +317,7 @@ def cmd_decompress(args):
 
 
 def cmd_number(args):
-    lm = load(args, args.model, not args.float)
+    lm = load(args, model_spec(args), not args.float)
     data = args.text.encode("utf-8")
     enc = EncodeIO()
     code(lm, enc, bytearray(data), len(data), True, progress=False)
@@ -302,11 +334,22 @@ def cmd_number(args):
 
 
 def cmd_sample(args):
-    print(sample(load(args, args.model, not args.float), args.bytes, args.seed).decode("utf-8", "replace"))
+    print(sample(load(args, model_spec(args), not args.float), args.bytes, args.seed).decode("utf-8", "replace"))
+
+
+def cmd_benchmark_coder(args):
+    """One JSON line: compress and decompress of --bytes of FILE (repeated) or of random bytes, timed."""
+    lm = load(args, model_spec(args), not args.float)
+    if args.file:
+        text = read_input(args.file) or b"\0"
+        data = (text * (args.bytes // len(text) + 1))[:args.bytes]
+    else:
+        data = bytes(torch.randint(256, (args.bytes,), generator=torch.Generator().manual_seed(args.seed)).tolist())
+    print(json.dumps(coder_benchmark(lm, data, "real" if args.file else "random")))
 
 
 def cmd_benchmark(args):
-    lms = [load(args, spec) for spec in args.model or [None]]
+    lms = [load(args, spec) for spec in args.model or ([PRETRAINED] if args.pretrained else [None])]
     lms += [load(args, lm.name, integer=False) for lm in lms if args.also_float and lm.inference == "integer"]
     results = benchmark(args.files, lms, args.limit)
     fig_dir = Path(args.figures_dir or args.out_dir)
@@ -321,7 +364,7 @@ def cmd_train(args):
         return benchmark_training(args)
     if not args.sample_only:
         train(args)
-    lm = load(args, args.out)
+    lm = load(args, PRETRAINED if args.pretrained and args.sample_only else args.out)
     _, held_out = split(read_text(args)[1], args.val_fraction)
     path = Path(args.out).with_suffix(".heldout.txt")       # for `benchmark`
     write_output(str(path), held_out)
@@ -339,9 +382,11 @@ def cmd_train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command is None:                                  # --export-pretrained RUN_DIR
+        return export_pretrained(args.export_pretrained, {k: v for k, v in TRAIN.items() if k != "benchmark_steps"})
     try:
         {"compress": cmd_compress, "decompress": cmd_decompress, "number": cmd_number, "sample": cmd_sample,
-         "benchmark": cmd_benchmark, "train": cmd_train}[args.command](args)
+         "benchmark": cmd_benchmark, "benchmark-coder": cmd_benchmark_coder, "train": cmd_train}[args.command](args)
     except KeyboardInterrupt:  # train's loop handles its own (it names the checkpoint to resume)
         raise SystemExit(f"lm_compression: {args.command} interrupted (Ctrl-C)"
                          + ("; nothing was written" if args.command in ("compress", "decompress") else ""))

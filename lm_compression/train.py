@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import BOS, ByteConfig, ByteTransformer, load_byte_model, save_byte_model
+from model import BOS, ByteConfig, ByteTransformer
+from weights import load_byte_model, load_pretrained, save_byte_model
 
 
 def resolve_device(name):
@@ -115,7 +116,8 @@ def non_finite(what, step, out):
 
 
 def start(args, cfg, out):
-    """(net, ckpt or None): a fresh model, or --resume's last state (its best weights stay in ckpt)."""
+    """(net, ckpt or None): a fresh model (the shipped one with --pretrained, to fine-tune), or --resume's
+    last state (its best weights stay in ckpt)."""
     if args.resume:
         if not out.exists():
             raise SystemExit(f"lm_compression: --resume: there is nothing to resume at {out} (no such file); "
@@ -129,7 +131,7 @@ def start(args, cfg, out):
     if out.exists() and not args.quick:
         raise SystemExit(f"lm_compression: {out} exists; pass --resume to continue it, or another --out")
     torch.manual_seed(args.seed)
-    return ByteTransformer(cfg), None
+    return (load_pretrained()[0].train() if args.pretrained else ByteTransformer(cfg)), None
 
 
 class Checkpoint:
@@ -139,6 +141,7 @@ class Checkpoint:
     def __init__(self, out, ckpt, **meta):
         self.out, self.meta = out, meta
         self.best = (ckpt["val_bits_per_byte"], ckpt["model"]) if ckpt else (math.inf, None)
+        self.t0 = time.perf_counter() - (ckpt.get("wall_time_s", 0) if ckpt else 0)   # training time so far
 
     def save(self, net, optimizer, step, val):
         """Keep the best held-out weights; never write a non-finite number."""
@@ -149,6 +152,7 @@ class Checkpoint:
         resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                   "step": step}
         save_byte_model(net.cfg, self.best[1], self.out, step=step, val_bits_per_byte=self.best[0], resume=resume,
+                        wall_time_s=round(time.perf_counter() - self.t0, 1),
                         **self.meta)
 
 

@@ -9,7 +9,9 @@ import gzip
 import lzma
 import math
 import os
+import shutil
 import stat
+import subprocess
 import sys
 import zlib
 from fractions import Fraction
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from conftest import import_folder
 
 lmc = import_folder("lm_compression")
-coder, codec, model = lmc.coder, lmc.codec, lmc.model
+coder, codec, model, predictors = lmc.coder, lmc.codec, lmc.model, lmc.predictors
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,7 +132,7 @@ def test_quantize_keeps_every_symbol_possible_and_costs_little():
 def tiny_byte_lm(context=8, seed=0, integer=True):
     torch.manual_seed(seed)
     net = model.ByteTransformer(model.ByteConfig(context=context, n_layer=1, n_head=2, n_embd=16))
-    return model.IntByteLM(net, f"tiny-{seed}") if integer else model.ByteLM(net, f"tiny-{seed}", "cpu")
+    return predictors.IntByteLM(net, f"tiny-{seed}") if integer else predictors.ByteLM(net, f"tiny-{seed}", "cpu")
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))
@@ -264,7 +266,7 @@ def test_sampling_decodes_coin_flips_into_the_models_distribution():
 def token_lm():
     """A tiny Llama and a byte-level BPE tokenizer, both built here: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tf = model.transformers()
+    tf = predictors.transformers()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -275,7 +277,7 @@ def token_lm():
     torch.manual_seed(0)
     net = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
-    return model.TokenLM(net, tokenizer, "tiny-llama", "cpu", context=64)
+    return predictors.TokenLM(net, tokenizer, "tiny-llama", "cpu", context=64)
 
 
 @pytest.mark.parametrize("name", list(EDGE_CASES))
@@ -359,7 +361,7 @@ def test_a_trained_quick_model_codes_held_out_english_below_gzip(trained):
     assert rates[-1] < rates[0] < 8, out                               # ~8 bits/byte at random init
     held_out = (d / "m.heldout.txt").read_bytes()
     assert held_out == (d / "text.txt").read_bytes()[-len(held_out):] and len(held_out) > 2000   # never trained on
-    blob = codec.compress(held_out, model.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
+    blob = codec.compress(held_out, predictors.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
     assert len(blob) < 0.8 * len(gzip.compress(held_out, 9)), (len(blob), len(gzip.compress(held_out, 9)))
     assert f"{len(blob):,} bytes compressed" in out and "decompressed exactly" in out
 
@@ -397,7 +399,7 @@ def test_number_is_the_code_and_its_length_the_models_cross_entropy(trained):
     binary = out.split("as a binary fraction: 0.")[1].split()[0]
     decimal = out.split("in decimal, exactly: 0.")[1].split()[0]
     assert Fraction(int(binary, 2), 2 ** len(binary)) == Fraction(int(decimal), 10 ** len(decimal))
-    ideal = ideal_bits(model.load_predictor(str(d / "m.pt"), "cpu").int_net, sentence)
+    ideal = ideal_bits(predictors.load_predictor(str(d / "m.pt"), "cpu").int_net, sentence)
     assert ideal <= len(binary) <= ideal + 2 + 1e-3, (len(binary), ideal)
 
 
@@ -428,7 +430,7 @@ def test_benchmark_reports_the_sizes_each_compressor_gives(trained, tmp_path):
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:5] for line in out.splitlines()
             if line.startswith("| ") and "compressor" not in line}
     chunks = [data[i:i + 2048] for i in range(0, len(data), 2048)]
-    lm_int, lm_float = (model.load_predictor(str(d / "m.pt"), "cpu", integer=i) for i in (True, False))
+    lm_int, lm_float = (predictors.load_predictor(str(d / "m.pt"), "cpu", integer=i) for i in (True, False))
     expected = {("gzip -9", "whole file"): len(gzip.compress(data, 9)),
                 ("gzip -9", "2048-byte chunks"): sum(len(gzip.compress(c, 9)) for c in chunks)
                 - 2 * len(gzip.compress(b"", 9)),                     # the header counted once, as the paper
@@ -457,7 +459,7 @@ def test_outputs_that_cannot_be_written_are_refused_in_one_line_before_the_model
 def test_ctrl_c_is_one_line_and_leaves_nothing_behind(trained, tmp_path, monkeypatch, command):
     d, _ = trained
     src = tmp_path / "in"
-    src.write_bytes(codec.compress(b"War is peace.", lmc.model.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
+    src.write_bytes(codec.compress(b"War is peace.", lmc.predictors.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
                     if command == "decompress" else b"War is peace.")
     calls = []
 
@@ -641,7 +643,7 @@ def ideal_bits(int_net, data):
 @pytest.mark.parametrize("name", ["random", "text"])
 def test_coded_length_is_the_integer_models_cross_entropy(name):
     net = scaled_net(context=24)
-    lm = model.IntByteLM(net, "scaled")
+    lm = predictors.IntByteLM(net, "scaled")
     data = (np.random.default_rng(0).integers(0, 256, 1500).astype(np.uint8).tobytes() if name == "random"
             else b"It was a bright cold day in April, and the clocks were striking thirteen. " * 20)
     code = codec.read_header(codec.compress(data, lm, progress=False))["code"]
@@ -650,7 +652,7 @@ def test_coded_length_is_the_integer_models_cross_entropy(name):
 
 
 def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count():
-    lm = model.IntByteLM(scaled_net(context=16), "scaled")
+    lm = predictors.IntByteLM(scaled_net(context=16), "scaled")
     data = np.random.default_rng(0).integers(0, 256, 40 * 16 + 5).astype(np.uint8).tobytes()  # two batches of chunks
     chunks = torch.cat([torch.full((8, 1), model.BOS), torch.tensor(list(data[:8 * 15])).view(8, 15)], 1)
     before = torch.get_num_threads()
@@ -668,7 +670,7 @@ def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count
                                                    "weights": f"int{im.WEIGHT_BITS}"}
 
 
-class CountingLM(model.ByteLM):
+class CountingLM(predictors.ByteLM):
     """A float byte model that records the thread count each forward pass ran with."""
     seen = []
 
@@ -703,7 +705,7 @@ def test_float_path_restores_the_thread_count_and_refuses_another_setting_before
         codec.decompress(other, lm, progress=False)
     assert lm.seen == []                                               # refused before decoding
     with pytest.raises(codec.Corrupt, match="integer .* path; pass --float"):
-        codec.decompress(blob, model.IntByteLM(scaled_net(), "float"), progress=False)
+        codec.decompress(blob, predictors.IntByteLM(scaled_net(), "float"), progress=False)
 
 
 def test_training_keeps_the_weights_with_the_best_held_out_rate(tmp_path, monkeypatch):
@@ -747,3 +749,72 @@ def test_train_benchmark_reports_the_quick_models_size_batch_and_flops(tmp_path,
     assert r["tflops"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12)
     assert r["mfu"] is None and r["compile"] is False and r["device"] == "cpu"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- flags, the shipped weights, the coder's benchmark (issues 28-30) ---------------------------------
+
+def test_train_flags_take_quick_values_unless_given_and_the_defaults_otherwise():
+    quick = lmc.main.parse_args(["train", "--quick", "--steps", "7", "--device", "cpu"])
+    assert quick.steps == 7 and quick.n_embd == lmc.main.QUICK["n_embd"] and quick.dropout == 0.0
+    assert quick.out_dir == lmc.main.QUICK_OUT_DIR and quick.benchmark_steps == 3
+    full = lmc.main.parse_args(["train", "--lr", "1e-3"])
+    assert full.lr == 1e-3 and full.steps == 4000 and full.context == 256 and full.benchmark_steps == 20
+    assert all(getattr(full, k) == v for k, v in lmc.main.TRAIN.items() if k != "lr")
+
+
+def test_the_shipped_byte_model_loads_and_reproduces_its_check():
+    """pretrained/lm_compression/byte_model: today's code must give the integer path's container its JSON
+    records, byte for byte (exact by construction), and the float model's bits/byte on the same text."""
+    weights = lmc.weights
+    net, meta = weights.load_pretrained()
+    assert meta["config"] == {k: getattr(net.cfg, k) for k in meta["config"]}
+    lm = predictors.IntByteLM(net, weights.PRETRAINED)
+    blob = codec.compress(weights.CHECK_TEXT, lm, progress=False)
+    assert len(blob) == meta["check"]["compressed_bytes"] < len(weights.CHECK_TEXT)
+    assert hashlib.sha256(blob).hexdigest() == meta["check"]["sha256"]
+    assert codec.decompress(blob, lm, progress=False) == weights.CHECK_TEXT
+    data = torch.tensor(list(weights.CHECK_TEXT))
+    with torch.no_grad():                                               # -log2 p, chunks from BOS, written out
+        bits = sum(F.cross_entropy(net(torch.cat([torch.tensor([model.BOS]), y[:-1]])[None])[0][0], y,
+                                   reduction="sum").item() for y in data.split(net.cfg.context)) / math.log(2)
+    assert bits / len(data) == pytest.approx(meta["check"]["float_bits_per_byte"], rel=1e-4)
+
+
+def test_a_tampered_shipped_file_is_one_line_naming_it(tmp_path):
+    root = Path(lmc.weights.ROOT).parent
+    for part in ("lm_compression", "pretrained/lm_compression"):
+        shutil.copytree(root / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    weights_file = tmp_path / "pretrained" / "lm_compression" / "byte_model.safetensors"
+    blob = bytearray(weights_file.read_bytes())
+    blob[-1] ^= 1
+    weights_file.write_bytes(bytes(blob))
+    (tmp_path / "in.txt").write_bytes(b"Big Brother is watching you.")
+    run = subprocess.run([sys.executable, tmp_path / "lm_compression" / "main.py", "compress", "--pretrained",
+                          tmp_path / "in.txt", tmp_path / "out.lmz"], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip() == ("lm_compression: pretrained/lm_compression/byte_model"
+                                                          ".safetensors does not match pretrained/SHA256SUMS; "
+                                                          "restore it with git checkout"), run.stderr
+    assert not (tmp_path / "out.lmz").exists()
+
+
+def test_a_file_coded_with_the_shipped_model_asks_for_it_by_name():
+    shipped_like = tiny_byte_lm()
+    shipped_like.name = lmc.weights.PRETRAINED
+    blob = codec.compress(b"Freedom is slavery.", shipped_like, progress=False)
+    assert codec.read_header(blob)["name"] == "pretrained:byte_model"
+    with pytest.raises(codec.Corrupt, match="compressed with model pretrained:byte_model .*; pass --pretrained$"):
+        codec.decompress(blob, tiny_byte_lm(seed=1), progress=False)
+
+
+def test_benchmark_coder_times_one_exact_round_trip_and_reports_its_size(trained):
+    d, _ = trained
+    (d / "piece.txt").write_bytes(b"Ignorance is strength. ")
+    code, out = run_main("benchmark-coder", d / "piece.txt", "--bytes", 1000, "--model", d / "m.pt", "--device", "cpu")
+    assert code == 0, out
+    row = json.loads(out.strip().splitlines()[-1])
+    data = (b"Ignorance is strength. " * 44)[:1000]
+    blob = codec.compress(data, predictors.load_predictor(str(d / "m.pt"), "cpu"), progress=False)
+    assert row["bytes"] == 1000 and row["exact"] is True and row["compressed_bytes"] == len(blob)
+    assert row["rate"] == pytest.approx(len(blob) / 1000) and row["data"] == "real"
+    assert row["chunks_side_by_side"] == codec.GROUP and row["inference"] == "integer"
