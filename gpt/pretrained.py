@@ -59,7 +59,7 @@ def log_path():
 def check_output(model):
     """The card's fixed-input check: 2 x block_size characters drawn with torch.Generator().manual_seed(0)
     (no text needed), predicting themselves shifted by one: logits and loss."""
-    cfg = model.cfg
+    cfg = model.eval().cfg  # no dropout
     x = torch.randint(cfg.vocab_size, (2, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
     logits, loss = model(x[:, :-1], x[:, 1:])
     return {"seed": 0, "shape": [2, cfg.block_size], "logits_sum": logits.sum().item(),

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -505,3 +506,72 @@ def test_benchmark_prints_one_json_line_of_the_quick_config(data, tmp_path, caps
     assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
     assert row["mfu"] is None and row["peak_mem_mb"] > 0
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+# ---- the shipped model (pretrained/gpt/)
+
+def test_the_shipped_model_loads_into_todays_code_and_reproduces_its_check():
+    tok, weights, card = gpt.pretrained.pretrained_weights()
+    cfg = gpt.model.GPTConfig(**card["config"])
+    m = gpt.model.GPT(cfg)
+    m.load_state_dict(weights)
+    m.eval()
+    assert len(tok) == cfg.vocab_size == len(card["vocab"])
+    check = card["check"]
+    x = torch.randint(cfg.vocab_size, (2, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = m(x[:, :-1], x[:, 1:])
+    assert check["shape"] == [2, cfg.block_size]
+    assert logits.sum().item() == pytest.approx(check["logits_sum"], rel=1e-3, abs=1e-2)
+    assert logits.abs().sum().item() == pytest.approx(check["logits_abs_sum"], rel=1e-3)
+    assert loss.item() == pytest.approx(check["loss"], rel=1e-3)
+    # the loss is the mean next-character cross-entropy, written out
+    logp = logits.log_softmax(-1)
+    assert -logp.gather(-1, x[:, 1:, None]).mean().item() == pytest.approx(check["loss"], rel=1e-3)
+    assert logits[:, -1].argmax(-1).tolist() == check["argmax_last"]
+    # a trained model, not noise: after "Big Brothe" the next character is "r"
+    with torch.no_grad():
+        nxt = m(torch.tensor([tok.encode("Big Brothe")]))[0][0, -1].argmax().item()
+    assert tok.decode([nxt]) == "r"
+
+
+def test_sample_only_pretrained_writes_samples_and_the_curve_without_a_run(tmp_path):
+    out, figures = tmp_path / "out", tmp_path / "figures"
+    gpt.main.main(["--sample-only", "--pretrained", "--device", "cpu", "--out-dir", str(out), "--figures-dir",
+                   str(figures), "--prompt", "Winston", "--num-samples", "2", "--max-new-tokens", "40"])
+    text = (out / "generated.txt").read_text()
+    assert text.count("#### SAMPLE") == 2 and text.count("\nWinston") == 2
+    assert (figures / "gpt_loss.png").is_file() and not (out / "ckpt.pt").exists()
+
+
+def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "pretrained"
+    shutil.copytree(gpt.pretrained.ROOT / "gpt", root / "gpt")
+    shutil.copy(gpt.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    monkeypatch.setattr(gpt.pretrained, "ROOT", root)
+    weights = root / "gpt" / "1984.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    line = error_line(["--sample-only", "--pretrained", "--device", "cpu", "--out-dir", tmp_path / "out"], capsys)
+    assert "pretrained/gpt/1984.safetensors" in line and "SHA256SUMS" in line and "git checkout" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_starts_from_the_shipped_weights_and_export_round_trips(tmp_path, monkeypatch):
+    """--pretrained without --sample-only trains on from the shipped weights (a text within its vocabulary);
+    --export-pretrained of that run writes files that load back to the run's weights, rounded to bf16."""
+    tok, shipped, card = gpt.pretrained.pretrained_weights()
+    run = tmp_path / "run"
+    model = gpt.train.train(parse(["--pretrained", "--device", "cpu", "--data", text_file(tmp_path, "The clocks were "
+                                   "striking thirteen. " * 80), "--steps", "2", "--eval-interval", "2",
+                                   "--log-interval", "1", "--lr", "1e-9", "--min-lr", "0", "--warmup-steps", "0", "--out-dir", run]))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, shipped[k], atol=1e-6, rtol=0)
+    monkeypatch.setattr(gpt.pretrained, "ROOT", tmp_path / "pretrained")
+    gpt.main.main(["--export-pretrained", str(run), "--data", str(tmp_path / "text.txt")])
+    tok2, back, card2 = gpt.pretrained.pretrained_weights()  # passes the sha256 check of the fresh manifest line
+    assert tok2.chars == tok.chars and card2["config"] == card["config"]
+    assert "--pretrained" in card2["command"] and "--steps 2" in card2["command"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v.to(torch.bfloat16).float()), k
