@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -672,3 +673,72 @@ def test_benchmark_prints_one_json_line_of_the_quick_config(kind, data, tmp_path
     assert row["tflops"] == pytest.approx(row["flops_per_sample"] * row["samples_per_s"] / 1e12, rel=1e-6)
     assert row["mfu"] is None and row["peak_mem_mb"] > 0
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+# ---- the shipped models (pretrained/tiny_stories_lm/)
+
+@pytest.mark.parametrize("model", ["transformer", "bag"])
+def test_the_shipped_models_load_into_todays_code_and_reproduce_their_check(model):
+    saved, weights, card = ts.pretrained.pretrained_weights(model)
+    tok, cfg = ts.data.load_tokenizer(saved), ts.model.Config(**card["config"])
+    net = ts.model.build_model(cfg)
+    net.load_state_dict(weights)
+    net.eval()
+    assert len(tok) == cfg.vocab_size and cfg.model == model
+    check, T = card["check"], min(cfg.block_size, 64)
+    x = torch.randint(cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = net(x[:, :-1], x[:, 1:])
+    assert check["shape"] == [2, T]
+    assert logits.sum().item() == pytest.approx(check["logits_sum"], rel=1e-3, abs=1e-1)
+    assert logits.abs().sum().item() == pytest.approx(check["logits_abs_sum"], rel=1e-3)
+    assert loss.item() == pytest.approx(check["loss"], rel=1e-3)
+    assert F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item() == pytest.approx(check["loss"], rel=1e-3)
+    assert logits[:, -1].argmax(-1).tolist() == check["argmax_last"]
+    # a trained model, not noise: after "Once upon a" the likeliest next token is " time"
+    with torch.no_grad():
+        nxt = net(torch.tensor([tok.encode("Once upon a")]))[0][0, -1].argmax().item()
+    assert tok.decode([nxt]) == " time"
+
+
+def test_sample_pretrained_tells_a_story_and_draws_the_figures_without_a_run(tmp_path, capsys):
+    out, figures = tmp_path / "out", tmp_path / "figures"
+    ts.main.main(["sample", "--pretrained", "--prompt", "Once upon a time", "--device", "cpu", "--num-samples", "1",
+                  "--max-new-tokens", "30", "--out-dir", str(out), "--figures-dir", str(figures)])
+    assert (out / "stories.txt").read_text().startswith("#### STORY 1 ####\nOnce upon a time")
+    assert (figures / "tiny_stories_lm_attention_layer0.png").is_file() and (out / "attention.html").is_file()
+    assert (figures / "tiny_stories_lm_transformer_loss.png").is_file() and not (out / "ckpt.pt").exists()
+
+
+def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "pretrained"
+    shutil.copytree(ts.pretrained.ROOT / "tiny_stories_lm", root / "tiny_stories_lm")
+    shutil.copy(ts.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    monkeypatch.setattr(ts.pretrained, "ROOT", root)
+    tokenizer = root / "tiny_stories_lm" / "transformer.tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace("time", "tame", 1))  # one merge of the BPE changed
+    line = error_line(["sample", "--pretrained", "--device", "cpu", "--out-dir", tmp_path / "out"], capsys)
+    assert "pretrained/tiny_stories_lm/transformer.tokenizer.json" in line and "SHA256SUMS" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_starts_from_the_shipped_bag_and_export_round_trips(tmp_path, monkeypatch):
+    """--pretrained without a command trains on from the shipped weights and tokenizer; --export-pretrained
+    of that run writes files that load back to the run's weights, rounded to bf16."""
+    saved, shipped, card = ts.pretrained.pretrained_weights("bag")
+    (tmp_path / "tinystories").mkdir()
+    for split in ("train", "valid"):
+        (tmp_path / "tinystories" / f"{split}_excerpt.txt").write_text(
+            "\n\n".join(f"Once upon a time, Lily saw {n} red balls in the park." for n in range(60)))
+    run = tmp_path / "run"
+    net = ts.train.train(ts.main.parse_args(["--pretrained", "--model", "bag", "--device", "cpu", "--data-dir",
+                                             str(tmp_path), "--steps", "2", "--eval-interval", "2", "--log-interval",
+                                             "1", "--lr", "1e-9", "--block-size", "16", "--out-dir", str(run)]))
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, shipped[k], atol=1e-6, rtol=0)
+    monkeypatch.setattr(ts.pretrained, "ROOT", tmp_path / "pretrained")
+    ts.main.main(["--export-pretrained", str(run), "--data-dir", str(tmp_path)])
+    saved2, back, card2 = ts.pretrained.pretrained_weights("bag")  # passes the check of the fresh manifest line
+    assert saved2 == saved and "--pretrained" in card2["command"] and "--model bag" in card2["command"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(back[k], v.to(torch.bfloat16).float()), k

@@ -267,7 +267,7 @@ def command_of(saved):
     words = ["python", "tiny_stories_lm/main.py"]
     for a in p._actions:
         v = saved.get(a.dest, reference.get(a.dest))
-        if a.dest in NOT_RESUMED or a.dest == "help" or v == reference.get(a.dest):
+        if a.dest in NOT_RESUMED - {"pretrained"} or a.dest == "help" or v == reference.get(a.dest):
             continue
         if isinstance(a, argparse.BooleanOptionalAction):
             words.append(a.option_strings[0] if v else a.option_strings[1])

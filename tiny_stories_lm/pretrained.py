@@ -69,7 +69,7 @@ def log_path(model):
 def check_output(net):
     """The card's fixed-input check: 2 x min(block_size, 64) tokens drawn with torch.Generator().manual_seed(0)
     (no text needed), predicting themselves shifted by one: logits and loss."""
-    cfg = net.cfg
+    cfg = net.eval().cfg  # no dropout
     T = min(cfg.block_size, 64)
     x = torch.randint(cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(0))
     logits, loss = net(x[:, :-1], x[:, 1:])
