@@ -14,10 +14,15 @@ stream. A token LM codes one chunk at a time: a mode symbol, the chunk's length,
 tokens; a chunk the tokenizer cannot give back byte for byte (invalid UTF-8, say) is escaped and
 coded byte by byte with adaptive counts instead.
 
-Container (big-endian): magic, version, predictor kind, model name, the predictor's setting (the
-integer path's version, or a float predictor's device, dtype, threads and torch version), 16-byte
-weight digest, chunk size, original length, CRC-32 of the original; the code; CRC-32 of everything
-before it.
+Container (big-endian): magic, version (3; version 2, without the group field, is still read),
+predictor kind, model name, the predictor's setting (the integer path's version, or a float
+predictor's device, dtype, threads and torch version), 16-byte weight digest, chunk size, chunks
+coded side by side, original length, CRC-32 of the original; the code; CRC-32 of everything before it.
+
+Speed: the integer path encodes from full passes (every input is known; its integers equal the
+position-by-position ones), so only decoding steps through the KV cache, GROUP chunks at a time;
+each step's frequencies stay on the predictor's device until the coder needs them (encoding: three
+numbers per byte; decoding: the rows, once per step).
 """
 import struct
 import zlib
