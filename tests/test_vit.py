@@ -490,3 +490,54 @@ def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, tmp_path, 
     vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "500", "--batch-size", "25",
                            "--crop-padding", "2", "--log-interval", str(log_interval)))
     assert calls and len(calls) <= 2 * (20 // log_interval) + 1, calls                 # the spies see them: not zero
+
+
+# ---- the shipped weights (pretrained/vit/)
+
+@pytest.mark.parametrize("name", ["fashion"])
+def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(name):
+    """The fp16 weights in pretrained/vit/ load into the model code as it is now and give, on the JSON's
+    fixed random images, the logits recorded at export: a model change that forgets to re-export fails
+    here. The test images shipped for the attention maps end with ones the model gets wrong."""
+    import safetensors.torch
+    model, meta = vit.pretrained.load_model(name, "cpu")
+    check = meta["check"]
+    x = torch.randn(*check["shape"], generator=torch.Generator().manual_seed(check["seed"]))
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.sum().item() == pytest.approx(check["logits_sum"], rel=1e-3, abs=1e-3)
+    assert logits.abs().sum().item() == pytest.approx(check["logits_abs_sum"], rel=1e-3)
+    assert logits.argmax(-1).tolist() == check["argmax"]
+    w = safetensors.torch.load_file(ROOT / "pretrained" / "vit" / f"{name}.safetensors")
+    assert {k: v.dtype for k, v in w.items()} == {k: torch.float16 for k in model.state_dict()}
+    assert all(torch.equal(p, w[k].float()) for k, p in model.state_dict().items())   # fp16 -> fp32 is exact
+    images, labels = vit.pretrained.decode_examples(meta)
+    assert images.shape == (16, 28, 28) and images.dtype == torch.uint8
+    with torch.no_grad():
+        preds = model(vit.data.normalize(images, name)).argmax(-1)
+    assert (preds[-4:] != labels[-4:]).all()          # the last four were picked as errors at export
+
+
+def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
+    """A flipped byte in a shipped file, or a file missing from pretrained/SHA256SUMS: one line naming
+    the file, before anything is loaded or written."""
+    import shutil
+    shutil.copytree(ROOT / "pretrained" / "vit", tmp_path / "pretrained" / "vit")
+    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
+    monkeypatch.setattr(vit.pretrained, "ROOT", tmp_path / "pretrained")
+    weights = tmp_path / "pretrained" / "vit" / "fashion.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    argv = ["--sample-only", "--pretrained", "--dataset", "fashion", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing")]
+    with pytest.raises(SystemExit) as e:
+        vit.main.main(argv)
+    assert str(e.value.code) == ("vit: pretrained/vit/fashion.safetensors does not match pretrained/SHA256SUMS; "
+                                 "restore it with git checkout")
+    sums = tmp_path / "pretrained" / "SHA256SUMS"
+    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith("vit/fashion.json")))
+    with pytest.raises(SystemExit) as e:
+        vit.main.main(argv)
+    assert "pretrained/vit/fashion.json does not match pretrained/SHA256SUMS" in str(e.value.code)
+    assert not (tmp_path / "run").exists()

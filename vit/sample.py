@@ -110,6 +110,17 @@ def load_for_sampling(args, device):
     return model.eval(), ckpt["args"]["dataset"], facts, out / "log.csv"
 
 
+def has_curve(log):
+    """Whether the training log holds a curve: two epochs or more (a one-epoch run is a point, not drawn)."""
+    if not log.is_file():
+        return False
+    with open(log) as f:
+        epochs = len(list(csv.DictReader(f)))
+    if epochs < 2:
+        print(f"{log} holds {epochs} epoch: no training curve drawn")
+    return epochs >= 2
+
+
 def has_test_set(data_dir, dataset):
     raw = Path(data_dir) / DATASETS[dataset] / "raw"
     return all(find(raw, n) for n in idx_files("test"))
@@ -119,7 +130,7 @@ def sample_shipped_examples(model, dataset, log, args, device):
     """--pretrained without the test set in --data-dir: the attention maps of the test images shipped in
     the JSON (the same images as the README's figure) and the shipped training curve; no download."""
     images, labels = (t.to(device) for t in decode_examples(read_meta(dataset)))
-    preds = predict(model, images, dataset, 1000, nullcontext())
+    preds = predict(model, images, dataset, 1000, nullcontext()).argmax(-1)
     raw = Path(args.data_dir) / DATASETS[dataset] / "raw"
     print(f"vit: no {dataset} test set in {raw}/ (put t10k-{{images-idx3,labels-idx1}}-ubyte[.gz] there for the "
           f"test accuracy and confusion matrix); the {len(labels)} test images shipped in pretrained/vit/"
@@ -127,8 +138,9 @@ def sample_shipped_examples(model, dataset, log, args, device):
     fig_dir = Path(args.figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {"attention": lambda p: plot_attention(model, images, labels, preds, torch.arange(len(labels)),
-                                                     dataset, p),
-               "curve": lambda p: plot_curve(log, dataset, p)}
+                                                     dataset, p)}
+    if has_curve(log):
+        figures["curve"] = lambda p: plot_curve(log, dataset, p)
     for name, draw in figures.items():
         path = fig_dir / f"vit_{dataset}_{name}.png"
         draw(path)
@@ -162,7 +174,7 @@ def sample(args):
     figures = {"attention": lambda p: plot_attention(model, images, labels, preds, idx, dataset, p),
                "confusion": lambda p: plot_confusion(
                    torch.bincount(labels.cpu() * K + preds.cpu(), minlength=K * K).reshape(K, K), dataset, p)}
-    if log.is_file():
+    if has_curve(log):
         figures["curve"] = lambda p: plot_curve(log, dataset, p)
     for name, draw in figures.items():
         path = fig_dir / f"vit_{dataset}_{name}.png"
