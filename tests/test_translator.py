@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -96,7 +98,7 @@ def trained(tmp_path_factory):
     and the learning rate of every Adam step of the training."""
     tmp = tmp_path_factory.mktemp("translator")
     args = tr.main.parse_args([*TINY, "--data-dir", data_dir(tmp), "--out-dir", str(tmp / "run"), "--steps", "150",
-                               "--eval-interval", "75", "--log-interval", "5"])
+                               "--eval-interval", "50", "--log-interval", "5", "--keep-last", "2"])
     lrs, step = [], torch.optim.Adam.step
 
     def adam_step(self, *a, **kw):
@@ -510,7 +512,7 @@ def test_validation_loss_reaches_the_label_smoothing_floor_and_the_report_is_wri
     assert float(rows[0]["train_loss"]) > 0.7 * math.log(V)  # about ln V at the start
     val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     # unseen sentences (new combinations of seen words): within 0.1 nats of the floor after 150 steps
-    # (0.930 to 0.939 with seeds 1-4 and 1337), and still falling from step 75
+    # (0.930 to 0.939 with seeds 1-4 and 1337), and still falling from step 50
     assert val[-1] < floor + 0.1 and val[-1] < val[0], (val, floor)
     results = json.loads((out / "results.json").read_text())
     assert results["test_sentences"] == 4 and results["test_pairs"] >= 4
@@ -536,6 +538,73 @@ def test_a_saved_model_translates_identically_after_reload(trained):
     for beam in (1, 3):
         assert tr.sample.translate(loaded, tok, texts, beam)[0] == tr.sample.translate(m, tok, texts, beam)[0]
     assert tr.sample.translate(loaded, tok, ["The black dog eats."])[0][0] in REFERENCES["The black dog eats."]
+
+
+def test_average_is_the_mean_of_the_last_kept_weights(trained, capsys):
+    """--keep-last 2 keeps the weights of the last two validations (steps 100 and 150 of 50, 100, 150);
+    --average translates with their element-wise mean (§6.1), written out here from the two files."""
+    args, m = trained
+    run = Path(args.out_dir)
+    assert sorted(p.name for p in run.glob("weights-*.pt")) == ["weights-0000100.pt", "weights-0000150.pt"]
+    w100, w150 = (torch.load(run / f"weights-0000{s}.pt", weights_only=True) for s in (100, 150))
+    for k, v in m.state_dict().items():
+        assert torch.equal(w150[k], v), k  # the last kept weights are the final model's
+    averaged, _, _ = tr.train.load_model(run / "ckpt.pt", "cpu", average=True)
+    for k, v in averaged.state_dict().items():
+        torch.testing.assert_close(v, (w100[k] + w150[k]) / 2, rtol=0, atol=1e-7)
+    assert any(not torch.equal(w100[k], w150[k]) for k in w100)
+    one_line_exit(capsys, lambda: tr.train.load_model(ROOT / "translator" / "ckpt.pt", "cpu", average=True), "no checkpoint")
+    empty = Path(args.out_dir).parent / "no-kept"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(SystemExit, match="--keep-last"):
+        tr.train.kept_weights(empty)
+
+
+# ---- the shipped weights (pretrained/translator/)
+
+SHIPPED = ROOT / "pretrained" / "translator"
+
+
+def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check():
+    """pretrained/translator/en-fr.*: fp16 safetensors within the 4 MiB a file, loaded (after the sha256
+    check) into today's Transformer, give the outputs the export recorded on its fixed inputs; a model
+    change that forgets to re-export fails here."""
+    meta = json.loads((SHIPPED / "en-fr.json").read_text())
+    assert all(p.stat().st_size <= 4 * 2**20 for p in SHIPPED.iterdir())
+    weights = safetensors.torch.load_file(SHIPPED / "en-fr.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    model, tok, info = tr.pretrained.load_pretrained("cpu")
+    assert set(weights) == set(M.Transformer(M.Config(**meta["config"])).state_dict())
+    assert info["step"] == meta["run"]["step"] and model.cfg == M.Config(**meta["config"])
+    got, want = tr.pretrained.check(model, tok), meta["check"]
+    assert got["translation_ids"] == want["translation_ids"] and got["argmax"] == want["argmax"]
+    assert got["logits_sum"] == pytest.approx(want["logits_sum"], rel=1e-3)
+    assert got["logits_abs_sum"] == pytest.approx(want["logits_abs_sum"], rel=1e-3)
+
+
+def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_path):
+    """A copy of the folder and of pretrained/translator with one byte flipped, or with its line gone from
+    SHA256SUMS: translate --pretrained stops in one line naming the file, before loading it."""
+    shutil.copytree(ROOT / "translator", tmp_path / "translator", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SHIPPED, tmp_path / "pretrained" / "translator")
+    sums = (ROOT / "pretrained" / "SHA256SUMS").read_text()
+    (tmp_path / "pretrained" / "SHA256SUMS").write_text(sums)
+    weights = tmp_path / "pretrained" / "translator" / "en-fr.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    run = lambda: subprocess.run([sys.executable, "translator/main.py", "translate", "--pretrained", "Hello."],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run()
+    assert r.returncode != 0 and r.stderr.strip() == ("translator: pretrained/translator/en-fr.safetensors does not "
+                                                      "match pretrained/SHA256SUMS; restore it with git checkout")
+    shutil.copy(SHIPPED / "en-fr.safetensors", weights)  # intact again, but the tokenizer's line is gone
+    (tmp_path / "pretrained" / "SHA256SUMS").write_text(
+        "".join(line + "\n" for line in sums.splitlines() if "translator/en-fr.tokenizer.json" not in line))
+    r = run()
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "pretrained/translator/en-fr.tokenizer.json does not match pretrained/SHA256SUMS" in r.stderr
 
 
 def test_translation_scores_count_every_reference():
@@ -641,7 +710,7 @@ def test_benchmark_json_against_the_parameters_written_out_and_flop_counter(tmp_
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()  # nothing written or downloaded
     V, d, f, N, L = 1000, 128, 256, 2, 64  # --quick's vocabulary and model; --max-len
-    B = 800 // (2 * L)  # --quick's --batch-tokens 800 hold 6 pairs of L + L tokens
+    B = 960 // (2 * L)  # --quick's --batch-tokens 960 hold 7 pairs of L + L tokens
     ffn = 2 * d * f + f + d
     encoder_layer, decoder_layer = 4 * (d * d + d) + ffn + 2 * 2 * d, 8 * (d * d + d) + ffn + 3 * 2 * d
     assert r["params"] == V * d + N * (encoder_layer + decoder_layer)  # the embedding is the output layer too

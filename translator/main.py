@@ -2,23 +2,25 @@
 
     python translator/main.py --data-dir /path/to/datasets            # train (sized for one GPU), test scores, figures
     python translator/main.py translate "She saw a boy sitting on a bench."
+    python translator/main.py translate --pretrained "She saw a boy sitting on a bench."   # the shipped weights
     python translator/main.py translate --beam 1 < english.txt         # greedy, one line of stdin at a time
     python translator/main.py evaluate --data-dir /path/to/datasets   # sacreBLEU and chrF on the test split
     python translator/main.py --quick --data-dir /path/to/datasets    # everything on CPU in < 60 s
     python translator/main.py --benchmark --quick --device cpu         # time training's step: one JSON line
     torchrun --nproc_per_node=4 translator/main.py ...                # DistributedDataParallel
 
-The README's result (test BLEU 32.69 with beam 4, 31 min on 2 CPU cores; add --figures-dir images
-to redraw the README's figures):
+The README's result (test BLEU 32.69 with beam 4, 31 min on 2 CPU cores; its log drew
+images/translator_curves.png):
 
     python translator/main.py --device cpu --data-dir /path/to/datasets --out-dir runs/translator-cpu \
-        --d-model 256 --n-head 4 --d-ff 1024 --n-layer 3 --dropout 0.1 --batch-size 64 --lr 1e-3 \
-        --warmup-steps 800 --steps 5000 --eval-interval 1000 --log-interval 50
+        --d-model 256 --n-head 4 --d-ff 1024 --n-layer 3 --dropout 0.1 --batch-size 64 --batch-tokens 0 \
+        --lr 1e-3 --warmup-steps 800 --steps 5000 --eval-interval 1000 --log-interval 50
 
 Data: DIR/tatoeba/fra-eng.zip, the manythings.org/anki export (fra.txt: English<TAB>French per line),
 downloaded from https://www.manythings.org/anki/fra-eng.zip into --data-dir when missing.
 A run goes to runs/translator/: ckpt.pt (with the tokenizer), log.csv, results.json,
 test_translations.tsv, translations.txt, translator_attention.png, translator_curves.png.
+The shipped weights are pretrained/translator/en-fr.* (--pretrained; written by --export-pretrained RUN_DIR).
 """
 import argparse
 import math
@@ -32,11 +34,11 @@ from train import QUICK_OUT_DIR, benchmark, load_checkpoint, train
 
 # --quick: a slice of the data, a tiny model, a short run: the whole pipeline on CPU in under a minute.
 QUICK = dict(max_pairs=10000, max_eval=100, vocab_size=1000, n_layer=2, n_head=4, d_model=128, d_ff=256, dropout=0.1,
-             batch_size=32, batch_tokens=800, steps=400, warmup_steps=100, lr=2e-3, eval_interval=200,
+             batch_size=32, batch_tokens=960, steps=400, warmup_steps=100, lr=2e-3, eval_interval=200,
              log_interval=10, eval_sentences=100)
 # Flags that --resume does not take from the checkpoint: what to do, where things go, how to decode.
 NOT_RESUMED = {"command", "text", "resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb",
-               "beam", "alpha", "attention_text", "pretrained", "export_pretrained", "compile"}
+               "beam", "alpha", "attention_text", "pretrained", "export_pretrained", "compile", "average"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -146,11 +148,15 @@ def add_run_flags(p):
     g.add_argument("--log-interval", type=positive(int), default=50, help="steps between log lines")
     g.add_argument("--eval-sentences", type=positive(int), default=500,
                    help="validation sentences translated (greedy) for the BLEU at each evaluation")
+    g.add_argument("--keep-last", type=number(int, 0), default=0, help="also keep the model weights of the last N "
+                   "validations, as weights-STEP.pt, for --average")
 
     g = p.add_argument_group("translation")
     g.add_argument("--beam", type=positive(int), default=4, help="beam size (1: greedy); evaluate scores greedy and this")
     g.add_argument("--alpha", type=number(float, 0), default=0.6, help="length penalty exponent of the beam search")
     g.add_argument("--attention-text", default=SEED_SENTENCE, help="the sentence whose cross-attention is drawn")
+    g.add_argument("--average", action="store_true", help="translate, evaluate and --sample-only with the mean of "
+                   "the run's kept weights (--keep-last), as the paper averages its last checkpoints (§6.1)")
 
 
 def flag_defaults(p):
@@ -177,12 +183,14 @@ def parse_args(argv=None):
     for a in p._actions:
         if a.option_strings:  # the positionals (command, text) are never overridden
             a.default = argparse.SUPPRESS
-    typed = vars(p.parse_args(argv))
+    typed = vars(p.parse_intermixed_args(argv))  # intermixed: translate --pretrained TEXT
     for flag in ("out_dir", "figures_dir"):
         if typed.get(flag):
             output_folder(p, "--" + flag.replace("_", "-"), typed[flag])
     if typed.get("resume") and typed.get("pretrained"):
         p.error("--resume continues a run, --pretrained starts one from the shipped weights; choose one")
+    if typed.get("average") and typed.get("pretrained"):
+        p.error("--average reads a run's kept weights, --pretrained the shipped ones; choose one")
     args = argparse.Namespace(**apply_overrides(defaults, typed))
     if args.command != "translate" and args.text is not None:
         p.error(f"unexpected text {args.text!r}; only the translate command takes one")

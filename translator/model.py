@@ -1,8 +1,8 @@
 """The Transformer of Vaswani et al. 2017, "Attention Is All You Need": an encoder-decoder, in the
 order the data meets it: embeddings and sinusoidal positions -> encoder layers (self-attention,
 feed-forward) -> decoder layers (causal self-attention, cross-attention to the encoder's output,
-feed-forward) -> the shared embedding matrix as the output layer. Then decoding: greedy and
-beam search, with a cache of keys and values so that each new token costs one position.
+feed-forward) -> the shared embedding matrix as the output layer. Then decoding: beam search (beam 1
+is greedy), a batch's sentences and beams at once, with a cache of keys and values (one position a token).
 
 Shapes: B batch, S source tokens, T target tokens, d = d_model, h heads, d_k = d / h, V vocabulary.
 Masks are boolean, True where a query may attend to a key, broadcast to (B, h, T_query, T_key).
@@ -279,8 +279,8 @@ def beam_search(model, src, beam=4, alpha=0.6):
 
 
 def translate_ids(model, sources, beam=1, alpha=0.6, batch_size=64):
-    """Source token lists (each at most max_len - 1 long) -> output token lists, greedy (beam 1) or
-    beam search, in batches of sentences of similar length."""
+    """Source token lists (each at most max_len - 1 long) -> output token lists, by beam search (beam 1:
+    greedy), in batches of sentences of similar length."""
     device = next(model.parameters()).device
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs = [None] * len(sources)

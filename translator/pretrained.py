@@ -17,7 +17,7 @@ FOLDER, NAME = "translator", "en-fr"
 CHECK_TEXT = "She saw a boy sitting on a bench."
 # Flags that say nothing about how the weights were trained.
 NOT_TRAINING = {"command", "text", "resume", "sample_only", "out_dir", "figures_dir", "wandb", "beam", "alpha",
-                "attention_text", "pretrained", "export_pretrained", "compile", "benchmark", "benchmark_steps"}
+                "attention_text", "pretrained", "export_pretrained", "compile", "benchmark", "benchmark_steps", "average"}
 
 
 def files():
@@ -92,7 +92,8 @@ def export_pretrained(ckpt, run_dir, defaults):
     metric = ({"name": f"sacreBLEU, {beam} (alpha {scores['alpha']}), one reference per segment",
                "value": scores[beam]["bleu"], "split": f"test ({scores['test_sentences']} English sentences, "
                                                        f"{scores['test_pairs']} pairs)"} if beam else
-              {"name": "sacreBLEU, greedy", "value": ckpt["val_bleu"], "split": "validation (first sentences)"})
+              {"name": "sacreBLEU, greedy", "value": ckpt["val_bleu"],
+               "split": f"validation (first {ckpt['args']['eval_sentences']} sentences)"})
     meta = {"folder": FOLDER, "name": NAME, "config": ckpt["config"], "command": training_command(ckpt, defaults),
             "hardware": ckpt.get("hardware", "not recorded"), "wall_time_s": ckpt.get("wall_time"),
             "metric": metric, "scores": {k: scores[k] for k in ("greedy", beam) if k} if beam else None,

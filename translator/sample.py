@@ -170,7 +170,7 @@ def plot_curves(log_path, path):
 def load(args, pretrained):
     """The model (eval mode), tokenizer and checkpoint: the shipped ones, or --out-dir's."""
     device = resolve_device(args.device)
-    return load_pretrained(device) if pretrained else load_model(Path(args.out_dir) / "ckpt.pt", device)
+    return load_pretrained(device) if pretrained else load_model(Path(args.out_dir) / "ckpt.pt", device, args.average)
 
 
 def report(args, pretrained=False):

@@ -54,12 +54,29 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def load_model(path, device):
-    """The model (in eval mode), tokenizer and checkpoint of a run."""
+def load_model(path, device, average=False):
+    """The model (in eval mode), tokenizer and checkpoint of a run; with average, the model's weights are the
+    mean of the run's kept weights-STEP.pt (--keep-last)."""
     ckpt = load_checkpoint(Path(path), device)
     model = Transformer(Config(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(average_weights(kept_weights(Path(path).parent)) if average else ckpt["model"])
     return model.eval(), load_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+def kept_weights(run_dir):
+    """The weights-STEP.pt files of a run (--keep-last), oldest first."""
+    paths = sorted(Path(run_dir).glob("weights-*.pt"))
+    if not paths:
+        raise SystemExit(f"translator: --average needs the weights-STEP.pt files that --keep-last N keeps, and "
+                         f"{run_dir} has none; train with --keep-last N (e.g. 5)")
+    return paths
+
+
+def average_weights(paths):
+    """The element-wise mean of the model weights saved at paths: the paper's base models average the last
+    5 checkpoints, written at 10-minute intervals (§6.1)."""
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    return {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
 
 
 def n_params(cfg):
@@ -342,6 +359,10 @@ class Harness:
                      "hardware": hardware(self.raw), "rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None}, self.path)
         self.last_ckpt = step
+        if self.args.keep_last:  # the model's weights alone, for --average; the last --keep-last of them kept
+            save_atomic(self.raw.state_dict(), self.path.parent / f"weights-{step:07d}.pt")
+            for old in sorted(self.path.parent.glob("weights-*.pt"))[:-self.args.keep_last]:
+                old.unlink()
 
     def write(self, row, pbar):
         self.log.writerow(row)
