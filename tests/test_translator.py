@@ -607,6 +607,20 @@ def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_p
     assert "pretrained/translator/en-fr.tokenizer.json does not match pretrained/SHA256SUMS" in r.stderr
 
 
+def test_training_with_pretrained_fine_tunes_the_shipped_model(tmp_path):
+    """Training with --pretrained starts from the shipped weights, config and tokenizer (the model flags
+    typed are not used), with a fresh schedule: one step at a negligible learning rate leaves them."""
+    model = tr.train.train(tr.main.parse_args(
+        [*TINY, "--pretrained", "--data-dir", data_dir(tmp_path), "--out-dir", str(tmp_path / "ft"), "--steps", "1",
+         "--lr", "1e-12", "--warmup-steps", "1", "--eval-interval", "1", "--eval-sentences", "1"]))
+    shipped, tok, _ = tr.pretrained.load_pretrained("cpu")
+    assert model.cfg == shipped.cfg and model.cfg.d_model != 32  # not TINY's --d-model
+    for (name, a), b in zip(model.state_dict().items(), shipped.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["tokenizer"] == tok.to_str()
+
+
 def test_translation_scores_count_every_reference():
     refs = [["Le chat dort.", "Ce chat dort."], ["Le chien mange."]]
     s = tr.train.translation_scores(["Le chat dort.", "Le chien mange."], refs)
