@@ -5,6 +5,7 @@
         --dropout 0 --lr 2e-3 --steps 9000 --eval-interval 1000 --log-interval 50 --out-dir runs/gpt-cpu
                                             # the README's CPU result: 1.297 nats/char, 8 min on 2 cores
     python gpt/main.py --quick              # the whole pipeline on CPU in < 60 s
+    python gpt/main.py --sample-only --pretrained   # samples from the shipped model (pretrained/gpt/), offline
     python gpt/main.py --benchmark [--quick] # one JSON line: tokens/s, step time, TFLOP/s, MFU (writes nothing)
     torchrun --nproc_per_node=4 gpt/main.py ...   # DistributedDataParallel
 

@@ -191,7 +191,7 @@ def command_of(saved):
     words = ["python", "ppo/main.py"]
     for a in p._actions:
         v = saved.get(a.dest, reference.get(a.dest))
-        if a.dest in NOT_RESUMED - {"total_timesteps"} or a.dest in ("help", "data_dir") or v == reference.get(a.dest):
+        if a.dest in NOT_RESUMED - {"total_timesteps", "pretrained"} or a.dest in ("help", "data_dir") or v == reference.get(a.dest):
             continue
         if isinstance(a, argparse.BooleanOptionalAction):
             words.append(a.option_strings[0] if v else a.option_strings[1])

@@ -4,6 +4,7 @@
     python tiny_stories_lm/main.py --model bag --context 2 --data-dir DIR   # step 2: averaged embeddings
     python tiny_stories_lm/main.py --data-dir DIR                           # step 3: a Transformer
     python tiny_stories_lm/main.py sample --prompt "Once upon a time"                    # stories from a checkpoint
+    python tiny_stories_lm/main.py sample --pretrained --prompt "Once upon a time"       # the shipped model, offline
     python tiny_stories_lm/main.py attention --layer 1 --attention-prompt "..."          # attention heatmaps
     python tiny_stories_lm/main.py --quick                                               # everything on CPU in < 60 s
     python tiny_stories_lm/main.py --benchmark [--quick]     # one JSON line: tokens/s, step time, TFLOP/s (writes nothing)
