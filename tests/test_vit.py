@@ -494,7 +494,7 @@ def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, tmp_path, 
 
 # ---- the shipped weights (pretrained/vit/)
 
-@pytest.mark.parametrize("name", ["fashion"])
+@pytest.mark.parametrize("name", ["mnist", "fashion"])
 def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(name):
     """The fp16 weights in pretrained/vit/ load into the model code as it is now and give, on the JSON's
     fixed random images, the logits recorded at export: a model change that forgets to re-export fails
