@@ -541,3 +541,23 @@ def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monk
         vit.main.main(argv)
     assert "pretrained/vit/fashion.json does not match pretrained/SHA256SUMS" in str(e.value.code)
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_without_sample_only_fine_tunes_from_the_shipped_weights(tmp_path, monkeypatch, one_line_error):
+    """--pretrained on a training command starts from the shipped weights (not from the seed's
+    initialisation), at epoch 0; model flags that disagree with the shipped model are refused."""
+    import safetensors.torch
+    data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=10)
+    seen, train_epoch = [], vit.train.train_epoch
+
+    def spy(epoch, model, *a, **kw):
+        seen.append((epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+        return train_epoch(epoch, model, *a, **kw)
+    monkeypatch.setattr(vit.train, "train_epoch", spy)
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
+    vit.main.main(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--device", "cpu", "--val-size", "100",
+                   "--batch-size", "50", "--epochs", "1", "--pretrained", "--dataset", "mnist"])
+    shipped = safetensors.torch.load_file(ROOT / "pretrained" / "vit" / "mnist.safetensors")
+    (epoch, state), = seen
+    assert epoch == 0 and all(torch.equal(state[k], v.float()) for k, v in shipped.items())
+    assert "leave out --dim" in one_line_error("--pretrained", "--dim", "32", "--out-dir", str(tmp_path / "r2"))
