@@ -108,6 +108,15 @@ def load_for_sampling(args, device):
     return model.eval(), ckpt["args"], facts, {k: v for k, v in logs.items() if v.is_file()}
 
 
+def has_curve(log):
+    """Whether a training log holds a curve: two epochs or more (a one-epoch run is a point, not drawn)."""
+    with open(log) as f:
+        epochs = len(list(csv.DictReader(f)))
+    if epochs < 2:
+        print(f"{log} holds {epochs} epoch: left out of the training curves")
+    return epochs >= 2
+
+
 def draw_figures(model, test, preds, logs, saved, device, fig_dir):
     """The first test digit as its graph with its edge weights, and the training curves."""
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +124,7 @@ def draw_figures(model, test, preds, logs, saved, device, fig_dir):
     path = fig_dir / f"{tag}_{model.cfg.model}_graph.png"
     draw_digit_graph(model, test, preds, device, saved["dataset"], path)
     print(f"wrote {path}")
+    logs = {name: log for name, log in logs.items() if has_curve(log)}
     if logs:
         path = fig_dir / f"{tag}_curves.png"
         plot_curves(logs, saved["val_size"], path)

@@ -560,3 +560,24 @@ def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monk
         gnns.main.main(argv)
     assert "pretrained/gnns/gcn.json does not match pretrained/SHA256SUMS" in str(e.value.code)
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_without_sample_only_fine_tunes_from_the_shipped_weights(tmp_path, monkeypatch):
+    """--pretrained on a training command starts from the shipped weights (not from the seed's
+    initialisation), at epoch 0, with the shipped model's sizes."""
+    import safetensors.torch
+    data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=10)
+    seen, train_epoch = [], gnns.train.train_epoch
+
+    def spy(epoch, model, *a, **kw):
+        seen.append((epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+        return train_epoch(epoch, model, *a, **kw)
+    monkeypatch.setattr(gnns.train, "train_epoch", spy)
+    monkeypatch.setattr(gnns.main, "sample", lambda args: None)
+    out = tmp_path / "run"
+    gnns.main.main(["--data-dir", str(data), "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+                    "--device", "cpu", "--val-size", "100", "--batch-size", "50", "--epochs", "1",
+                    "--pretrained", "--model", "gcn"])
+    shipped = safetensors.torch.load_file(ROOT / "pretrained" / "gnns" / "gcn.safetensors")
+    (epoch, state), = seen
+    assert epoch == 0 and all(torch.equal(state[k], v) for k, v in shipped.items())
