@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data import DATASETS, to_pixels
 from model import Diffusion, UNet, UNetConfig
-from pretrained import load_pretrained, read_meta, shipped_config
+from pretrained import HERE, load_pretrained, read_meta, shipped_config
 from train import load_checkpoint, resolve_device
 
 GIF_FRAMES, GIF_SCALE, GIF_GREYS = 40, 2, 32
@@ -124,7 +124,7 @@ def other_model(args, device):
     """The other dataset's model for the side-by-side GIF: the shipped one with --pretrained, else the run
     next to this one in --out-dir; None when there is none."""
     other = next(d for d in DATASETS if d != args.dataset)
-    if not (args.pretrained or (Path(args.out_dir) / other / "ckpt.pt").is_file()):
+    if not (HERE / f"{other}.json" if args.pretrained else Path(args.out_dir) / other / "ckpt.pt").is_file():
         return None
     return other, load_model(Path(args.out_dir) / other, other, device, args.pretrained)[:2]
 
