@@ -582,9 +582,9 @@ def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check():
     assert got["logits_abs_sum"] == pytest.approx(want["logits_abs_sum"], rel=1e-3)
 
 
-def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_path):
-    """A copy of the folder and of pretrained/translator with one byte flipped, or with its line gone from
-    SHA256SUMS: translate --pretrained stops in one line naming the file, before loading it."""
+def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
+    """A copy of the folder and of pretrained/translator with one byte flipped: translate --pretrained stops
+    in one line naming the file, before loading it; so does a file whose line is gone from SHA256SUMS."""
     shutil.copytree(ROOT / "translator", tmp_path / "translator", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(SHIPPED, tmp_path / "pretrained" / "translator")
     sums = (ROOT / "pretrained" / "SHA256SUMS").read_text()
@@ -593,18 +593,17 @@ def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_p
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 1
     weights.write_bytes(bytes(data))
-    run = lambda: subprocess.run([sys.executable, "translator/main.py", "translate", "--pretrained", "Hello."],
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-    r = run()
+    r = subprocess.run([sys.executable, "translator/main.py", "translate", "--pretrained", "Hello."], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and r.stderr.strip() == ("translator: pretrained/translator/en-fr.safetensors does not "
                                                       "match pretrained/SHA256SUMS; restore it with git checkout")
     shutil.copy(SHIPPED / "en-fr.safetensors", weights)  # intact again, but the tokenizer's line is gone
     (tmp_path / "pretrained" / "SHA256SUMS").write_text(
         "".join(line + "\n" for line in sums.splitlines() if "translator/en-fr.tokenizer.json" not in line))
-    r = run()
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
-    assert "pretrained/translator/en-fr.tokenizer.json does not match pretrained/SHA256SUMS" in r.stderr
+    monkeypatch.setattr(tr.pretrained, "ROOT", tmp_path / "pretrained")
+    with pytest.raises(SystemExit, match=r"^translator: pretrained/translator/en-fr\.tokenizer\.json does not match "
+                                         r"pretrained/SHA256SUMS; restore it with git checkout$"):
+        tr.pretrained.load_pretrained()
 
 
 def test_training_with_pretrained_fine_tunes_the_shipped_model(tmp_path):
