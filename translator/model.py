@@ -247,8 +247,8 @@ def beam_search(model, src, beam=4, alpha=0.6):
     n_finished, done = torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     rank, first_row = torch.arange(2 * K, device=dev), torch.arange(B, device=dev)[:, None] * K
     for t in range(int(limit.max())):
-        logp = rearrange(next_log_probs(model, ys[:, -1:], memory, src_mask, cache), "(b k) v -> b k v", k=K)
-        top, flat = (scores[:, :, None] + logp).flatten(1).topk(2 * K)  # (B, 2K): at most K of them end
+        logp = next_log_probs(model, ys[:, -1:], memory, src_mask, cache)  # (B K, V)
+        top, flat = (scores.view(B * K, 1) + logp).view(B, K * cfg.vocab_size).topk(2 * K)  # (B, 2K): <= K end
         row, token = first_row + flat // cfg.vocab_size, flat % cfg.vocab_size  # the prefix extended, its new token
         ok = (top > float("-inf")) & ~done[:, None]
         ends = ok & ((token == cfg.eos_id) | (t + 1 >= limit)[:, None])
