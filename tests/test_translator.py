@@ -606,6 +606,26 @@ def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_p
         tr.pretrained.load_pretrained()
 
 
+def test_export_writes_fp16_weights_that_load_back_and_refreshes_only_its_own_sums(trained, tmp_path, monkeypatch):
+    """--export-pretrained RUN_DIR: the run's weights rounded to fp16, its tokenizer, a JSON whose check the
+    loaded files reproduce exactly, the command with the run's flags; SHA256SUMS keeps other folders' lines."""
+    args, m = trained
+    monkeypatch.setattr(tr.pretrained, "ROOT", tmp_path / "pretrained")
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "SHA256SUMS").write_text(f"{'0' * 64}  gpt/1984.json\n")
+    tr.main.main(["--export-pretrained", args.out_dir])
+    sums = (tmp_path / "pretrained" / "SHA256SUMS").read_text().splitlines()
+    assert sums[0] == f"{'0' * 64}  gpt/1984.json" and len(sums) == 4
+    loaded, tok, info = tr.pretrained.load_pretrained()
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.half().float()), k
+    meta = json.loads((tmp_path / "pretrained" / "translator" / "en-fr.json").read_text())
+    assert tr.pretrained.check(loaded, tok) == meta["check"] and info["step"] == 150
+    assert meta["command"].startswith("python translator/main.py --device cpu --data-dir /path/to/datasets")
+    assert "--d-model 32" in meta["command"] and "--steps 150" in meta["command"] and "--out-dir" not in meta["command"]
+    assert meta["metric"]["value"] == json.loads((Path(args.out_dir) / "results.json").read_text())["beam3"]["bleu"]
+
+
 def test_training_with_pretrained_fine_tunes_the_shipped_model(tmp_path):
     """Training with --pretrained starts from the shipped weights, config and tokenizer (the model flags
     typed are not used), with a fresh schedule: one step at a negligible learning rate leaves them."""

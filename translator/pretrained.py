@@ -52,12 +52,14 @@ def load_pretrained(device="cpu"):
 
 @torch.no_grad()
 def check(model, tok):
-    """Outputs of the model on inputs built without data: the beam-4 translation of CHECK_TEXT, and the
-    logits of random source and target tokens (torch.Generator seeded 0)."""
-    out = translate_ids(model, [tok.encode(CHECK_TEXT).ids], beam=4)[0]
+    """Outputs of the model on inputs built without data: the beam-4 translation of CHECK_TEXT (its first
+    max_len - 1 tokens), and the logits of random source and target tokens (torch.Generator seeded 0)."""
+    L = model.cfg.max_len
+    out = translate_ids(model, [tok.encode(CHECK_TEXT).ids[:L - 1]], beam=4)[0]
     g = torch.Generator().manual_seed(0)
-    src = torch.cat([torch.randint(EOS + 1, model.cfg.vocab_size, (2, 11), generator=g), torch.full((2, 1), EOS)], 1)
-    tgt = torch.cat([torch.full((2, 1), BOS), torch.randint(EOS + 1, model.cfg.vocab_size, (2, 9), generator=g)], 1)
+    S, T = min(12, L), min(10, L)
+    src = torch.cat([torch.randint(EOS + 1, model.cfg.vocab_size, (2, S - 1), generator=g), torch.full((2, 1), EOS)], 1)
+    tgt = torch.cat([torch.full((2, 1), BOS), torch.randint(EOS + 1, model.cfg.vocab_size, (2, T - 1), generator=g)], 1)
     logits = model(src, tgt)[0]                                          # (2, 10, V)
     return {"text": CHECK_TEXT, "beam": 4, "translation_ids": out, "translation": tok.decode(out), "seed": 0,
             "src_shape": list(src.shape), "tgt_shape": list(tgt.shape), "logits_sum": logits.sum().item(),
