@@ -516,7 +516,7 @@ def test_an_epochs_batches_are_the_graphs_of_its_order_batched_one_by_one(chunk)
 
 # ---- the shipped weights (pretrained/gnns/)
 
-@pytest.mark.parametrize("name", ["gcn"])
+@pytest.mark.parametrize("name", ["gcn", "gat"])
 def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(name):
     """The weights in pretrained/gnns/ load into the model code as it is now and give, on the JSON's
     fixed random pixel graphs, the logits recorded at export (the dense implementation too): a model
