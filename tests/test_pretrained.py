@@ -114,3 +114,12 @@ def test_the_compress_try_it_round_trips(tmp_path):
     r = run("lm_compression", ["decompress", "--pretrained", "OUT", "BACK"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "BACK").read_bytes() == text
+
+
+def test_regenerate_redraws_from_the_shipped_weights_and_skips_what_needs_data(tmp_path):
+    r = subprocess.run([sys.executable, "images/regenerate.py", "--figures-dir", str(tmp_path), "tiny_stories_lm", "fff"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_stories_lm_attention_layer3.png"]
+    assert "skipped (needs --data-dir): fff/main.py" in r.stdout
