@@ -308,3 +308,15 @@ def test_readme_line_links_name_lines_that_hold_what_they_quote():
             if names and not ident.endswith(".py") and names[-1] not in body:
                 problems.append(f"{where}: `{ident}` is not in {path.name} L{a}-{b}")
     assert problems == []
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_function_is_longer_than_a_screen(folder):
+    """~60 lines at most, so a training loop shows the algorithm's steps in one screen and the run
+    harness lives in named helpers."""
+    long = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
