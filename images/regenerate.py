@@ -4,16 +4,19 @@
     python images/regenerate.py ppo translator                        # some folders (no data needed)
 
 Each line below is a folder's own command (`--sample-only --pretrained` or its equivalent) with
-`--figures-dir images`; this script only runs them one after the other, from the repository root,
-with their run folders under runs/regenerate/ so that no training run of yours is touched. Commands
+`--figures-dir`; this script only runs them one after the other, from the repository root, with
+their run folders under runs/regenerate/ so that no training run of yours is touched, and copies
+into images/ the figures each command is listed for below. Commands
 marked DATA draw from test images or sentences and need `--data-dir` (the layout of the top-level
 README's Data section); without it they are skipped and said so. Curves are drawn from the training
 logs shipped next to the weights; figures that no shipped model can draw (the long CPU runs' curves,
 timing plots) are not redrawn here, and each folder README says which run drew them.
 """
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,19 +24,25 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = "DATA"  # marks a command that reads a dataset
 ATTENTION_PROMPT = "Lily and Ben went to the park. Lily saw a dog and she"
 
+# folder: [(the folder's flags, the README figures that command redraws)]; a command may draw more
+# (a curve of a short shipped log, say), but only the figures listed here are copied into images/.
 COMMANDS = {
-    "ddpm": [["--dataset", "fashion", "--sample-only", "--pretrained"]],
-    "nf": [["--sample-only", "--pretrained", DATA]],
-    "vit": [["--dataset", "mnist", "--sample-only", "--pretrained", DATA],
-            ["--dataset", "fashion", "--sample-only", "--pretrained", DATA]],
-    "fff": [["--sample-only", "--pretrained", DATA]],
-    "gnns": [["--model", "gcn", "--sample-only", "--pretrained", DATA],
-             ["--model", "gat", "--sample-only", "--pretrained", DATA]],
-    "ppo": [["--sample-only", "--pretrained"]],
-    "tiny_stories_lm": [["attention", "--pretrained", "--layer", "3", "--attention-prompt", ATTENTION_PROMPT]],
-    "translator": [["translate", "--pretrained", "She saw a boy sitting on a bench."]],
-    "sequence_models": [["--task", "imdb", "--sample-only", "--pretrained"],
-                        ["--task", "numbers", "--sample-only", "--pretrained"]],
+    "ddpm": [(["--dataset", "mnist", "--sample-only", "--pretrained"], ["ddpm_mnist_shipped_samples.png"]),
+             (["--dataset", "fashion", "--sample-only", "--pretrained"],
+              ["ddpm_fashion_shipped_samples.png", "ddpm_both.gif"])],
+    "nf": [(["--sample-only", "--pretrained", DATA],
+            ["nf_mnist_samples.png", "nf_mnist_temperatures.png", "nf_mnist_interpolation.png"])],
+    "vit": [(["--dataset", d, "--sample-only", "--pretrained", DATA],
+             [f"vit_{d}_attention.png", f"vit_{d}_confusion.png"]) for d in ("mnist", "fashion")],
+    "fff": [(["--sample-only", "--pretrained", DATA], ["fff_leaves.png", "fff_curves.png"])],
+    "gnns": [(["--model", "gcn", "--sample-only", "--pretrained", DATA], ["gnns_mnist_gcn_graph.png"]),
+             (["--model", "gat", "--sample-only", "--pretrained", DATA], ["gnns_mnist_gat_graph.png"])],
+    "ppo": [(["--sample-only", "--pretrained"], ["ppo_cartpole.gif", "ppo_cartpole_curve.png"])],
+    "tiny_stories_lm": [(["attention", "--pretrained", "--layer", "3", "--attention-prompt", ATTENTION_PROMPT],
+                         ["tiny_stories_lm_attention_layer3.png"])],
+    "translator": [(["translate", "--pretrained", "She saw a boy sitting on a bench."], ["translator_attention.png"])],
+    "sequence_models": [(["--task", t, "--sample-only", "--pretrained"], [f"sequence_models_{t}_pretrained_curves.png"])
+                        for t in ("imdb", "numbers")],
 }
 
 
@@ -49,6 +58,26 @@ def command(folder, i, spec, data_dir, figures_dir):
     return [sys.executable, str(ROOT / folder / "main.py"), *flags, *out, *data]
 
 
+def redraw(folder, i, spec, figures, args):
+    """Run one command into a scratch folder and copy the figures it is listed for; False on failure."""
+    with tempfile.TemporaryDirectory() as scratch:
+        cmd = command(folder, i, spec, args.data_dir, scratch)
+        shown = " ".join(repr(a) if " " in a else a for a in [f"{folder}/main.py", *(spec if cmd is None else cmd[2:])])
+        if cmd is None:
+            print(f"skipped (needs --data-dir): {shown}")
+            return True
+        t0 = time.perf_counter()
+        ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
+        missing = [f for f in figures if not (Path(scratch) / f).is_file()]
+        for f in figures:
+            if ok and not missing:
+                shutil.copyfile(Path(scratch) / f, Path(args.figures_dir) / f)
+        ok = ok and not missing
+        print(f"{'ok' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s: {shown}"
+              + (f" (did not draw {', '.join(missing)})" if missing else f" -> {', '.join(figures)}"))
+        return ok
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", metavar="FOLDER", help=f"folders to redraw (default: all: {', '.join(COMMANDS)})")
@@ -62,18 +91,11 @@ def main(argv=None):
         p.error(f"--data-dir {args.data_dir} is not a folder")
     if Path(args.figures_dir).is_file():
         p.error(f"--figures-dir {args.figures_dir} is a file; pass a folder")
+    Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
     for folder in args.folders or COMMANDS:
-        for i, spec in enumerate(COMMANDS[folder]):
-            cmd = command(folder, i, spec, args.data_dir, args.figures_dir)
-            shown = " ".join(repr(a) if " " in a else a for a in [f"{folder}/main.py", *(spec if cmd is None else cmd[2:])])
-            if cmd is None:
-                print(f"skipped (needs --data-dir): {shown}")
-                continue
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, cwd=ROOT)
-            failed += r.returncode != 0
-            print(f"{'ok' if r.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.0f} s: {shown}")
+        for i, (spec, figures) in enumerate(COMMANDS[folder]):
+            failed += not redraw(folder, i, spec, figures, args)
     return 1 if failed else 0
 
 
