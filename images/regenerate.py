@@ -36,7 +36,7 @@ COMMANDS = {
              [f"vit_{d}_attention.png", f"vit_{d}_confusion.png"]) for d in ("mnist", "fashion")],
     "fff": [(["--sample-only", "--pretrained", DATA], ["fff_leaves.png", "fff_curves.png"])],
     "gnns": [(["--model", "gcn", "--sample-only", "--pretrained", DATA], ["gnns_mnist_gcn_graph.png"]),
-             (["--model", "gat", "--sample-only", "--pretrained", DATA], ["gnns_mnist_gat_graph.png"])],
+             (["--model", "gat", "--sample-only", "--pretrained", DATA], ["gnns_mnist_gat_graph.png", "gnns_mnist_curves.png"])],
     "ppo": [(["--sample-only", "--pretrained"], ["ppo_cartpole.gif", "ppo_cartpole_curve.png"])],
     "tiny_stories_lm": [(["attention", "--pretrained", "--layer", "3", "--attention-prompt", ATTENTION_PROMPT],
                          ["tiny_stories_lm_attention_layer3.png"])],
