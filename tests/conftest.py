@@ -9,7 +9,8 @@ the next folder's `model.py` is a fresh import. Folder modules therefore
 import their siblings at the top of the file.
 
 Also here, for the tests of several folders: `write_idx` (synthetic MNIST-style
-files) and `cli_error_line` (a command that must fail with exactly one line).
+files), `cli_error_line` (a command that must fail with exactly one line) and
+`count_syncs` (host reads of tensors during a training loop).
 """
 import gzip
 import importlib
@@ -21,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a display
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -69,3 +71,30 @@ def cli_error_line(folder, *args):
 @pytest.fixture
 def root():
     return ROOT
+
+
+SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain
+
+
+def count_syncs(monkeypatch, module, folder):
+    """Spies on the Tensor methods that read a value on the host, counting the calls made by `folder`'s
+    code while `module.train_epoch` runs (the step loop; the end-of-epoch logging is outside it)."""
+    calls, active = [], []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            if active and sys._getframe(1).f_code.co_filename.startswith(str(ROOT / folder)):
+                calls.append(_name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    train_epoch = module.train_epoch
+
+    def counted(*a, **kw):
+        active.append(1)
+        try:
+            return train_epoch(*a, **kw)
+        finally:
+            active.pop()
+    monkeypatch.setattr(module, "train_epoch", counted)
+    return calls

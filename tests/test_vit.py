@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, import_folder, write_idx
+from conftest import ROOT, count_syncs, import_folder, write_idx
 
 vit = import_folder("vit")
 
@@ -450,33 +450,6 @@ def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys, mo
 
 
 # ---- host-device synchronisation
-
-SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain
-
-
-def count_syncs(monkeypatch, module, folder):
-    """Spies on the Tensor methods that read a value on the host, counting the calls made by `folder`'s
-    code while `module.train_epoch` runs (the step loop; the end-of-epoch logging is outside it)."""
-    calls, active = [], []
-    for name in SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _original=original, _name=name, **kw):
-            if active and sys._getframe(1).f_code.co_filename.startswith(str(ROOT / folder)):
-                calls.append(_name)
-            return _original(self, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    train_epoch = module.train_epoch
-
-    def counted(*a, **kw):
-        active.append(1)
-        try:
-            return train_epoch(*a, **kw)
-        finally:
-            active.pop()
-    monkeypatch.setattr(module, "train_epoch", counted)
-    return calls
-
 
 @pytest.mark.parametrize("log_interval", [10, 20])
 def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, tmp_path, monkeypatch):
