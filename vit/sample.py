@@ -126,6 +126,16 @@ def has_test_set(data_dir, dataset):
     return all(find(raw, n) for n in idx_files("test"))
 
 
+def write_figures(figures, log, dataset, fig_dir):
+    """Draw each figure (plus the training curve when the log has one) as fig_dir/vit_<dataset>_<name>.png."""
+    if has_curve(log):
+        figures["curve"] = lambda p: plot_curve(log, dataset, p)
+    for name, draw in figures.items():
+        path = fig_dir / f"vit_{dataset}_{name}.png"
+        draw(path)
+        print(f"wrote {path}")
+
+
 def sample_shipped_examples(model, dataset, log, args, device):
     """--pretrained without the test set in --data-dir: the attention maps of the test images shipped in
     the JSON (the same images as the README's figure) and the shipped training curve; no download."""
@@ -139,12 +149,7 @@ def sample_shipped_examples(model, dataset, log, args, device):
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {"attention": lambda p: plot_attention(model, images, labels, preds, torch.arange(len(labels)),
                                                      dataset, p)}
-    if has_curve(log):
-        figures["curve"] = lambda p: plot_curve(log, dataset, p)
-    for name, draw in figures.items():
-        path = fig_dir / f"vit_{dataset}_{name}.png"
-        draw(path)
-        print(f"wrote {path}")
+    write_figures(figures, log, dataset, fig_dir)
 
 
 def sample(args):
@@ -174,10 +179,5 @@ def sample(args):
     figures = {"attention": lambda p: plot_attention(model, images, labels, preds, idx, dataset, p),
                "confusion": lambda p: plot_confusion(
                    torch.bincount(labels.cpu() * K + preds.cpu(), minlength=K * K).reshape(K, K), dataset, p)}
-    if has_curve(log):
-        figures["curve"] = lambda p: plot_curve(log, dataset, p)
-    for name, draw in figures.items():
-        path = fig_dir / f"vit_{dataset}_{name}.png"
-        draw(path)
-        print(f"wrote {path}")
+    write_figures(figures, log, dataset, fig_dir)
     return metrics
