@@ -69,10 +69,10 @@ def redraw(folder, i, spec, figures, args):
         t0 = time.perf_counter()
         ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
         missing = [f for f in figures if not (Path(scratch) / f).is_file()]
-        for f in figures:
-            if ok and not missing:
-                shutil.copyfile(Path(scratch) / f, Path(args.figures_dir) / f)
         ok = ok and not missing
+        if ok:
+            for f in figures:
+                shutil.copyfile(Path(scratch) / f, Path(args.figures_dir) / f)
         print(f"{'ok' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s: {shown}"
               + (f" (did not draw {', '.join(missing)})" if missing else f" -> {', '.join(figures)}"))
         return ok

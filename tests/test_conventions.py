@@ -2,6 +2,7 @@
 and no code shared between folders."""
 import ast
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -269,7 +270,6 @@ SAME_MEANING = {"ppo": {"--batch-size": "--num-minibatches"}}  # PPO's batch is 
 @pytest.mark.parametrize("flag,value", BAD_VALUES, ids=[f for f, _ in BAD_VALUES])
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_the_same_bad_value_gets_the_same_one_line_error(folder, flag, value, capsys):
-    import re
     flag = SAME_MEANING.get(folder, {}).get(flag, flag)
     line = error_line(folder, [*TRAIN_CMD.get(folder, []), flag, value, "--device", "cpu"], capsys)
     assert re.search(rf"error: argument [^:]*{flag}: '{value}': must be (> 0|>= 0|>= 1)\b", line), line
@@ -279,7 +279,6 @@ LINK = r"\[([^\]]*)\]\(([\w./-]+\.py)#L(\d+)(?:-L(\d+))?\)"
 
 
 def _readme_links():
-    import re
     for readme in sorted(ROOT.glob("*/README.md")):
         for n, line in enumerate(readme.read_text().splitlines(), 1):
             for m in re.finditer(LINK, line):
@@ -293,7 +292,6 @@ def test_readme_line_links_name_lines_that_hold_what_they_quote():
     """Every `file.py#Lx-Ly` link in a folder README names lines that exist, one thing at a time
     (at most 60 lines: no function is longer), and contains the identifier quoted in backticks in
     or right before the link text."""
-    import re
     problems = []
     for where, path, a, b, quoted in _readme_links():
         lines = path.read_text().splitlines() if path.is_file() else []
