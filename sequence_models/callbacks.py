@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IGNORE
-from learner import Callback, CancelFit
+from learner import Callback, CancelBatch, CancelFit
 
 FOLDER = "sequence_models"  # stamped into checkpoints, so that another folder's checkpoint is refused
 log = logging.getLogger(FOLDER)
@@ -269,13 +269,18 @@ MONITOR = {"imdb": "valid_accuracy", "numbers": "valid_accuracy", "names": "vali
 
 
 class Checkpoint(Callback):
-    """Every epoch, atomically: ckpt.pt (everything --resume needs) and, at the best validation
-    accuracy so far, best.pt (the weights that get evaluated and served). On resume, before_fit
-    restores the model, optimiser, schedule, history and random state."""
+    """Atomically: ckpt.pt (everything --resume needs) at the end of every epoch and, with every > 0,
+    every `every` optimiser steps within an epoch too, so that a kill loses at most that many steps;
+    best.pt (the weights that get evaluated and served) at the best monitored metric of an epoch.
+    On resume, before_fit restores the model, optimiser, schedule, history and random state; a
+    mid-epoch checkpoint also its place in the epoch: the batches already trained are skipped, and
+    the language model's carried state and the epoch's metric rows come back, so the run goes on
+    exactly as an uninterrupted one."""
     order = 100
 
-    def __init__(self, out, meta, monitor, resume=None):
-        self.out, self.meta, self.monitor, self.resume = Path(out), meta, monitor, resume
+    def __init__(self, out, meta, monitor, resume=None, every=0):
+        self.out, self.meta, self.monitor, self.resume, self.every = Path(out), meta, monitor, resume, every
+        self.skip, self.carry, self.saved = 0, None, None  # saved: where the last ckpt.pt stands, in words
 
     def before_fit(self):
         L, ckpt = self.learner, self.resume
@@ -292,21 +297,72 @@ class Checkpoint(Callback):
         for loader in vars(L.data).values():
             if hasattr(loader, "shuffle"):  # its shuffle is a function of (seed, epoch)
                 loader.epoch = L.epoch
-        log.info(f"resumed {self.out / 'ckpt.pt'} after epoch {L.epoch} (step {L.step})")
+        self.skip = ckpt.get("batch", 0)  # checkpoints before --checkpoint-every: end of epoch only
+        self.carry = ckpt if self.skip else None
+        self.saved = self.where(ckpt)
+        log.info(f"resumed {self.out / 'ckpt.pt'} {self.saved}")
+
+    @staticmethod
+    def where(ckpt):
+        if ckpt.get("batch"):
+            return f"at step {ckpt['step']} (epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']})"
+        return f"after epoch {ckpt['epoch']} (step {ckpt['step']})"
+
+    def before_epoch(self):  # after ResetState and Metrics (lower order) have cleared what a resume restores
+        self.batch, L, carry = 0, self.learner, self.carry
+        if carry:
+            state = carry["lm_state"]  # h (layers, N, H), or the LSTM's (h, c)
+            if state is not None:
+                L.model.state = tuple(h.to(L.device) for h in state) if isinstance(state, tuple) else state.to(L.device)
+            metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
+            metrics.rows["train"] = list(carry["rows"].to(L.device).unbind(0))
+            self.carry = None
+
+    def before_batch(self):
+        if self.learner.training:
+            self.batch += 1                   # training batches of this epoch so far
+            if self.batch <= self.skip:       # trained before the resumed checkpoint was written
+                raise CancelBatch
+
+    def after_step(self):
+        L = self.learner
+        if self.every and L.step % self.every == 0 and self.batch < len(L.loader):  # the last: after_epoch's
+            metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
+            rows = metrics.rows.get("train")
+            self.save(self.state({"epoch": L.epoch, "batch": self.batch, "lm_state": getattr(L.model, "state", None),
+                                  "rows": torch.stack(rows).cpu() if rows else torch.zeros(0, 3)}))
 
     def after_epoch(self):
         L = self.learner
-        state = {**self.meta, "model": L.model.state_dict(), "epoch": L.epoch + 1, "step": L.step,
-                 "history": L.history, "metrics": L.metrics}
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        resumable = {**state, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                     "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None}
-        if not (math.isfinite(L.metrics["valid_loss"]) and all_finite(resumable)):
+        self.skip = 0
+        if not math.isfinite(L.metrics["valid_loss"]):
             raise Diverged(f"the model became non-finite (validation loss {L.metrics['valid_loss']}) in epoch "
                            f"{L.epoch + 1}; not saved")
+        state = self.state({"epoch": L.epoch + 1, "batch": 0})
         if best_epoch(L.history, self.monitor) == len(L.history) - 1:
-            save_atomic(state, self.out / "best.pt")
-        save_atomic(resumable, self.out / "ckpt.pt")
+            save_atomic({k: v for k, v in state.items() if k not in RESUME_ONLY}, self.out / "best.pt")
+        self.save(state)
+
+    def state(self, place):
+        """The meta, weights, history and `place` (epoch, batch within it), with what --resume needs;
+        refused, as Diverged, if anything in it is non-finite (StopOnNonFinite's flag read first)."""
+        L = self.learner
+        for guard in (cb for cb in L.callbacks if isinstance(cb, StopOnNonFinite) and cb.deferred):
+            guard.check()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        state = {**self.meta, "model": L.model.state_dict(), "step": L.step, "history": L.history,
+                 "metrics": L.metrics, **place, "optimizer": L.opt.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": cuda_rng, "scheduler": L.scheduler.state_dict() if hasattr(L, "scheduler") else None}
+        if not all_finite(state):
+            raise Diverged(f"the model became non-finite in epoch {L.epoch + 1}; not saved")
+        return state
+
+    def save(self, state):
+        save_atomic(state, self.out / "ckpt.pt")
+        self.saved = self.where(state)
+
+
+RESUME_ONLY = ("batch", "lm_state", "rows", "optimizer", "rng", "cuda_rng", "scheduler")
 
 
 class EarlyStopping(Callback):

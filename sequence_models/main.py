@@ -39,15 +39,15 @@ from train import evaluate_only, log_file, run_dir, train
 # Per task; a flag typed on the command line always wins.
 DEFAULTS = {
     "imdb": dict(epochs=6, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.4,
-                 weight_decay=0.01, patience=2),
+                 weight_decay=0.01, patience=2, checkpoint_every=0),
     "numbers": dict(epochs=30, batch_size=64, lr=3e-3, emb_size=64, hidden_size=64, layers=2, dropout=0.5,
-                    weight_decay=0.1, patience=0),
+                    weight_decay=0.1, patience=0, checkpoint_every=0),
     "names": dict(epochs=20, batch_size=128, lr=3e-3, emb_size=24, hidden_size=256, layers=1, dropout=0.1,
-                  weight_decay=0.01, patience=0),
+                  weight_decay=0.01, patience=0, checkpoint_every=0),
     "imdb-lm": dict(epochs=1, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.1,
-                    weight_decay=0.01, patience=0),
+                    weight_decay=0.01, patience=0, checkpoint_every=500),
     "text": dict(epochs=10, batch_size=64, lr=3e-3, emb_size=32, hidden_size=256, layers=2, dropout=0.1,
-                 weight_decay=0.01, patience=0),
+                 weight_decay=0.01, patience=0, checkpoint_every=0),
 }
 QUICK = {
     "imdb": dict(epochs=5, lr=5e-3, limit=4000, max_len=150, vocab_size=8000, emb_size=32, hidden_size=48),
@@ -145,6 +145,9 @@ class Config:
                            type=number(int, 1))
     lr: float = flag(None, f"peak of the one-cycle schedule (AdamW) {per_task('lr')}", "shared", type=positive(float))
     resume: bool = flag(False, "continue OUT_DIR/<task>-<model>/ckpt.pt with its flags", "shared", action="store_true")
+    checkpoint_every: int = flag(None, "also write ckpt.pt every N optimiser steps within an epoch, where --resume "
+                                 f"continues exactly (0: at the end of each epoch only) {per_task('checkpoint_every')}",
+                                 "shared", type=number(int, 0))
     sample_only: bool = flag(False, "skip training: examples and figures from the checkpoint", "shared",
                              action="store_true")
     evaluate: bool = flag(False, "skip training: score the checkpoint on the validation (and test) split", "shared",

@@ -165,8 +165,8 @@ def step_callbacks(args, model):
 def callbacks_for(args, model, out, meta, ckpt):
     """step_callbacks, and what a run adds: progress, checkpoints, logs, early stopping."""
     monitor = MONITOR[args.task]
-    callbacks = step_callbacks(args, model) + [Progress(args.log_interval), Checkpoint(out, meta, monitor, ckpt),
-                                                CSVLog(out / "log.csv")]
+    checkpoint = Checkpoint(out, meta, monitor, ckpt, args.checkpoint_every)
+    callbacks = step_callbacks(args, model) + [Progress(args.log_interval), checkpoint, CSVLog(out / "log.csv")]
     if args.patience:
         callbacks.append(EarlyStopping(args.patience, monitor))
     if args.tensorboard:
@@ -235,9 +235,9 @@ def fit_or_exit(learner, epochs, ckpt_path):
     try:
         learner.fit(epochs)
     except KeyboardInterrupt:
-        done = f"after epoch {learner.history[-1]['epoch']}" if learner.history else "before the first epoch"
-        raise SystemExit(f"\ninterrupted; last checkpoint {done} in {ckpt_path}"
-                         + (": continue with --resume" if learner.history else ""))
+        saved = next(cb.saved for cb in learner.callbacks if isinstance(cb, Checkpoint))
+        raise SystemExit(f"\ninterrupted; last checkpoint {saved} in {ckpt_path}: continue with --resume" if saved
+                         else "\ninterrupted before the first checkpoint; nothing to resume")
     except Diverged as e:
         last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was saved"
         raise SystemExit(f"sequence_models: {e}; {last}; try a lower --lr")

@@ -414,6 +414,47 @@ def write_imdb(root, n=48):
                     tar.addfile(info, io.BytesIO(data))
 
 
+LM = ["--task", "imdb-lm", "--device", "cpu", "--epochs", "2", "--emb-size", "8", "--hidden-size", "12",
+      "--batch-size", "4", "--bptt", "8", "--lm-vocab", "20", "--dropout", "0.3", "--checkpoint-every", "5"]
+
+
+def test_language_model_killed_mid_epoch_resumes_exactly_where_it_was(tmp_path, monkeypatch):
+    """--checkpoint-every 5: a run killed just after the mid-epoch checkpoint of step 10 (epoch 1 of
+    2), then resumed, ends with the weights, optimiser state and per-epoch losses of the run that was
+    never stopped: the trained batches are skipped, the LM's carried state, the random state (dropout)
+    and the epoch's metric rows come back."""
+    write_imdb(tmp_path, n=24)
+    common = LM + ["--data-dir", str(tmp_path)]
+    sm.main.main(common + ["--out-dir", str(tmp_path / "straight")])
+    save, saved = sm.callbacks.Checkpoint.save, []
+
+    def kill_after_step_10(self, state):
+        save(self, state)
+        saved.append((state["step"], state["batch"]))
+        if state["step"] == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sm.callbacks.Checkpoint, "save", kill_after_step_10)
+    with pytest.raises(SystemExit, match=r"at step 10 \(epoch 1, batch 10\).*--resume"):
+        sm.main.main(common + ["--out-dir", str(tmp_path / "resumed")])
+    assert saved == [(5, 5), (10, 10)]
+    ckpt = torch.load(tmp_path / "resumed" / "imdb-lm-lstm" / "ckpt.pt", weights_only=True)
+    assert ckpt["lm_state"][0].shape == (1, 4, 12) and ckpt["rows"].shape == (10, 3)
+    monkeypatch.setattr(sm.callbacks.Checkpoint, "save", save)
+    sm.main.main(["--task", "imdb-lm", "--resume", "--device", "cpu", "--data-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "resumed")])
+    straight, resumed = [torch.load(tmp_path / run / "imdb-lm-lstm" / "ckpt.pt", weights_only=True)
+                         for run in ("straight", "resumed")]
+    assert resumed["step"] == straight["step"] > 2 * 10 and resumed["epoch"] == 2
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
+    for k, v in straight["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"], atol=1e-9, rtol=0)
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], abs=1e-6)
+
+
 def test_imdb_pipeline_and_interact(tmp_path, capsys):
     write_imdb(tmp_path)
     common = ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--model", "gru"]
