@@ -224,6 +224,62 @@ def test_random_crop_is_the_padded_image_cut_at_a_random_offset():
     torch.testing.assert_close(vit.data.random_crop(images, 2, torch.Generator().manual_seed(0)), shifted)
 
 
+def within(count, n, p):
+    """|count - n p| inside six standard deviations of a binomial count (plus one for p in {0, 1})."""
+    return abs(count - n * p) <= 6 * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_hflip_is_torch_flip_on_exactly_the_chosen_images(p):
+    n = 3000
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = vit.data.random_hflip(images, p, torch.Generator().manual_seed(1))
+    chosen = (out != images).flatten(1).any(1)              # a random image is (almost surely) not its own mirror
+    assert torch.equal(out[chosen], torch.flip(images[chosen], [-1]))
+    assert torch.equal(out[~chosen], images[~chosen])       # the others untouched, bit for bit
+    assert within(chosen.sum().item(), n, p), chosen.sum()
+
+
+def erased_rectangles(images, p, seed):
+    """Random Erasing of `images` and of their negatives with the same generator seed (its draws do not
+    depend on the pixels): a pixel of I_e keeps its value in at most one of the two (v != 255 - v), so
+    the erased pixels are exactly those changed in either. -> (outputs, erased-pixel masks (n, H, W))"""
+    out = vit.data.random_erasing(images, p, torch.Generator().manual_seed(seed))
+    out_neg = vit.data.random_erasing(255 - images, p, torch.Generator().manual_seed(seed))
+    mask = (out != images) | (out_neg != 255 - images)
+    assert torch.equal(out[mask], out_neg[mask])                             # the same fill in both
+    return out, mask
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 1.0])
+def test_random_erasing_fills_one_rectangle_of_the_papers_area_and_aspect_per_erased_image(p):
+    """Zhong et al. 2020, Alg. 1: with probability p per image, one axis-aligned rectangle inside the
+    image, S_e / S in [0.02, 0.4], H_e / W_e in [0.3, 1 / 0.3], of random values; the rest bit-identical."""
+    n, H, W = 3000, 28, 28
+    images = torch.randint(0, 256, (n, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out, mask = erased_rectangles(images, p, seed=1)
+    torch.testing.assert_close(out[~mask], images[~mask], rtol=0, atol=0)   # outside I_e: untouched
+    erased = mask.flatten(1).any(1)
+    # Alg. 1 redraws until I_e fits; here at most TRIES times: an image none fits (~0.7^TRIES) stays
+    assert within(erased.sum().item(), n, p * (1 - 0.7 ** vit.data.TRIES)), erased.sum()
+    rows, cols = mask.any(2), mask.any(1)                                    # (n, H), (n, W)
+    assert torch.equal(mask, rows[:, :, None] & cols[:, None, :])            # the changed pixels fill a box...
+    h, w = rows.sum(1)[erased], cols.sum(1)[erased]
+    first_row, first_col = rows.int().argmax(1)[erased], cols.int().argmax(1)[erased]
+    last_row = H - 1 - rows.flip(1).int().argmax(1)[erased]
+    last_col = W - 1 - cols.flip(1).int().argmax(1)[erased]
+    assert torch.equal(last_row - first_row + 1, h) and torch.equal(last_col - first_col + 1, w)  # ...one box
+    area = (h * w).double() / (H * W)
+    assert ((0.02 <= area) & (area <= 0.4)).all() and ((3 * w <= 10 * h) & (3 * h <= 10 * w)).all()
+    if p == 0.25:                                            # the ranges are used, and the whole image
+        aspect = h.double() / w
+        assert area.min() < 0.04 and area.max() > 0.3 and aspect.min() < 0.4 and aspect.max() > 2.5
+        assert (first_row == 0).any() and (last_row == H - 1).any() and (first_col == 0).any() and (last_col == W - 1).any()
+    fill = out[mask].long()                                  # random values over [0, 255], about uniform
+    if p:
+        assert fill.min() < 5 and fill.max() > 250 and abs(fill.double().mean() - 127.5) < 3
+
+
 def synthetic_mnist(root, n_train=700, n_test=200, seed=0):
     """Ten classes of 28x28 images: class c is a fixed random binary pattern, plus noise. (Every
     patch carries the class, as strokes do in digits; a class told only by position would need the
@@ -252,7 +308,7 @@ def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
     loss (and the loss is the formula), --grad-clip the clipping (the gradient then has that norm),
     --weight-decay AdamW's matrices only, --crop-padding the augmentation, --dropout the model."""
     data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=10)
-    seen = {"loss": [], "clip": [], "crop": [], "opt": []}
+    seen = {"loss": [], "clip": [], "crop": [], "opt": [], "hflip": [], "erasing": []}
     loss_fn, clip, crop, configure = (vit.train.smoothed_cross_entropy, torch.nn.utils.clip_grad_norm_,
                                       vit.train.random_crop, vit.train.configure_optimizer)
 
@@ -274,10 +330,15 @@ def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
     monkeypatch.setattr(vit.train.torch.nn.utils, "clip_grad_norm_", spy_clip)
     monkeypatch.setattr(vit.train, "random_crop", lambda x, padding, g: seen["crop"].append(padding) or crop(x, padding, g))
     monkeypatch.setattr(vit.train, "configure_optimizer", spy_configure)
+    hflip, erasing = vit.train.random_hflip, vit.train.random_erasing
+    monkeypatch.setattr(vit.train, "random_hflip", lambda x, p, g: seen["hflip"].append(p) or hflip(x, p, g))
+    monkeypatch.setattr(vit.train, "random_erasing", lambda x, p, g: seen["erasing"].append(p) or erasing(x, p, g))
     monkeypatch.setattr(vit.main, "sample", lambda args: None)                 # training only
     vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "100", "--label-smoothing", "0.3",
-                           "--grad-clip", "0.01", "--weight-decay", "0.7", "--crop-padding", "3", "--dropout", "0.2"))
-    assert len(seen["loss"]) == 2 and seen["crop"] == [3, 3]
+                           "--grad-clip", "0.01", "--weight-decay", "0.7", "--crop-padding", "3", "--dropout", "0.2",
+                           "--hflip", "0.4", "--random-erasing", "0.6"))
+    assert len(seen["loss"]) == 2 and seen["crop"] == [3, 3] and seen["hflip"] == [0.4, 0.4]
+    assert seen["erasing"] == [0.6, 0.6]
     for logits, y, eps, loss in seen["loss"]:
         log_p = logits.log_softmax(-1)
         assert eps == 0.3
@@ -366,6 +427,75 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
     assert (tmp_path / "resumed" / "log.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicate
 
 
+def test_ema_after_k_steps_is_the_closed_form_of_the_recorded_weights(tmp_path, monkeypatch):
+    """--ema D over k optimiser steps with weights theta_0 (initial), theta_1, ..., theta_k: theta_ema_k =
+    prod_i d_i theta_0 + sum_i (1 - d_i) prod_{j > i} d_j theta_i, with d_i = min(D, (1 + t) / (10 + t)) at
+    step t = i - 1 (the warm-up; for D = 0.5 it binds for i <= 8 and D after). Validation scores the EMA."""
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
+    data = synthetic_mnist(tmp_path / "data", n_train=700, n_test=10)
+    thetas, train_step = [], vit.train.train_step
+
+    def recording(model, *a, **kw):
+        thetas.extend([] if thetas else [{k: v.detach().double().clone() for k, v in model.state_dict().items()}])
+        out = train_step(model, *a, **kw)
+        thetas.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+        return out
+    monkeypatch.setattr(vit.train, "train_step", recording)
+    vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--ema", "0.5", "--crop-padding", "1"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    k = len(thetas) - 1
+    assert k == 600 // 50
+    d = [min(0.5, i / (9 + i)) for i in range(1, k + 1)]                    # d_i, i = 1..k
+    for name, ema in ckpt["ema"].items():
+        expected = math.prod(d) * thetas[0][name] + sum((1 - d[i - 1]) * math.prod(d[i:]) * thetas[i][name]
+                                                        for i in range(1, k + 1))
+        torch.testing.assert_close(ema.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt["model"][name].double(), thetas[-1][name], rtol=0, atol=0)
+    without_warmup = sum(0.5 ** (k - i + 1) * thetas[i]["E.weight"] for i in range(1, k + 1)) + 0.5 ** k * thetas[0]["E.weight"]
+    assert not torch.allclose(ckpt["ema"]["E.weight"].double(), without_warmup, rtol=1e-5, atol=1e-6)
+    model = vit.model.ViT(vit.model.ViTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema"])
+    val_x, val_y = (t[-100:] for t in vit.data.load_split(data, "mnist", "train"))   # --val-size 100
+    with torch.no_grad():
+        acc = (model.eval()(vit.data.normalize(val_x, "mnist")).argmax(-1) == val_y).float().mean().item()
+    assert ckpt["val_acc"] == pytest.approx(acc)
+
+
+def test_two_epochs_equal_one_then_resume_with_flip_erasing_and_ema(tmp_path, monkeypatch):
+    """The recipe options replay on --resume (their draws seeded by (seed, epoch), the EMA in the
+    checkpoint), and sample.py and --export-pretrained use the EMA weights."""
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
+    data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=20)
+    recipe = ["--epochs", "2", "--crop-padding", "1", "--hflip", "0.5", "--random-erasing", "0.5", "--ema", "0.9"]
+    vit.main.main(run_args(data, tmp_path / "straight", *recipe))
+    calls, evaluate = [], vit.train.evaluate
+
+    def interrupted_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*a, **kw)
+    monkeypatch.setattr(vit.train, "evaluate", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit):
+        vit.main.main(run_args(data, tmp_path / "resumed", *recipe))
+    monkeypatch.setattr(vit.train, "evaluate", evaluate)
+    vit.main.main(["--resume", "--out-dir", str(tmp_path / "resumed"), "--data-dir", str(data)])   # the run's flags
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
+    assert b["epoch"] == 2 and b["args"]["random_erasing"] == 0.5
+    for part in ("model", "ema"):
+        for name in a[part]:
+            torch.testing.assert_close(b[part][name], a[part][name], rtol=0, atol=0)
+    assert not torch.equal(a["ema"]["E.weight"], a["model"]["E.weight"])
+    args = vit.main.parse_args(["--sample-only", "--out-dir", str(tmp_path / "straight"), "--device", "cpu"])
+    model = vit.sample.load_for_sampling(args, "cpu")[0]
+    assert all(torch.equal(v, a["ema"][k]) for k, v in model.state_dict().items())
+    monkeypatch.setattr(vit.pretrained, "ROOT", tmp_path / "pretrained")
+    vit.main.main(["--export-pretrained", str(tmp_path / "straight"), "--data-dir", str(data)])
+    import safetensors.torch
+    shipped = safetensors.torch.load_file(tmp_path / "pretrained" / "vit" / "mnist.safetensors")
+    assert all(torch.equal(v, a["ema"][k].half()) for k, v in shipped.items())
+
+
 @pytest.fixture
 def one_line_error(capsys):
     """main(ARGS), in this process: it must stop with exactly one line (its exit message or stderr)."""
@@ -384,6 +514,8 @@ def one_line_error(capsys):
     (["--patch-size", "5"], "does not divide the 28x28 images; choose 1, 2, 4, 7, 14, 28"),
     (["--dim", "30", "--heads", "4"], "--dim 30 is not divisible by --heads 4"),
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--hflip", "1.5"], "--hflip: '1.5': must be >= 0 and <= 1"),
+    (["--ema", "1"], "--ema 1 would keep the initial weights for ever; choose a decay below 1"),
 ])
 def test_bad_flags_get_one_line(args, says, one_line_error):
     assert says in one_line_error(*args)
@@ -451,17 +583,19 @@ def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys, mo
 
 # ---- host-device synchronisation
 
-@pytest.mark.parametrize("log_interval", [10, 20])
-def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_interval, recipe", [(10, []), (20, []),
+                                                  (10, ["--hflip", "0.5", "--random-erasing", "0.5", "--ema", "0.999"])])
+def test_twenty_steps_read_the_device_only_at_log_steps(log_interval, recipe, tmp_path, monkeypatch):
     """One epoch of 20 steps on the CPU with CUDA's schedule (divergence read at log steps only): the loop
     reads a tensor on the host twice per log step (the divergence flag, the loss for the progress bar)
-    and once at the end of the epoch (the divergence flag, before the checkpoint); none per step."""
+    and once at the end of the epoch (the divergence flag, before the checkpoint); none per step, also
+    with the flip, Random Erasing and the weights' EMA on."""
     monkeypatch.setattr(vit.main, "sample", lambda args: None)
     monkeypatch.setattr(vit.train, "checks_every_step", lambda device: False)
     calls = count_syncs(monkeypatch, vit.train, "vit")
     data = synthetic_mnist(tmp_path / "data", n_train=600, n_test=10)
     vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--train-size", "500", "--batch-size", "25",
-                           "--crop-padding", "2", "--log-interval", str(log_interval)))
+                           "--crop-padding", "2", "--log-interval", str(log_interval), *recipe))
     assert calls and len(calls) <= 2 * (20 // log_interval) + 1, calls                 # the spies see them: not zero
 
 

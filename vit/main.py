@@ -19,7 +19,7 @@ from pathlib import Path
 from data import DATASETS, load_split
 from pretrained import export, pretrained_config
 from sample import sample
-from train import QUICK_OUT_DIR, benchmark, device_memory, load_checkpoint, resolve_device, train
+from train import QUICK_OUT_DIR, benchmark, device_memory, evaluated_weights, load_checkpoint, resolve_device, train
 
 IMAGE_SIZE = 28  # MNIST and FashionMNIST
 # --quick: a tiny model (P=7) on half the data for six epochs; flags given explicitly still win.
@@ -95,6 +95,28 @@ def check_memory(p, args):
                 f"choose a smaller model or --batch-size")
 
 
+def add_data_and_model_flags(p):
+    """The flags of the "data" (with the augmentations) and "model" groups."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
+    g.add_argument("--val-size", type=number(int, 0), default=5000, help="last training images held out for validation")
+    g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
+    g.add_argument("--crop-padding", type=number(int, 0, 13), default=2, help="augmentation: random crop after padding by this many pixels (0: off)")
+    g.add_argument("--hflip", type=number(float, 0, 1), default=0.0,
+                   help="augmentation: flip each training image left-right with this probability (suits clothes, not digits; 0: off)")
+    g.add_argument("--random-erasing", type=number(float, 0, 1), default=0.0,
+                   help="augmentation: Random Erasing (Zhong et al. 2020) with this probability per image: one rectangle "
+                        "(2-40%% of the area, aspect 0.3-3.3) of random pixels (0: off)")
+
+    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
+    g.add_argument("--patch-size", type=positive(int), default=4, help=f"patch side P; divides the {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    g.add_argument("--dim", type=positive(int), default=64, help="width D, divisible by --heads")
+    g.add_argument("--depth", type=positive(int), default=6, help="encoder layers L")
+    g.add_argument("--heads", type=positive(int), default=4, help="attention heads k")
+    g.add_argument("--mlp-dim", type=positive(int), default=128, help="hidden width of each block's MLP")
+    g.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout probability")
+
+
 def build_parser():
     """Every flag, declared once with its default and help."""
     p = Parser(prog="vit/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,25 +137,16 @@ def build_parser():
     g.add_argument("--pretrained", action="store_true",
                    help="use the shipped weights in pretrained/vit/ instead of a run folder")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="mnist or fashion (FashionMNIST)")
-    g.add_argument("--val-size", type=number(int, 0), default=5000, help="last training images held out for validation")
-    g.add_argument("--train-size", type=number(int, 0), default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--crop-padding", type=number(int, 0, 13), default=2, help="augmentation: random crop after padding by this many pixels (0: off)")
-
-    g = p.add_argument_group("model (on --resume and --sample-only, the checkpoint's)")
-    g.add_argument("--patch-size", type=positive(int), default=4, help=f"patch side P; divides the {IMAGE_SIZE}x{IMAGE_SIZE} images")
-    g.add_argument("--dim", type=positive(int), default=64, help="width D, divisible by --heads")
-    g.add_argument("--depth", type=positive(int), default=6, help="encoder layers L")
-    g.add_argument("--heads", type=positive(int), default=4, help="attention heads k")
-    g.add_argument("--mlp-dim", type=positive(int), default=128, help="hidden width of each block's MLP")
-    g.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout probability")
+    add_data_and_model_flags(p)
 
     g = p.add_argument_group("training")
     g.add_argument("--min-lr", type=number(float, 0), default=1e-5, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-epochs", type=number(float, 0), default=2.0, help="linear warmup, in epochs")
     g.add_argument("--weight-decay", type=number(float, 0), default=0.05, help="AdamW weight decay, on matrices only")
     g.add_argument("--label-smoothing", type=number(float, 0, 1), default=0.1, help="label smoothing of the cross-entropy")
+    g.add_argument("--ema", type=number(float, 0, 1), default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up "
+                        "min(decay, (1+t)/(10+t)) at step t) and validate, test and export it (0: off)")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--log-interval", type=positive(int), default=50,
@@ -194,6 +207,8 @@ def validate(p, args, typed):
     if IMAGE_SIZE % args.patch_size:
         divisors = ", ".join(str(d) for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0)
         p.error(f"--patch-size {args.patch_size} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} images; choose {divisors}")
+    if args.ema == 1:
+        p.error("--ema 1 would keep the initial weights for ever; choose a decay below 1 (e.g. 0.999), or 0 for off")
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
     if not args.sample_only:
@@ -224,11 +239,12 @@ def command_of(saved):
 
 
 def export_run(args):
-    """--export-pretrained RUN_DIR: the finished run's checkpoint -> pretrained/vit/<dataset>.*"""
+    """--export-pretrained RUN_DIR: the finished run's checkpoint -> pretrained/vit/<dataset>.*, the weights'
+    EMA when the run had --ema"""
     run_dir = Path(args.export_pretrained)
     ckpt = load_checkpoint(run_dir / "ckpt.pt", "cpu")
     test = load_split(args.data_dir, ckpt["args"]["dataset"], "test")
-    return export(ckpt, run_dir, command_of(ckpt["args"]), test)
+    return export(ckpt, evaluated_weights(ckpt), run_dir, command_of(ckpt["args"]), test)
 
 
 def main(argv=None):

@@ -113,14 +113,14 @@ def hardware():
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}")
 
 
-def export(ckpt, run_dir, command, test):
-    """pretrained/vit/<dataset>.* from a finished run's checkpoint: the weights in fp16, the run's log,
-    and the JSON, whose test accuracy and check are measured with the fp16 weights loaded back in float32.
-    test: (images, labels) of the test split."""
+def export(ckpt, weights_of_run, run_dir, command, test):
+    """pretrained/vit/<dataset>.* from a finished run's checkpoint: weights_of_run (its state dict, or its
+    EMA) in fp16, the run's log, and the JSON, whose test accuracy and check are measured with the fp16
+    weights loaded back in float32. test: (images, labels) of the test split."""
     name = ckpt["args"]["dataset"]
     weights, meta_path, log_path = paths(name)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(DTYPE).contiguous() for k, v in ckpt["model"].items()}, weights)
+    save_file({k: v.to(DTYPE).contiguous() for k, v in weights_of_run.items()}, weights)
     model = ViT(ViTConfig(**ckpt["config"]))
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     model.eval()
@@ -135,7 +135,7 @@ def export(ckpt, run_dir, command, test):
             "metric": {"name": "test_acc", "value": (preds == labels).float().mean().item(),
                        "split": f"test ({len(labels):,} images), with the shipped fp16 weights"},
             "val_acc": ckpt["val_acc"], "check": check_of(model),
-            "size_note": f"the README's {sum(v.numel() for v in ckpt['model'].values()):,}-parameter ViT in fp16: "
+            "size_note": f"the README's {sum(v.numel() for v in weights_of_run.values()):,}-parameter ViT in fp16: "
                          f"{weights.stat().st_size / 2 ** 20:.2f} MiB, well within the 4 MiB per file",
             "examples": encode_examples(images, labels, torch.cat([torch.arange(n - n // 4), wrong[:n // 4]]))}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")

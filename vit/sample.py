@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from data import CLASSES, DATASETS, find, idx_files, load_split, normalize
 from model import ViT, ViTConfig, attention_rollout
 from pretrained import decode_examples, load_model, paths, read_meta
-from train import load_checkpoint, predict, resolve_device
+from train import evaluated_weights, load_checkpoint, predict, resolve_device
 
 
 def plot_attention(model, images, labels, preds, idx, dataset, path):
@@ -104,9 +104,9 @@ def load_for_sampling(args, device):
     out = Path(args.out_dir)
     ckpt = load_checkpoint(out / "ckpt.pt", device)
     model = ViT(ViTConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(evaluated_weights(ckpt))         # with --ema, the weights' average
     facts = {"epochs": ckpt["epoch"], "val_acc": None if math.isnan(ckpt["val_acc"]) else ckpt["val_acc"],
-             "train_time_s": round(ckpt["train_time"], 1)}
+             "train_time_s": round(ckpt["train_time"], 1), "ema": ckpt["args"].get("ema", 0.0)}
     return model.eval(), ckpt["args"]["dataset"], facts, out / "log.csv"
 
 

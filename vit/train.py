@@ -1,5 +1,6 @@
 """Train the ViT: data, model, optimiser, schedule, then the loop over epochs with
 validation accuracy and an atomic checkpoint after each epoch."""
+import copy
 import csv
 import json
 import math
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from data import DATASETS, find, idx_files, load_data, normalize, random_crop
+from data import DATASETS, find, idx_files, load_data, normalize, random_crop, random_erasing, random_hflip
 from model import ViT, ViTConfig
 from pretrained import load_pretrained
 
@@ -84,6 +85,11 @@ def configure_optimizer(model, args):
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
                              fused=True if decay[0].is_cuda else None)
+
+
+def evaluated_weights(ckpt):
+    """The weights a run is judged by (validation, test, export): their EMA when it trained with --ema."""
+    return ckpt.get("ema") or ckpt["model"]
 
 
 def build(cfg, args, device):
@@ -155,11 +161,16 @@ def shuffle(n, seed, device):
 
 def get_batch(train_x, train_y, order, i, args, generator):
     """Batch i of an epoch: uint8 images (B, H, W) and labels (B,) gathered by index where the data
-    live, then randomly cropped."""
+    live, then augmented there, each only when its flag is on: random crop, horizontal flip, Random
+    Erasing (on the uint8 pixels, before normalisation). The draws come from `generator`, in that order."""
     idx = order[i * args.batch_size:(i + 1) * args.batch_size]
     x, y = train_x[idx], train_y[idx]
     if args.crop_padding:
         x = random_crop(x, args.crop_padding, generator)
+    if args.hflip:
+        x = random_hflip(x, args.hflip, generator)
+    if args.random_erasing:
+        x = random_erasing(x, args.random_erasing, generator)
     return x, y
 
 
@@ -180,17 +191,42 @@ def train_step(model, fwd, optimizer, x, y, lr, args, autocast, before_update):
     return loss.detach(), (logits.argmax(-1) == y).sum()
 
 
+def make_ema(model, ckpt, args):
+    """--ema: a copy of the model, without gradients, that holds the exponential moving average of its
+    weights: the checkpoint's average on --resume, else the current weights (theta_ema_0 = theta_0). Else None."""
+    if not args.ema:
+        return None
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if ckpt is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
+    return ema
+
+
+def ema_decay(t, args):
+    """The decay after optimiser step t (0, 1, ...): --ema, warmed up as TensorFlow's ExponentialMovingAverage
+    does with num_updates, min(decay, (1 + t) / (10 + t)), so early averages are not held at the initial weights."""
+    return min(args.ema, (1 + t) / (10 + t))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """Polyak averaging: theta_ema <- decay theta_ema + (1 - decay) theta, one foreach lerp over every tensor.
+    (swa_utils.AveragedModel reads its n_averaged counter on the host each update: a GPU sync per step.)"""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
 def checks_every_step(device):
     """Off CUDA reading a flag from the device costs nothing, so divergence is checked every step; on
     CUDA each read waits for the GPU to finish its queue, so only every --log-interval steps."""
     return device.type != "cuda"
 
 
-def train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_path, args, autocast):
+def train_epoch(epoch, model, fwd, optimizer, ema, train_x, train_y, schedule, ckpt_path, args, autocast):
     """One pass over a fresh permutation of the training set. Whether a loss or gradient norm was
     non-finite is folded into a device tensor every step and read (a host sync) before the update:
     every step off CUDA, every --log-interval steps on CUDA, and always at the end of the epoch, so
-    that no checkpoint holds a non-finite state. -> (losses, correct) per step, tensors, and the last lr."""
+    that no checkpoint holds a non-finite state. With --ema, the average follows each update.
+    -> (losses, correct) per step, tensors, and the last lr."""
     steps_per_epoch, total_steps, warmup_steps = schedule
     every_step = checks_every_step(train_x.device)
     finite, last = torch.ones((), dtype=torch.bool, device=train_x.device), None
@@ -212,6 +248,8 @@ def train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_p
 
         loss, right = train_step(model, fwd, optimizer, *get_batch(train_x, train_y, order, i, args, g), lr, args,
                                  autocast, check)
+        if ema is not None:
+            update_ema(ema, model, ema_decay(step, args))
         losses.append(loss)
         correct.append(right)
         if i % args.log_interval == 0:
@@ -238,8 +276,8 @@ def training_flops(cfg, batch_size, args):
 
 
 def benchmark(args):
-    """--benchmark: the model, optimiser and step of training (same autocast, compile and batches by
-    index on the device), 3 warm-up steps, then the median of --benchmark-steps timed optimiser steps.
+    """--benchmark: the model, optimiser and step of training (same autocast, compile, batches by index
+    on the device with the augmentations of the flags, and the --ema update), 3 warm-up steps, then the median of --benchmark-steps timed optimiser steps.
     Real training images when the IDX files are in --data-dir (nothing is downloaded), else random
     ones. Prints one JSON line; writes nothing."""
     device = resolve_device(args.device)
@@ -255,6 +293,7 @@ def benchmark(args):
     cfg = ViTConfig(image_size=train_x.shape[1], patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                     heads=args.heads, mlp_dim=args.mlp_dim, dropout=args.dropout)
     model, optimizer, fwd = build(cfg, args, device)
+    ema = make_ema(model, None, args)
     order, g = shuffle(len(train_x), args.seed, train_x.device)
     steps = len(train_x) // args.batch_size
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -271,6 +310,8 @@ def benchmark(args):
         x, y = get_batch(train_x, train_y, order, i % steps, args, g)
         train_step(model, fwd, optimizer, x, y, args.lr, args, autocast,
                    lambda loss, grad_norm: finite.logical_and_(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+        if ema is not None:
+            update_ema(ema, model, ema_decay(i, args))
         synchronize()
         times.append(time.perf_counter() - t0)
     step_s, B = statistics.median(times[warmup:]), args.batch_size
@@ -370,8 +411,9 @@ def describe(model, cfg, data, device, args, epoch):
 
 
 def train(args):
-    """Data on the device once, the ViT and AdamW, then per epoch: a pass over a fresh permutation with
-    warmup + cosine lr (train_epoch), validation accuracy, an atomic checkpoint, a row of log.csv."""
+    """Data on the device once, the ViT and AdamW (and with --ema the weights' average), then per epoch: a
+    pass over a fresh permutation with warmup + cosine lr (train_epoch), validation accuracy (of the
+    average with --ema), an atomic checkpoint, a row of log.csv."""
     device = resolve_device(args.device)
     autocast = precision(device.split(":")[0])
     ckpt_path, ckpt = resume_or_refuse(args, device)
@@ -380,13 +422,15 @@ def train(args):
     cfg = model_config(args, train_x)
     model, optimizer, fwd = build(cfg, args, device)
     epoch, train_time, val_acc = restore(model, optimizer, ckpt, cfg, ckpt_path, args)
+    ema = make_ema(model, ckpt, args)                       # None without --ema
+    judged = model if ema is None else ema                  # what validation (and sample.py) evaluates
     schedule = schedule_of(len(train_x), args)
     describe(model, cfg, data, device, args, epoch)
     with run_log(Path(args.out_dir), epoch, args) as log:
         for epoch in range(epoch, args.epochs):
             t0 = time.perf_counter()
-            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, train_x, train_y, schedule, ckpt_path,
-                                              args, autocast)
+            losses, correct, lr = train_epoch(epoch, model, fwd, optimizer, ema, train_x, train_y, schedule,
+                                              ckpt_path, args, autocast)
             dt = time.perf_counter() - t0
             train_time += dt
             n = schedule[0] * args.batch_size
@@ -394,12 +438,13 @@ def train(args):
                    "train_acc": torch.stack(correct).sum().item() / n, "lr": lr, "images_per_s": n / dt,
                    "elapsed_s": train_time}
             if len(data["val"][0]):
-                row["val_loss"], row["val_acc"] = evaluate(model, *data["val"], args.dataset, 1000, autocast)
+                row["val_loss"], row["val_acc"] = evaluate(judged, *data["val"], args.dataset, 1000, autocast)
                 val_acc = row["val_acc"]
             save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "config": asdict(cfg), "args": vars(args), "val_acc": val_acc,
-                         "train_time": train_time}, ckpt_path)
+                         "ema": None if ema is None else ema.state_dict(), "epoch": epoch + 1,
+                         "config": asdict(cfg), "args": vars(args), "val_acc": val_acc, "train_time": train_time},
+                        ckpt_path)
             log(row, epoch + 1)
             tqdm.write(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                       f"val acc {val_acc:.4f}  lr {lr:.1e}  {row['images_per_s']:,.0f} img/s  {train_time:.0f} s")
+                       f"val acc{' (EMA)' if ema is not None else ''} {val_acc:.4f}  lr {lr:.1e}  {row['images_per_s']:,.0f} img/s  {train_time:.0f} s")
     return model
