@@ -364,14 +364,25 @@ def imdb_splits(args, vocab=None):
     return train, valid, test, vocab
 
 
+def labelled(train, n, seed=0):
+    """N labelled reviews, half of each class (positive first): of each class's reviews, in the
+    fixed shuffle of split_valid, the seed-th block of N/2 (seed 0: the first N/2), wrapping around;
+    so different seeds label different reviews, disjoint while seed * N/2 fits in a class."""
+    picked = []
+    for label, k in ((1, n // 2), (0, n - n // 2)):
+        reviews = [r for r in train if r[1] == label]
+        start = seed * k % max(len(reviews), 1)
+        picked += (reviews[start:] + reviews[:start])[:k]
+    return picked
+
+
 def imdb_data(args, vocab=None):
     """Loaders for train / valid / test and the vocabulary (built on the train reviews)."""
     train, valid, test, vocab = imdb_splits(args, vocab)
     if args.valid_size:
         valid = valid[:args.valid_size]
-    if args.labels:  # only N labelled reviews, half of each class; the vocabulary still comes from all the text
-        train = ([r for r in train if r[1] == 1][:args.labels // 2]
-                 + [r for r in train if r[1] == 0][:args.labels - args.labels // 2])
+    if args.labels:  # only N labelled reviews; the vocabulary still comes from all the text
+        train = labelled(train, args.labels, args.seed)
     enc = lambda reviews: encode_reviews(reviews, vocab, args.max_len)
     data = SimpleNamespace(train=ReviewLoader(enc(train), args.batch_size, shuffle=True, seed=args.seed),
                            valid=ReviewLoader(enc(valid), 2 * args.batch_size),

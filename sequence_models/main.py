@@ -31,6 +31,7 @@ from pathlib import Path
 from benchmark import benchmark
 from callbacks import FOLDER, load_checkpoint
 from pretrained import export, shipped_flags
+from probe import probe
 from sample import interact, sample
 from sweep import parse_grid, sweep
 from transfer import KINDS, transfer
@@ -126,7 +127,9 @@ class Config:
     """Every flag, declared once: its default and help. Defaults of None come from the task (DEFAULTS)."""
     command: str = flag("train", "train (default): train, evaluate, sample; interact: use a trained model; sweep: one "
                         "training run per --grid config; transfer: pretrained vs scratch IMDb classifiers at "
-                        "--label-counts", None, nargs="?", choices=["train", "interact", "sweep", "transfer"])
+                        "--label-counts; probe: logistic regression on the frozen pretrained and random encoders' "
+                        "features at --label-counts", None, nargs="?",
+                        choices=["train", "interact", "sweep", "transfer", "probe"])
     task: str = flag("imdb", "IMDb sentiment, an LM of IMDb's text (pretraining), the human-numbers LM, or a character "
                      "LM of makemore's names or of --text FILE", None,
                      choices=["imdb", "imdb-lm", "numbers", "names", "text"])
@@ -170,6 +173,8 @@ class Config:
                           f"layer's outputs {per_task('dropout')}", "model", type=number(float, 0, 1))
     context: int = flag(3, "mlp: previous characters seen (Bengio's n - 1)", "model", type=number(int, 1, 1024))
     direct: bool = flag(False, "mlp: add Bengio's direct connections W x", "model", action="store_true")
+    pooling: str = flag("meanmax", "imdb: what the head reads: meanmax, [mean; max] over the LSTM outputs; concat, "
+                        "ULMFiT's [h_T; max; mean]", "model", choices=["meanmax", "concat"])
     # training
     weight_decay: float = flag(None, f"AdamW weight decay {per_task('weight_decay')}", type=number(float, 0))
     grad_clip: float = flag(1.0, "clip the gradient norm (0: off)", type=number(float, 0))
@@ -179,7 +184,8 @@ class Config:
     max_len: int = flag(400, "imdb: keep a review's last N tokens", type=number(int, 1))
     vocab_size: int = flag(30_000, "imdb: most frequent words kept", type=number(int, 3))
     limit: int = flag(0, "imdb: use only N >= 8 train reviews (0: all)", type=number(int, 0))
-    labels: int = flag(0, "imdb: train on N labelled reviews, half per class (0: all)", type=number(int, 0))
+    labels: int = flag(0, "imdb: train on N labelled reviews, half per class, the --seed-th block of N/2 of each "
+                       "(0: all)", type=number(int, 0))
     encoder: str = flag(None, "imdb: start the encoder from this --task imdb-lm best.pt (ULMFiT's transfer)")
     freeze_epochs: int = flag(0, "imdb: train only the head for the first N epochs (ULMFiT's gradual unfreezing)",
                               type=number(int, 0))
@@ -212,6 +218,10 @@ class Config:
                        "pretrained encoder, or ULMFiT's (--freeze-epochs, --lr-decay)", "transfer", type=kinds)
     valid_size: int = flag(0, "imdb: validate on the first N held-out reviews (0: all 2,500)", "transfer",
                            type=number(int, 0))
+    seeds: int = flag(1, "transfer, probe: runs per label count and kind, with seeds --seed, --seed + 1, ...: other "
+                      "labelled reviews (--labels) and other initial weights", "transfer", type=number(int, 1, 1000))
+    test_size: int = flag(0, "probe: score on N test reviews, a fixed shuffle (0: all 25,000)", "transfer",
+                          type=number(int, 0))
     review: str = flag(None, "imdb: a review to classify (default: read lines from stdin)", "interact")
     prompt: str = flag(None, f"numbers: words to continue (default: '{NUMBERS_PROMPT}'); text: characters to continue",
                        "interact")
@@ -267,9 +277,11 @@ def validate(p, args):
         p.error(f"{' and '.join(modes)}: give one of them")
     if modes and args.command != "train":
         p.error(f"{modes[0]} does not go with {args.command}")
-    if args.pretrained and (args.resume or args.command in ("sweep", "transfer") or args.export_pretrained):
+    if args.pretrained and (args.resume or args.command in ("sweep", "transfer", "probe") or args.export_pretrained):
         p.error("--pretrained goes with interact, --sample-only, --evaluate or a training run (which fine-tunes "
                 "the shipped weights); transfer pretrains with --task imdb-lm and reads --encoder")
+    if args.pretrained and args.pooling != "meanmax":
+        p.error(f"--pooling {args.pooling}: the shipped IMDb weights pool meanmax; fine-tune them without --pooling")
     if args.model == "mlp" and args.task not in ("names", "text"):
         p.error("--model mlp is for --task names or text")
     if args.task == "text" and not args.text:
@@ -326,6 +338,8 @@ def main(argv=None):
         return sweep(args)
     if args.command == "transfer":
         return transfer(args)
+    if args.command == "probe":
+        return probe(args)
     if args.benchmark:
         return benchmark(args)
     if args.evaluate:

@@ -4,7 +4,7 @@ RNN (Elman 1990), LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of G
 and GRU (Cho et al. 2014) behave like torch.nn.RNN / LSTM / GRU: the same constructor, call,
 return values, gate order and state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0,
 bias_hh_l0, ...), so weights load from the torch modules and back. Then, in the order the data
-meets them: masked_pool -> SentimentClassifier (IMDb), LanguageModel (human numbers, characters),
+meets them: masked_pool, last_output -> SentimentClassifier (IMDb), LanguageModel (human numbers, characters),
 and Bengio et al. (2003)'s MLPLanguageModel (characters).
 
 Shapes: L time steps, N batch, H hidden size, G gates (RNN 1, LSTM 4, GRU 3), V vocabulary.
@@ -155,25 +155,43 @@ def masked_pool(outputs, mask):
     return torch.cat([mean, max_], dim=-1)
 
 
+def last_output(outputs, mask):
+    """h_T, each row's output at its last real token (padding is on the right): (N, L, H) -> (N, H)."""
+    T = mask.sum(1) - 1                                                    # (N,) index of the last token
+    return outputs[torch.arange(outputs.size(0), device=outputs.device), T]
+
+
 class SentimentClassifier(nn.Module):
-    """Embedding -> recurrent layers -> [mean; max] pooling -> linear (fast.ai's concat pooling).
+    """Embedding -> recurrent layers -> pooling -> linear. pooling 'meanmax': [mean; max] over the
+    real time steps; 'concat': ULMFiT's concat pooling (Howard & Ruder 2018, §3.3), the last
+    step's output in front, [h_T; max; mean].
 
     Padding sits at the end of each row, so a one-directional network's outputs at real tokens
     never see it, and masked_pool leaves it out of the pooling.
     """
 
     def __init__(self, vocab_size, cell="lstm", emb_size=128, hidden_size=256, num_layers=1, dropout=0.3,
-                 num_classes=2):
+                 num_classes=2, pooling="meanmax"):
         super().__init__()
+        self.pooling = pooling
         self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=0)
         self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * hidden_size, num_classes)
+        self.head = nn.Linear(POOLED[pooling] * hidden_size, num_classes)
+
+    def pool(self, outputs, mask):
+        mean, max_ = masked_pool(outputs, mask).chunk(2, dim=-1)          # (N, H) each
+        if self.pooling == "concat":
+            return torch.cat([last_output(outputs, mask), max_, mean], dim=-1)  # h_c = [h_T, maxpool(H), meanpool(H)]
+        return torch.cat([mean, max_], dim=-1)
 
     def forward(self, x, mask):
         # x (N, L) token ids, 0 = padding; mask (N, L)
         outputs, _ = self.rnn(self.dropout(self.embedding(x)))        # (N, L, H)
-        return self.head(self.dropout(masked_pool(outputs, mask)))      # (N, classes) logits
+        return self.head(self.dropout(self.pool(outputs, mask)))        # (N, classes) logits
+
+
+POOLED = {"meanmax": 2, "concat": 3}  # the pooled vector's width in hidden sizes
 
 
 class LMOutput(NamedTuple):

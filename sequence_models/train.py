@@ -15,7 +15,7 @@ from callbacks import (ARTAR, FOLDER, MONITOR, Checkpoint, CSVLog, Diverged, Ear
                        Wandb, cross_entropy, load_checkpoint)
 from data import DATA, Vocab
 from learner import Learner
-from model import LanguageModel, MLPLanguageModel, build_model, is_mlp
+from model import POOLED, LanguageModel, MLPLanguageModel, build_model, is_mlp
 from pretrained import load_shipped
 
 log = logging.getLogger(FOLDER)
@@ -63,7 +63,7 @@ def load_encoder(model, ckpt, vocab, path):
 def model_config(args, vocab_size):
     if args.task == "imdb":
         return dict(vocab_size=vocab_size, cell=args.model, emb_size=args.emb_size, hidden_size=args.hidden_size,
-                    num_layers=args.layers, dropout=args.dropout)
+                    num_layers=args.layers, dropout=args.dropout, pooling=args.pooling)
     if args.model == "mlp":
         return dict(vocab_size=vocab_size, context=args.context, emb_size=args.emb_size,
                     hidden_size=args.hidden_size, direct=args.direct)
@@ -87,7 +87,7 @@ def n_parameters(task, config):
     G = GATES[config["cell"]]  # per layer: W_ih, W_hh, b_ih, b_hh
     rnn = sum(G * H * ((E if k == 0 else H) + H + 2) for k in range(config["num_layers"]))
     if task == "imdb":
-        return V * E + rnn + 2 * H * 2 + 2
+        return V * E + rnn + POOLED[config.get("pooling", "meanmax")] * H * 2 + 2
     out = config["out_size"] or V
     tied = E == H and out == V
     return V * E + rnn + out + (0 if tied else H * out)

@@ -660,14 +660,14 @@ def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretra
         data, vocab = imdb_data(args, vocab)
         labels = [label for _, label in data.train.encoded]
         started.append((args.labels, len(labels), sum(labels), args.encoder is not None, args.lr_decay,
-                        args.freeze_epochs))
+                        args.freeze_epochs, args.pooling))
         return data, vocab
 
     monkeypatch.setattr(sm.train, "load_encoder", spy_encoder)
     monkeypatch.setitem(sm.data.DATA, "imdb", spy_data)
     rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
     recipe = {"scratch": (False, 1.0), "pretrained": (True, 1.0), "ulmfit": (True, 2.6)}
-    expected = [(n, n, n // 2, *recipe[kind], round(0.25 * 2) if kind == "ulmfit" else 0)
+    expected = [(n, n, n // 2, *recipe[kind], *((round(0.25 * 2), "concat") if kind == "ulmfit" else (0, "meanmax")))
                 for n in (8, 32) for kind in recipe]
     assert [s for s in started if isinstance(s, tuple)] == expected
     loaded = [s for s in started if isinstance(s, dict)]
@@ -681,8 +681,142 @@ def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretra
                 for m in tar if m.name.startswith("aclImdb/test/")]
     for kind in recipe:
         for n in (8, 32):
-            ckpt = torch.load(runs / "transfer" / f"{kind}-{n}" / "imdb-lstm" / "best.pt", weights_only=True)
-            assert rows[kind][n] == pytest.approx(accuracy_written_out(ckpt, test), abs=1e-9), (kind, n)
+            ckpt = torch.load(runs / "transfer" / f"{kind}-{n}-seed0" / "imdb-lstm" / "best.pt", weights_only=True)
+            assert rows[kind][n]["mean"] == pytest.approx(accuracy_written_out(ckpt, test), abs=1e-9), (kind, n)
+
+
+def test_transfer_runs_each_seed_skips_finished_runs_resumes_an_interrupted_one_and_reports_mean_and_sd(
+        tmp_path, monkeypatch):
+    """--seeds 3: every (N, kind) runs seeds 0, 1, 2, each in its folder with its seed; a rerun with the
+    same --out-dir trains nothing that has results.json and resumes a run that left only ckpt.pt; the
+    table's mean and sd are those of the accuracies the runs wrote (a stub trains: known numbers)."""
+    encoder = tmp_path / "lm.pt"
+    encoder.write_bytes(b"")  # the stub never reads it
+    calls, accuracy = [], lambda run: 0.5 + 0.01 * run.seed + 0.1 * (run.encoder is not None) + run.labels / 1e4
+
+    def stub_train(run):
+        calls.append((run.out_dir.split("/")[-1], run.seed, run.labels, run.resume, run.pooling))
+        folder = sm.train.run_dir(run)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps({"test_accuracy": accuracy(run), "best_epoch": 1,
+                                                         "epochs_run": run.epochs, "train_seconds": 1.0}))
+
+    monkeypatch.setattr(sm.transfer, "train", stub_train)
+    argv = ["transfer", "--label-counts", "8,32", "--kinds", "scratch,ulmfit", "--seeds", "3", "--encoder",
+            str(encoder), "--out-dir", str(tmp_path / "runs"), "--device", "cpu"]
+    sm.main.main(argv[:4] + ["scratch"] + argv[5:])
+    assert [c[:3] for c in calls] == [(f"scratch-{n}-seed{s}", s, n) for n in (8, 32) for s in range(3)]
+    interrupted = tmp_path / "runs" / "transfer" / "ulmfit-32-seed1" / "imdb-lstm"
+    interrupted.mkdir(parents=True)
+    (interrupted / "ckpt.pt").write_bytes(b"")
+    calls.clear()
+    rows = sm.main.main(argv)
+    assert calls == [(f"ulmfit-{n}-seed{s}", s, n, (n, s) == (32, 1), "concat") for n in (8, 32) for s in range(3)]
+    calls.clear()
+    assert sm.main.main(argv) == rows and calls == []
+    written = json.loads((tmp_path / "runs" / "transfer" / "transfer.json").read_text())
+    for kind in ("scratch", "ulmfit"):
+        for n in (8, 32):
+            runs = [json.loads((tmp_path / "runs" / "transfer" / f"{kind}-{n}-seed{s}" / "imdb-lstm" /
+                                "results.json").read_text())["test_accuracy"] for s in range(3)]
+            mean = sum(runs) / 3
+            sd = math.sqrt(sum((a - mean) ** 2 for a in runs) / 2)
+            assert rows[kind][n]["mean"] == pytest.approx(mean, abs=1e-12) and mean == pytest.approx(
+                0.51 + 0.1 * (kind == "ulmfit") + n / 1e4)
+            assert rows[kind][n]["std"] == pytest.approx(sd, abs=1e-12) and sd == pytest.approx(0.01)
+            assert written[kind][str(n)]["mean"] == pytest.approx(mean, abs=1e-12)
+    assert (tmp_path / "runs" / "sequence_models_transfer.png").is_file()
+
+
+def test_labelled_reviews_are_half_per_class_and_each_seed_takes_its_own_block():
+    reviews = [(f"r{i}", i % 3 == 0) for i in range(60)]  # 20 positive, 40 negative, in the fixed-shuffle order
+    pos, neg = [r for r in reviews if r[1]], [r for r in reviews if not r[1]]
+    assert sm.data.labelled(reviews, 9, 0) == pos[:4] + neg[:5]
+    assert sm.data.labelled(reviews, 9, 1) == pos[4:8] + neg[5:10]
+    assert sm.data.labelled(reviews, 12, 3) == pos[18:] + pos[:4] + neg[18:24]  # wraps around a class
+    subsets = [set(sm.data.labelled(reviews, 8, s)) for s in range(5)]
+    assert all(a.isdisjoint(b) for i, a in enumerate(subsets) for b in subsets[i + 1:])
+
+
+def test_probe_logistic_regression_reaches_the_stationary_point_written_out_and_separates_separable_data():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = (X @ torch.tensor([1.0, -2.0, 0.5, 0.0, 1.0], dtype=torch.float64) + 0.3 > 0).double()  # separable
+    for l2 in (0.1, 1.0, 1e-3):
+        w, b = sm.probe.logistic_regression(X, y, l2)
+        p = 1 / (1 + torch.exp(-(X @ w + b)))
+        # the objective's gradient, written out: (1/R) X^T (p - y) + l2 w = 0 and (1/R) sum(p - y) = 0
+        torch.testing.assert_close(X.T @ (p - y) / len(y) + l2 * w, torch.zeros(5, dtype=torch.float64),
+                                   atol=1e-7, rtol=0)
+        assert abs(float((p - y).mean())) < 1e-7
+    assert sm.probe.accuracy(X, y, w, b) == 1.0  # l2 1e-3: every training point on its side
+
+
+def test_probe_picks_its_l2_on_held_out_reviews_never_on_the_test_labels():
+    g = torch.Generator().manual_seed(4)
+    make = lambda n: (torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 2, (n,), generator=g).double())
+    train, valid, test = make(30), make(30), make(50)
+    flipped = (test[0], 1 - test[1])
+    a, b = sm.probe.fit_probe(train, valid, test), sm.probe.fit_probe(train, valid, flipped)
+    assert a["l2"] == b["l2"] and a["test_accuracy"] + b["test_accuracy"] == pytest.approx(1.0)
+    mean, sd = train[0].mean(0), train[0].std(0)
+    w, c = sm.probe.logistic_regression((train[0] - mean) / sd, train[1], a["l2"])
+    valid_accuracy = lambda l2: sm.probe.accuracy((valid[0] - mean) / sd, valid[1], *sm.probe.logistic_regression(
+        (train[0] - mean) / sd, train[1], l2))
+    assert valid_accuracy(a["l2"]) == max(valid_accuracy(l2) for l2 in sm.probe.L2)
+    assert a["test_accuracy"] == sm.probe.accuracy((test[0] - mean) / sd, test[1], w, c)
+
+
+def test_probe_features_are_mean_and_max_of_the_lstm_outputs_of_each_review_alone(tmp_path):
+    torch.manual_seed(5)
+    vocab = sm.data.Vocab(["<pad>", "<unk>"] + [f"w{i}" for i in range(10)])
+    model = sm.model.SentimentClassifier(len(vocab), "lstm", emb_size=4, hidden_size=6, dropout=0.5).eval()
+    reviews = [(" ".join(f"w{(3 * i + j) % 10}" for j in range(2 + i % 5)), i % 2) for i in range(9)]
+    X, y = sm.probe.features(model, reviews, vocab, max_len=5, batch_size=4)
+    assert y.tolist() == [i % 2 for i in range(9)] and X.shape == (9, 12)
+    for row, (text, _) in zip(X, reviews):
+        ids = torch.tensor([vocab.encode(text.split())[-5:]])
+        h, _ = model.rnn(model.embedding(ids))                              # (1, L, 6), no padding
+        torch.testing.assert_close(row.float(), torch.cat([h[0].mean(0), h[0].amax(0)]), atol=1e-6, rtol=0)
+
+
+def test_probe_command_scores_the_pretrained_and_the_random_encoder(tmp_path):
+    write_imdb(tmp_path, n=24)
+    args = SimpleNamespace(data_dir=str(tmp_path), limit=0, vocab_size=100)
+    vocab = sm.data.imdb_splits(args)[3]
+    torch.manual_seed(0)
+    lm = sm.model.LanguageModel(len(vocab), "lstm", emb_size=8, hidden_size=8, num_layers=1, out_size=10)
+    (tmp_path / "lm").mkdir()
+    torch.save({"folder": "sequence_models", "task": "imdb-lm", "vocab": vocab.itos, "model": lm.state_dict(),
+                "config": {"cell": "lstm", "emb_size": 8, "hidden_size": 8, "num_layers": 1}}, tmp_path / "lm" / "best.pt")
+    rows = sm.main.main(["probe", "--data-dir", str(tmp_path), "--encoder", str(tmp_path / "lm" / "best.pt"),
+                         "--label-counts", "8,16", "--seeds", "2", "--test-size", "20", "--out-dir",
+                         str(tmp_path / "runs"), "--device", "cpu"])
+    written = json.loads((tmp_path / "runs" / "probe" / "probe.json").read_text())
+    assert written["test"] == 20 and written["valid"] == 4
+    for name in ("pretrained", "random"):
+        for n in (8, 16):
+            seeds = [rows[name][n]["seeds"][s]["test_accuracy"] for s in (0, 1)]
+            assert all(a * 20 == round(a * 20) for a in seeds)  # a share of the 20 test reviews
+            assert rows[name][n]["mean"] == pytest.approx(sum(seeds) / 2)
+            assert written[name][str(n)]["std"] == pytest.approx(abs(seeds[0] - seeds[1]) / math.sqrt(2))
+
+
+def test_concat_pooling_is_last_max_and_mean_of_the_real_steps():
+    torch.manual_seed(6)
+    meanmax = sm.model.SentimentClassifier(12, "gru", emb_size=4, hidden_size=5, dropout=0.0)
+    concat = sm.model.SentimentClassifier(12, "gru", emb_size=4, hidden_size=5, dropout=0.0, pooling="concat")
+    assert concat.head.in_features == 15 and meanmax.head.in_features == 10
+    x = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    outputs = torch.randn(2, 4, 5)
+    pooled = concat.pool(outputs, x != 0)
+    for r, L in ((0, 4), (1, 2)):
+        real = outputs[r, :L]
+        torch.testing.assert_close(pooled[r], torch.cat([real[-1], real.amax(0), real.mean(0)]))
+        torch.testing.assert_close(meanmax.pool(outputs, x != 0)[r], torch.cat([real.mean(0), real.amax(0)]))
+    logits = concat(x, x != 0)
+    h, _ = concat.rnn(concat.embedding(x[1:, :2]))                         # the short review without padding
+    torch.testing.assert_close(logits[1], concat.head(torch.cat([h[0, -1], h[0].amax(0), h[0].mean(0)])))
 
 
 def one_line_exit(fn, *args):
