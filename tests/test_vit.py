@@ -441,10 +441,11 @@ def test_ema_after_k_steps_is_the_closed_form_of_the_recorded_weights(tmp_path, 
         thetas.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
         return out
     monkeypatch.setattr(vit.train, "train_step", recording)
-    vit.main.main(run_args(data, tmp_path / "run", "--epochs", "1", "--ema", "0.5", "--crop-padding", "1"))
+    vit.main.main(run_args(data, tmp_path / "run", "--epochs", "2", "--train-size", "300", "--ema", "0.5",
+                           "--crop-padding", "1"))                          # 6 steps an epoch: t runs across epochs
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     k = len(thetas) - 1
-    assert k == 600 // 50
+    assert k == 2 * 300 // 50
     d = [min(0.5, i / (9 + i)) for i in range(1, k + 1)]                    # d_i, i = 1..k
     for name, ema in ckpt["ema"].items():
         expected = math.prod(d) * thetas[0][name] + sum((1 - d[i - 1]) * math.prod(d[i:]) * thetas[i][name]
