@@ -1,7 +1,7 @@
 """The callbacks the Learner runs (see learner.py for the events): the metric, progress, Smith's
-one-cycle schedule, ULMFiT's gradual unfreezing, gradient clipping, the non-finite guard, Merity's
-AR and TAR, the language model's state reset, checkpoints (and load_checkpoint, which reads them),
-early stopping, log.csv, TensorBoard and Weights & Biases."""
+one-cycle schedule, ULMFiT's slanted triangular rates and gradual unfreezing, gradient clipping,
+the non-finite guard, Merity's AR and TAR, the language model's state reset, checkpoints (and
+load_checkpoint, which reads them), early stopping, log.csv, TensorBoard and Weights & Biases."""
 import csv
 import logging
 import math
@@ -119,6 +119,35 @@ class OneCycle(Callback):
     def after_step(self):
         if self.learner.scheduler.last_epoch < self.learner.scheduler.total_steps:
             self.learner.scheduler.step()
+
+
+class SlantedTriangular(Callback):
+    """ULMFiT's slanted triangular learning rates (Howard & Ruder 2018, §3.2, eq. 3) over the whole
+    fit, stepped every batch; each parameter group peaks at the lr it was created with (η_max):
+        cut = ⌊T · cut_frac⌋,   p_t = t / cut if t < cut, else 1 − (t − cut) / (T − cut),
+        η_t = η_max · (1 + p_t (ratio − 1)) / ratio                     (cut_frac 0.1, ratio 32)
+    (T − cut is the paper's cut · (1/cut_frac − 1) when T · cut_frac is whole, and keeps p_t >= 0
+    for t <= T when it is not)."""
+
+    def __init__(self, cut_frac=0.1, ratio=32):
+        self.cut_frac, self.ratio = cut_frac, ratio
+
+    def before_fit(self):
+        L = self.learner
+        T = L.epochs * len(L.data.train)
+        cut = max(1, math.floor(T * self.cut_frac))
+
+        def eta(t):  # η_t / η_max
+            p = t / cut if t < cut else 1 - (t - cut) / max(T - cut, 1)
+            return (1 + p * (self.ratio - 1)) / self.ratio
+
+        L.scheduler = torch.optim.lr_scheduler.LambdaLR(L.opt, eta)
+
+    def after_step(self):
+        self.learner.scheduler.step()
+
+
+SCHEDULES = {"onecycle": OneCycle, "stlr": SlantedTriangular}
 
 
 class GradualUnfreezing(Callback):

@@ -146,7 +146,7 @@ class Config:
     epochs: int = flag(None, f"passes over the training data {per_task('epochs')}", "shared", type=number(int, 1))
     batch_size: int = flag(None, f"reviews, or token rows, per batch {per_task('batch_size')}", "shared",
                            type=number(int, 1))
-    lr: float = flag(None, f"peak of the one-cycle schedule (AdamW) {per_task('lr')}", "shared", type=positive(float))
+    lr: float = flag(None, f"peak of the learning-rate schedule (AdamW) {per_task('lr')}", "shared", type=positive(float))
     resume: bool = flag(False, "continue OUT_DIR/<task>-<model>/ckpt.pt with its flags", "shared", action="store_true")
     checkpoint_every: int = flag(None, "also write ckpt.pt every N optimiser steps within an epoch, where --resume "
                                  f"continues exactly (0: at the end of each epoch only) {per_task('checkpoint_every')}",
@@ -171,6 +171,8 @@ class Config:
     layers: int = flag(None, f"stacked recurrent layers {per_task('layers')}", "model", type=number(int, 1))
     dropout: float = flag(None, f"dropout; imdb: on embeddings, between layers, before the head; the LMs: on the last "
                           f"layer's outputs {per_task('dropout')}", "model", type=number(float, 0, 1))
+    emb_dropout: float = flag(0.0, "recurrent LMs: dropout on the embedding outputs (AWD-LSTM's input dropout; "
+                              "0: off)", "model", type=number(float, 0, 1))
     context: int = flag(3, "mlp: previous characters seen (Bengio's n - 1)", "model", type=number(int, 1, 1024))
     direct: bool = flag(False, "mlp: add Bengio's direct connections W x", "model", action="store_true")
     pooling: str = flag("meanmax", "imdb: what the head reads: meanmax, [mean; max] over the LSTM outputs; concat, "
@@ -197,6 +199,8 @@ class Config:
     ar: float = flag(2.0, "recurrent LMs: activation regularisation alpha", type=number(float, 0))
     tar: float = flag(1.0, "recurrent LMs: temporal activation regularisation beta", type=number(float, 0))
     text: str = flag(None, "text: the training text file (character level, last 10%% validates)")
+    schedule: str = flag("onecycle", "learning rates over the fit: onecycle, Smith's one-cycle; stlr, ULMFiT's slanted "
+                         "triangular rates (cut_frac 0.1, ratio 32)", choices=["onecycle", "stlr"])
     # speed
     compile: bool = flag(None, "torch.compile the recurrent time step (the MLP: the model) (default: on CUDA)", "speed",
                          action=argparse.BooleanOptionalAction)

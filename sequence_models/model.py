@@ -206,14 +206,17 @@ class LanguageModel(nn.Module):
     The hidden state is carried from one batch to the next (detached: backpropagation through
     time is truncated at the batch edge), so the network sees further back than one window;
     reset() clears it at the start of every epoch and of every validation. As in fastbook's
-    LMModel7, dropout acts on the last layer's outputs only; forward returns them next to the
-    logits (LMOutput), undropped and dropped, for the AR and TAR penalties of callbacks.ARTAR.
+    LMModel7, dropout acts on the last layer's outputs; forward returns them next to the logits
+    (LMOutput), undropped and dropped, for the AR and TAR penalties of callbacks.ARTAR. emb_dropout
+    > 0 adds dropout on the embedding outputs, AWD-LSTM's input dropout (Merity et al. 2017); its
+    DropConnect on the recurrent weights is not here.
     """
 
     def __init__(self, vocab_size, cell="lstm", emb_size=64, hidden_size=64, num_layers=2, dropout=0.1,
-                 stateful=True, out_size=None):
+                 stateful=True, out_size=None, emb_dropout=0.0):
         super().__init__()
         self.stateful = stateful  # False: every batch starts from zeros (whole names, not a stream)
+        self.emb_dropout = emb_dropout
         self.embedding = nn.Embedding(vocab_size, emb_size)
         self.rnn = CELLS[cell](emb_size, hidden_size, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
@@ -230,7 +233,10 @@ class LanguageModel(nn.Module):
         # `state` if given, else from self.state (stateful) or zeros, and keeps the final state in
         # self.state for the next call
         state = state if state is not None else self.state if self.stateful else None
-        h, state = self.rnn(self.embedding(x), state)                                               # (N, L, H)
+        e = self.embedding(x)                                                                       # (N, L, E)
+        if self.emb_dropout:  # only then: a model without it draws the same random numbers as before
+            e = F.dropout(e, self.emb_dropout, self.training)
+        h, state = self.rnn(e, state)                                                               # (N, L, H)
         self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         dropped = self.dropout(h)
         return LMOutput(self.head(dropped), h, dropped)

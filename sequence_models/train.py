@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from callbacks import (ARTAR, FOLDER, MONITOR, Checkpoint, CSVLog, Diverged, EarlyStopping, GradientClipping,
-                       GradualUnfreezing, Metrics, OneCycle, Progress, ResetState, StopOnNonFinite, TensorBoard,
+                       GradualUnfreezing, Metrics, Progress, ResetState, SCHEDULES, StopOnNonFinite, TensorBoard,
                        Wandb, cross_entropy, load_checkpoint)
 from data import DATA, Vocab
 from learner import Learner
@@ -69,7 +69,8 @@ def model_config(args, vocab_size):
                     hidden_size=args.hidden_size, direct=args.direct)
     return dict(vocab_size=vocab_size, cell=args.model, emb_size=args.emb_size, hidden_size=args.hidden_size,
                 num_layers=args.layers, dropout=args.dropout, stateful=args.task != "names",
-                out_size=min(args.lm_vocab, vocab_size) if args.task == "imdb-lm" else None)
+                out_size=min(args.lm_vocab, vocab_size) if args.task == "imdb-lm" else None,
+                emb_dropout=args.emb_dropout)
 
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
@@ -150,7 +151,7 @@ def log_file(path):
 
 def step_callbacks(args, model):
     """What every training step runs: the metrics, schedule, guards and penalties (also --benchmark's)."""
-    callbacks = [Metrics(), OneCycle(), StopOnNonFinite(args.log_interval)]
+    callbacks = [Metrics(), SCHEDULES[args.schedule](), StopOnNonFinite(args.log_interval)]
     if args.grad_clip:
         callbacks.append(GradientClipping(args.grad_clip))
     if args.freeze_epochs and args.task == "imdb":

@@ -23,11 +23,12 @@ log = logging.getLogger(FOLDER)
 EPOCHS = {100: 40, 500: 15, 2500: 6}
 # How each kind of run starts and fine-tunes: from scratch; the pretrained encoder with every layer at
 # one rate; ULMFiT's recipe (Howard & Ruder 2018, §3.2-3.3): the head alone for the first quarter of
-# the epochs, then the LSTM at lr / 2.6 and the embedding at lr / 2.6^2, and concat pooling
-# [h_T; max; mean]. The other kinds pool as --pooling says (default [mean; max]).
+# the epochs, then the LSTM at lr / 2.6 and the embedding at lr / 2.6^2, slanted triangular rates
+# and concat pooling [h_T; max; mean]. The other kinds take --schedule and --pooling (default:
+# one-cycle, [mean; max]).
 KINDS = {"scratch": dict(pretrained=False, freeze=0, lr_decay=1.0),
          "pretrained": dict(pretrained=True, freeze=0, lr_decay=1.0),
-         "ulmfit": dict(pretrained=True, freeze=0.25, lr_decay=2.6, pooling="concat")}
+         "ulmfit": dict(pretrained=True, freeze=0.25, lr_decay=2.6, pooling="concat", schedule="stlr")}
 CELL = re.compile(r"([a-z]+)-(\d+)-seed(\d+)")  # a run's folder: <kind>-<N>-seed<S>
 
 
@@ -55,7 +56,8 @@ def cell_args(args, encoder, out, kind, n, seed):
     run, recipe = copy.copy(args), KINDS[kind]
     vars(run).update(task="imdb", model="lstm", labels=n, seed=seed, out_dir=str(out / f"{kind}-{n}-seed{seed}"),
                      encoder=str(encoder) if recipe["pretrained"] else None, epochs=EPOCHS.get(n, args.epochs),
-                     valid_size=500, patience=0, tensorboard=False, pooling=recipe.get("pooling", args.pooling))
+                     valid_size=500, patience=0, tensorboard=False, pooling=recipe.get("pooling", args.pooling),
+                     schedule=recipe.get("schedule", args.schedule))
     vars(run).update(freeze_epochs=round(recipe["freeze"] * run.epochs), lr_decay=recipe["lr_decay"])
     return run
 

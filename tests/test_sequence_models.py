@@ -257,6 +257,44 @@ def test_one_cycle_is_smith_schedule_written_out_per_group_and_step():
     assert len(seen) == T
 
 
+def test_slanted_triangular_rates_are_ulmfit_equation_3_per_group_and_step():
+    """Howard & Ruder 2018, eq. 3, written out with cut_frac 0.1 and ratio 32 over T = 2 epochs x 15
+    batches (T cut_frac whole, so the paper's cut (1/cut_frac - 1) form): each ULMFiT group peaks at
+    its own rate, and a resume mid-fit continues the same rates."""
+    torch.manual_seed(17)
+    model = sm.model.SentimentClassifier(30, "lstm", emb_size=4, hidden_size=4, dropout=0.0)
+    groups = sm.train.param_groups(model, SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.6))
+    rows = [(torch.randint(2, 30, (3,)).tolist(), i % 2) for i in range(15)]
+    data = SimpleNamespace(train=sm.data.ReviewLoader(rows, 1), valid=sm.data.ReviewLoader(rows[:4], 4))
+    seen = []
+    tap = Tap(5, lambda L, e: seen.append([g["lr"] for g in L.opt.param_groups]), "before_step")
+    sm.learner.Learner(model, data, sm.callbacks.cross_entropy, torch.optim.AdamW(groups),
+                       [sm.callbacks.Metrics(), sm.callbacks.SCHEDULES["stlr"](), tap]).fit(2)
+    T, cut_frac, ratio = 30, 0.1, 32
+    cut = math.floor(T * cut_frac)
+    for t, step in enumerate(seen):
+        p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+        for lr, peak in zip(step, [1e-2, 1e-2 / 2.6, 1e-2 / 2.6 ** 2], strict=True):
+            assert lr == pytest.approx(peak * (1 + p * (ratio - 1)) / ratio)
+    assert len(seen) == T and seen[cut][0] == pytest.approx(1e-2)
+
+
+def test_language_model_input_dropout_drops_the_embedding_outputs_in_training_only():
+    torch.manual_seed(18)
+    lm = sm.model.LanguageModel(12, "lstm", emb_size=4, hidden_size=6, num_layers=1, dropout=0.0, stateful=False,
+                                emb_dropout=0.5)
+    x = torch.randint(0, 12, (20, 5))
+    seen = []
+    lm.rnn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out, e = lm(x, None), lm.embedding(x)
+    kept = seen[0] != 0                                                         # (20, 5, 4)
+    torch.testing.assert_close(seen[0][kept], 2 * e[kept])                      # kept ones scaled by 1 / (1 - p)
+    assert 0.35 < kept.float().mean() < 0.65                                    # each dropped with p = 0.5
+    torch.testing.assert_close(out.hidden, lm.rnn(seen[0])[0])
+    lm.eval()
+    torch.testing.assert_close(lm(x, None).hidden, lm.rnn(lm.embedding(x))[0])
+
+
 def test_metrics_are_nats_and_accuracy_per_real_target_over_the_whole_split():
     """Two validation batches with different numbers of real targets: the loss is the sum of
     -log p(target) over every real target of the split divided by their number (not a mean of
@@ -396,8 +434,9 @@ def test_resume_takes_the_flags_of_a_checkpoint_written_before_the_renames(tmp_p
     assert (args.encoder, args.pretrained, args.resume) == ("lm/best.pt", False, True)
 
 
-def write_imdb(root, n=48):
-    """A synthetic aclImdb_v1.tar.gz: positive reviews say 'great', negative ones 'awful'."""
+def write_imdb(root, n=48, test_only=""):
+    """A synthetic aclImdb_v1.tar.gz: positive reviews say 'great', negative ones 'awful'; the test
+    reviews end with `test_only`."""
     g = torch.Generator().manual_seed(6)
     filler = "the a movie film plot actor scene story was is and it of".split()
     path = root / "imdb" / "aclImdb_v1.tar.gz"
@@ -408,7 +447,7 @@ def write_imdb(root, n=48):
                 for i in range(n):
                     words = [filler[j] for j in torch.randint(0, len(filler), (12,), generator=g)]
                     words.insert(int(torch.randint(0, 12, (), generator=g)), word)
-                    data = (" ".join(words) + ".<br /><br />").encode()
+                    data = (" ".join(words) + ".<br /><br />" + (test_only if split == "test" else "")).encode()
                     info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_{8 if label == 'pos' else 2}.txt")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -453,6 +492,24 @@ def test_language_model_killed_mid_epoch_resumes_exactly_where_it_was(tmp_path, 
     for a, b in zip(straight["history"], resumed["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], abs=1e-6)
+
+
+def test_the_language_model_reads_the_train_splits_text_only(tmp_path, monkeypatch):
+    """imdb-lm's streams hold exactly the tokens of the archive's train reviews (valid: the held-out
+    ones), none of the test reviews (which here end with words no train review has)."""
+    write_imdb(tmp_path, n=24, test_only=" unseen words unseen words")
+    streams, loader = [], sm.data.StreamLoader
+    monkeypatch.setattr(sm.data, "StreamLoader", lambda ids, *a: streams.append(ids) or loader(ids, *a))
+    args = SimpleNamespace(data_dir=str(tmp_path), limit=0, vocab_size=100, batch_size=4, bptt=8, lm_vocab=20)
+    _, vocab = sm.data.imdb_lm_data(args)
+    with tarfile.open(tmp_path / "imdb" / "aclImdb_v1.tar.gz") as tar:
+        texts = {m.name.split("/")[1]: [] for m in tar}
+        for m in tar:
+            texts[m.name.split("/")[1]].append(tar.extractfile(m).read().decode())
+    train_tokens = sum(len(sm.data.tokenize(t)) for t in texts["train"])
+    assert len(streams) == 2 and len(streams[0]) + len(streams[1]) == train_tokens
+    assert len(streams[1]) == train_tokens // len(texts["train"]) * len(sm.data.split_valid(texts["train"])[1])
+    assert "unseen" not in vocab.stoi and "great" in vocab.stoi
 
 
 def test_imdb_pipeline_and_interact(tmp_path, capsys):
@@ -648,8 +705,8 @@ def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretra
     runs = tmp_path / "runs"
     common = ["--data-dir", str(tmp_path), "--out-dir", str(runs), "--device", "cpu", "--emb-size", "16",
               "--hidden-size", "16", "--batch-size", "8", "--epochs", "2"]
-    sm.main.main(["--task", "imdb-lm", "--lm-vocab", "20", "--bptt", "8"] + common)
-    lm = torch.load(runs / "imdb-lm-lstm" / "best.pt", weights_only=True)["model"]
+    sm.main.main(["--task", "imdb-lm", "--lm-vocab", "20", "--bptt", "8", "--vocab-size", "12"] + common)
+    lm, lm_vocab = [torch.load(runs / "imdb-lm-lstm" / "best.pt", weights_only=True)[k] for k in ("model", "vocab")]
     started, load_encoder, imdb_data = [], sm.train.load_encoder, sm.data.DATA["imdb"]
 
     def spy_encoder(model, *a):
@@ -660,14 +717,15 @@ def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretra
         data, vocab = imdb_data(args, vocab)
         labels = [label for _, label in data.train.encoded]
         started.append((args.labels, len(labels), sum(labels), args.encoder is not None, args.lr_decay,
-                        args.freeze_epochs, args.pooling))
+                        args.freeze_epochs, args.pooling, args.schedule))
         return data, vocab
 
     monkeypatch.setattr(sm.train, "load_encoder", spy_encoder)
     monkeypatch.setitem(sm.data.DATA, "imdb", spy_data)
     rows = sm.main.main(["transfer", "--label-counts", "8,32"] + common)
     recipe = {"scratch": (False, 1.0), "pretrained": (True, 1.0), "ulmfit": (True, 2.6)}
-    expected = [(n, n, n // 2, *recipe[kind], *((round(0.25 * 2), "concat") if kind == "ulmfit" else (0, "meanmax")))
+    ulmfit, other = (round(0.25 * 2), "concat", "stlr"), (0, "meanmax", "onecycle")
+    expected = [(n, n, n // 2, *recipe[kind], *(ulmfit if kind == "ulmfit" else other))
                 for n in (8, 32) for kind in recipe]
     assert [s for s in started if isinstance(s, tuple)] == expected
     loaded = [s for s in started if isinstance(s, dict)]
@@ -682,6 +740,7 @@ def test_transfer_reports_what_its_saved_models_score_and_starts_from_the_pretra
     for kind in recipe:
         for n in (8, 32):
             ckpt = torch.load(runs / "transfer" / f"{kind}-{n}-seed0" / "imdb-lstm" / "best.pt", weights_only=True)
+            assert (ckpt["vocab"] == lm_vocab) == (kind != "scratch"), kind  # the LM's words, not its own 30,000
             assert rows[kind][n]["mean"] == pytest.approx(accuracy_written_out(ckpt, test), abs=1e-9), (kind, n)
 
 
@@ -695,7 +754,7 @@ def test_transfer_runs_each_seed_skips_finished_runs_resumes_an_interrupted_one_
     calls, accuracy = [], lambda run: 0.5 + 0.01 * run.seed + 0.1 * (run.encoder is not None) + run.labels / 1e4
 
     def stub_train(run):
-        calls.append((run.out_dir.split("/")[-1], run.seed, run.labels, run.resume, run.pooling))
+        calls.append((run.out_dir.split("/")[-1], run.seed, run.labels, run.resume, run.pooling, run.schedule))
         folder = sm.train.run_dir(run)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "results.json").write_text(json.dumps({"test_accuracy": accuracy(run), "best_epoch": 1,
@@ -711,7 +770,8 @@ def test_transfer_runs_each_seed_skips_finished_runs_resumes_an_interrupted_one_
     (interrupted / "ckpt.pt").write_bytes(b"")
     calls.clear()
     rows = sm.main.main(argv)
-    assert calls == [(f"ulmfit-{n}-seed{s}", s, n, (n, s) == (32, 1), "concat") for n in (8, 32) for s in range(3)]
+    assert calls == [(f"ulmfit-{n}-seed{s}", s, n, (n, s) == (32, 1), "concat", "stlr")
+                     for n in (8, 32) for s in range(3)]
     calls.clear()
     assert sm.main.main(argv) == rows and calls == []
     written = json.loads((tmp_path / "runs" / "transfer" / "transfer.json").read_text())
@@ -754,7 +814,8 @@ def test_probe_logistic_regression_reaches_the_stationary_point_written_out_and_
 
 def test_probe_picks_its_l2_on_held_out_reviews_never_on_the_test_labels():
     g = torch.Generator().manual_seed(4)
-    make = lambda n: (torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 2, (n,), generator=g).double())
+    make = lambda n: (torch.randn(n, 6, generator=g, dtype=torch.float64),
+                      torch.randint(0, 2, (n,), generator=g).double())
     train, valid, test = make(30), make(30), make(50)
     flipped = (test[0], 1 - test[1])
     a, b = sm.probe.fit_probe(train, valid, test), sm.probe.fit_probe(train, valid, flipped)
@@ -788,7 +849,8 @@ def test_probe_command_scores_the_pretrained_and_the_random_encoder(tmp_path):
     lm = sm.model.LanguageModel(len(vocab), "lstm", emb_size=8, hidden_size=8, num_layers=1, out_size=10)
     (tmp_path / "lm").mkdir()
     torch.save({"folder": "sequence_models", "task": "imdb-lm", "vocab": vocab.itos, "model": lm.state_dict(),
-                "config": {"cell": "lstm", "emb_size": 8, "hidden_size": 8, "num_layers": 1}}, tmp_path / "lm" / "best.pt")
+                "config": {"cell": "lstm", "emb_size": 8, "hidden_size": 8, "num_layers": 1}},
+               tmp_path / "lm" / "best.pt")
     rows = sm.main.main(["probe", "--data-dir", str(tmp_path), "--encoder", str(tmp_path / "lm" / "best.pt"),
                          "--label-counts", "8,16", "--seeds", "2", "--test-size", "20", "--out-dir",
                          str(tmp_path / "runs"), "--device", "cpu"])
