@@ -133,18 +133,18 @@ def random_erasing(images, p, generator):
     the rectangle a mask of broadcast comparisons."""
     B, H, W = images.shape
     dev = images.device
-    u = torch.rand(4, B, TRIES, generator=generator, device=dev)                   # (4, B, TRIES)
-    S_e = (S_L + (S_H - S_L) * u[0]) * H * W                                 # S_e <- Rand(s_l, s_h) x S
-    r_e = R_1 + (1 / R_1 - R_1) * u[1]                                        # r_e <- Rand(r_1, r_2)
-    H_e, W_e = (S_e * r_e).sqrt().round(), (S_e / r_e).sqrt().round()        # H_e, W_e (whole pixels)
-    x_e, y_e = (u[2] * W).floor(), (u[3] * H).floor()                         # x_e <- Rand(0, W), y_e <- Rand(0, H)
-    area, aspect = H_e * W_e / (H * W), H_e / W_e                             # after rounding, still in range:
-    fits = ((x_e + W_e <= W) & (y_e + H_e <= H)                               # if x_e + W_e <= W and y_e + H_e <= H
-            & (S_L <= area) & (area <= S_H) & (R_1 <= aspect) & (aspect <= 1 / R_1))       # (B, TRIES)
-    first = fits.int().argmax(1, keepdim=True)                                # (B, 1): the first draw that fits
-    x, y, w, h = (t.gather(1, first).long()[:, :, None] for t in (x_e, y_e, W_e, H_e))    # (B, 1, 1) each
-    erase = (torch.rand(B, generator=generator, device=dev) < p) & fits.any(1)             # p_1 < p: erase
-    rows, cols = torch.arange(H, device=dev)[:, None], torch.arange(W, device=dev)        # (H, 1), (W,)
-    I_e = erase[:, None, None] & (y <= rows) & (rows < y + h) & (x <= cols) & (cols < x + w)   # (B, H, W)
+    u = torch.rand(4, B, TRIES, generator=generator, device=dev)                        # (4, B, TRIES)
+    S_e = (S_L + (S_H - S_L) * u[0]) * H * W                                            # S_e <- Rand(s_l, s_h) x S
+    r_e = R_1 + (1 / R_1 - R_1) * u[1]                                                  # r_e <- Rand(r_1, r_2)
+    H_e, W_e = (S_e * r_e).sqrt().round(), (S_e / r_e).sqrt().round()                   # H_e, W_e (whole pixels)
+    x_e, y_e = (u[2] * W).floor(), (u[3] * H).floor()                                   # x_e <- Rand(0, W), y_e <- Rand(0, H)
+    area, aspect = H_e * W_e / (H * W), H_e / W_e                                       # after rounding, still in range:
+    fits = ((x_e + W_e <= W) & (y_e + H_e <= H)                                         # if x_e + W_e <= W and y_e + H_e <= H
+            & (S_L <= area) & (area <= S_H) & (R_1 <= aspect) & (aspect <= 1 / R_1))    # (B, TRIES)
+    first = fits.int().argmax(1, keepdim=True)                                          # (B, 1): the first draw that fits
+    x, y, w, h = (t.gather(1, first).long()[:, :, None] for t in (x_e, y_e, W_e, H_e))  # (B, 1, 1) each
+    erase = (torch.rand(B, generator=generator, device=dev) < p) & fits.any(1)          # p_1 < p: erase
+    rows, cols = torch.arange(H, device=dev)[:, None], torch.arange(W, device=dev)      # (H, 1), (W,)
+    I_e = erase[:, None, None] & (y <= rows) & (rows < y + h) & (x <= cols) & (cols < x + w)  # (B, H, W)
     fill = torch.randint(0, 256, images.shape, generator=generator, device=dev, dtype=torch.uint8)
-    return torch.where(I_e, fill, images)                                     # I(I_e) <- Rand(0, 255)
+    return torch.where(I_e, fill, images)                                               # I(I_e) <- Rand(0, 255)
