@@ -23,7 +23,7 @@ from train import load_encoder, load_language_model, resolve_device
 from transfer import mean_sd
 
 log = logging.getLogger(FOLDER)
-L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the strengths tried, each scored on the held-out reviews
+L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the strengths tried, each scored on the held-out reviews
 
 
 @torch.no_grad()
