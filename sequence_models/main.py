@@ -10,6 +10,9 @@ words), makemore's names and any text, character by character.
     python sequence_models/main.py interact --pretrained --task imdb --review "A dull, lifeless mess."  # shipped
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
+    python sequence_models/main.py --task imdb-lm --data-dir /path/to/datasets --epochs 10 --bptt 32  # pretrain (--resume)
+    python sequence_models/main.py transfer --seeds 3 --data-dir /path/to/datasets  # pretrained vs scratch, few labels
+    python sequence_models/main.py probe --data-dir /path/to/datasets          # linear probe: pretrained vs random encoder
     python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the pipeline, CPU, < 60 s
     python sequence_models/main.py --benchmark --task names --data-dir /path/to/datasets  # time the training step
 

@@ -87,6 +87,9 @@ def encoders(lm, vocab, path, seed):
 
 def probe(args):
     path = Path(args.encoder or Path(args.out_dir) / "imdb-lm-lstm" / "best.pt")
+    if not path.is_file():
+        raise SystemExit(f"sequence_models: no pretrained encoder at {path}; pretrain first (--task imdb-lm) or "
+                         f"give --encoder PATH")
     lm, device = load_language_model(path), resolve_device(args.device)
     vocab = Vocab(lm["vocab"])
     train, valid, test, _ = imdb_splits(args, vocab)
