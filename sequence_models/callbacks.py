@@ -345,6 +345,7 @@ class Checkpoint(Callback):
                 L.model.state = tuple(h.to(L.device) for h in state) if isinstance(state, tuple) else state.to(L.device)
             metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
             metrics.rows["train"] = list(carry["rows"].to(L.device).unbind(0))
+            metrics.t0 -= carry.get("seconds", 0.0)  # the epoch's time counts what the killed run had done
             self.carry = None
 
     def before_batch(self):
@@ -359,7 +360,8 @@ class Checkpoint(Callback):
             metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
             rows = metrics.rows.get("train")
             self.save(self.state({"epoch": L.epoch, "batch": self.batch, "lm_state": getattr(L.model, "state", None),
-                                  "rows": torch.stack(rows).cpu() if rows else torch.zeros(0, 3)}))
+                                  "rows": torch.stack(rows).cpu() if rows else torch.zeros(0, 3),
+                                  "seconds": time.perf_counter() - metrics.t0}))
 
     def after_epoch(self):
         L = self.learner
@@ -391,7 +393,7 @@ class Checkpoint(Callback):
         self.saved = self.where(state)
 
 
-RESUME_ONLY = ("batch", "lm_state", "rows", "optimizer", "rng", "cuda_rng", "scheduler")
+RESUME_ONLY = ("batch", "lm_state", "rows", "seconds", "optimizer", "rng", "cuda_rng", "scheduler")
 
 
 class EarlyStopping(Callback):
