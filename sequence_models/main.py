@@ -149,7 +149,8 @@ class Config:
     epochs: int = flag(None, f"passes over the training data {per_task('epochs')}", "shared", type=number(int, 1))
     batch_size: int = flag(None, f"reviews, or token rows, per batch {per_task('batch_size')}", "shared",
                            type=number(int, 1))
-    lr: float = flag(None, f"peak of the learning-rate schedule (AdamW) {per_task('lr')}", "shared", type=positive(float))
+    lr: float = flag(None, f"peak of the learning-rate schedule (AdamW) {per_task('lr')}", "shared",
+                     type=positive(float))
     resume: bool = flag(False, "continue OUT_DIR/<task>-<model>/ckpt.pt with its flags", "shared", action="store_true")
     checkpoint_every: int = flag(None, "also write ckpt.pt every N optimiser steps within an epoch, where --resume "
                                  f"continues exactly (0: at the end of each epoch only) {per_task('checkpoint_every')}",

@@ -4,8 +4,8 @@ RNN (Elman 1990), LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of G
 and GRU (Cho et al. 2014) behave like torch.nn.RNN / LSTM / GRU: the same constructor, call,
 return values, gate order and state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0,
 bias_hh_l0, ...), so weights load from the torch modules and back. Then, in the order the data
-meets them: masked_pool, last_output -> SentimentClassifier (IMDb), LanguageModel (human numbers, characters),
-and Bengio et al. (2003)'s MLPLanguageModel (characters).
+meets them: masked_pool, last_output -> SentimentClassifier (IMDb), LanguageModel (human numbers,
+characters), and Bengio et al. (2003)'s MLPLanguageModel (characters).
 
 Shapes: L time steps, N batch, H hidden size, G gates (RNN 1, LSTM 4, GRU 3), V vocabulary.
 """

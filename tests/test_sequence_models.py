@@ -597,6 +597,7 @@ def test_language_model_ties_weights_and_carries_its_state_detached():
 @pytest.mark.parametrize("task,config", [
     ("imdb", dict(vocab_size=50, cell="lstm", emb_size=6, hidden_size=5, num_layers=2, dropout=0.1)),
     ("imdb", dict(vocab_size=50, cell="rnn", emb_size=6, hidden_size=5, num_layers=1, dropout=0.1)),
+    ("imdb", dict(vocab_size=50, cell="gru", emb_size=6, hidden_size=5, num_layers=1, dropout=0.1, pooling="concat")),
     ("numbers", dict(vocab_size=30, cell="gru", emb_size=7, hidden_size=7, num_layers=2, dropout=0.1, stateful=True,
                      out_size=None)),
     ("imdb-lm", dict(vocab_size=30, cell="lstm", emb_size=7, hidden_size=7, num_layers=1, dropout=0.1,
