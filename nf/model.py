@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 
 @dataclass
@@ -28,16 +27,16 @@ class FlowConfig:
     alpha: float = 0.05     # the logit transform's margin (the paper's alpha)
 
 
-def squeeze(x):             # (B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block becomes 4 channels
-    return rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
+def squeeze(x):             # (B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block becomes 4 channels,
+    return F.pixel_unshuffle(x, 2)  # "b c (h p) (w q) -> b (c p q) h w" in one op, in x's memory format
 
 
 def unsqueeze(x):           # the inverse of squeeze
-    return rearrange(x, "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
+    return F.pixel_shuffle(x, 2)
 
 
-def checkerboard(h, w, parity, device):   # b: (1, 1, h, w), 1 on the squares whose x_i pass unchanged
-    i, j = torch.arange(h, device=device), torch.arange(w, device=device)
+def checkerboard(h, w, parity):           # b: (1, 1, h, w), 1 on the squares whose x_i pass unchanged
+    i, j = torch.arange(h), torch.arange(w)
     return ((i[:, None] + j[None, :] + parity) % 2).float()[None, None]
 
 
@@ -55,11 +54,11 @@ class ResNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x):
+    def forward(self, x):       # -> (B, 2 c_out, H, W): s and t from one head, split by the coupling
         h = self.inp(x)
         for block in self.blocks:
             h = h + block(h)
-        return self.out(F.relu(h)).chunk(2, 1)                  # s, t: (B, c_out, H, W) each
+        return self.out(F.relu(h))
 
 
 class Coupling(nn.Module):
@@ -71,24 +70,28 @@ class Coupling(nn.Module):
     checkerboard: b alternates over pixels (the ResNet also sees b, so a 0 it reads is not ambiguous);
     channel: b keeps one half of the channels and transforms the other. `parity` swaps the roles,
     so consecutive couplings update each other's unchanged half. s is tanh-bounded with a learned
-    per-channel scale, which keeps exp(s) from exploding early in training."""
+    per-channel scale, which keeps exp(s) from exploding early in training. The checkerboard b and
+    1 - b are built once, as buffers (not saved: they follow from side and parity)."""
 
-    def __init__(self, c, mask, parity, hidden, blocks):
+    def __init__(self, c, side, mask, parity, hidden, blocks):
         super().__init__()
         assert mask == "checkerboard" or c % 2 == 0, "a channel mask splits an even number of channels"
         self.mask, self.parity = mask, parity
         c_in, c_out = (c + 1, c) if mask == "checkerboard" else (c // 2, c - c // 2)
         self.st = ResNet(c_in, c_out, hidden, blocks)
         self.s_scale = nn.Parameter(torch.ones(1, c_out, 1, 1))
+        if mask == "checkerboard":
+            b = checkerboard(side, side, parity)                # (1, 1, side, side)
+            self.register_buffer("b", b, persistent=False)
+            self.register_buffer("one_minus_b", 1 - b, persistent=False)
 
-    def s_t(self, x_b):
-        s, t = self.st(x_b)
+    def s_t(self, st):          # the ResNet's output (B, 2 c_out, H, W) -> s = lambda tanh(s_hat), t
+        s, t = st.chunk(2, 1)
         return self.s_scale * torch.tanh(s), t
 
     def masked_s_t(self, x):    # checkerboard: s and t of b * x, zero where b = 1 (x * b = y * b)
-        b = checkerboard(x.shape[2], x.shape[3], self.parity, x.device)
-        s, t = self.s_t(torch.cat([x * b, b.expand(len(x), -1, -1, -1)], 1))
-        return (1 - b) * s, (1 - b) * t
+        st = self.st(torch.cat([x * self.b, self.b.expand(len(x), -1, -1, -1)], 1))
+        return self.s_t(self.one_minus_b * st)                  # (1 - b) s = lambda tanh((1 - b) s_hat): b is 0 or 1
 
     def split(self, x):         # channel mask: (x_1, x_2), x_1 conditions, x_2 is transformed
         x1, x2 = x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
@@ -102,7 +105,7 @@ class Coupling(nn.Module):
             s, t = self.masked_s_t(x)                           # b * x passes unchanged
             return x * torch.exp(s) + t, s.sum((1, 2, 3))
         x1, x2 = self.split(x)  # y_1 = x_1, y_2 = x_2 * exp(s(x_1)) + t(x_1)   (Sec. 3.2)
-        s, t = self.s_t(x1)
+        s, t = self.s_t(self.st(x1))
         return self.join(x1, x2 * torch.exp(s) + t), s.sum((1, 2, 3))
 
     def inverse(self, y):       # x = (y - t) * exp(-s): s and t only read the unchanged part (Sec. 3.3)
@@ -110,7 +113,7 @@ class Coupling(nn.Module):
             s, t = self.masked_s_t(y)
             return (y - t) * torch.exp(-s)
         y1, y2 = self.split(y)
-        s, t = self.s_t(y1)
+        s, t = self.s_t(self.st(y1))
         return self.join(y1, (y2 - t) * torch.exp(-s))
 
 
@@ -148,12 +151,13 @@ class Scale(nn.Module):
     The last scale has only checkerboard couplings. forward() puts z_i back where it came
     from (un-squeezed), so the output z has the input's shape."""
 
-    def __init__(self, c, n_checker, n_channel, nxt, hidden, blocks):
+    def __init__(self, c, side, n_checker, n_channel, nxt, hidden, blocks):
         super().__init__()
-        def steps(n, mask, c):  # each coupling is followed by an actnorm
-            return nn.ModuleList(m for k in range(n) for m in (Coupling(c, mask, k % 2, hidden, blocks), ActNorm(c)))
-        self.checker = steps(n_checker, "checkerboard", c)
-        self.channel = steps(n_channel, "channel", 4 * c) if nxt is not None else nn.ModuleList()
+        def steps(n, mask, c, side):  # each coupling is followed by an actnorm
+            return nn.ModuleList(m for k in range(n)
+                                 for m in (Coupling(c, side, mask, k % 2, hidden, blocks), ActNorm(c)))
+        self.checker = steps(n_checker, "checkerboard", c, side)
+        self.channel = steps(n_channel, "channel", 4 * c, side // 2) if nxt is not None else nn.ModuleList()
         self.next = nxt
 
     def forward(self, h):       # h (B, c, H, W) -> z (B, c, H, W), log|det| (B,)
@@ -195,7 +199,8 @@ class RealNVP(nn.Module):
         flow, c = None, cfg.channels * 2 ** cfg.scales             # built from the innermost scale out
         for level in range(cfg.scales, -1, -1):
             last = level == cfg.scales
-            flow = Scale(c, n_final if last else n_checker, 0 if last else n_checker, flow, cfg.hidden, cfg.blocks)
+            flow = Scale(c, cfg.side // 2 ** level, n_final if last else n_checker, 0 if last else n_checker, flow,
+                         cfg.hidden, cfg.blocks)
             c //= 2
         self.flow = flow
         self.D = cfg.channels * cfg.side ** 2
