@@ -43,7 +43,8 @@ TAIL_V2 = struct.Struct(">16sIQI")       # version 2: no chunks side by side, al
 CHECK = struct.Struct(">I")              # CRC-32 of the container up to here
 UNIFORM = np.arange(257, dtype=np.int64)  # cumulative frequencies of a uniform byte
 GROUP, GROUP_V2 = 512, 32                # byte model: chunks coded side by side (a batch per forward pass)
-FULL_PASS = 32                           # integer path, encoding: chunks per full forward pass
+FULL_PASS = 8                            # integer path, encoding: chunks per full forward pass (8, not
+                                         # 32: smaller tensors, 1.2x faster with --compile; same bytes)
 ESCAPE_STEP = 32                         # escaped bytes: counts start at 1, +32 per occurrence
 SETTING = {"integer": ("path", "version", "weights"),              # what the container records
            "float": ("path", "device", "dtype", "threads", "torch")}

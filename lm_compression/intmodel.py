@@ -113,8 +113,13 @@ class IntLinear:
     def __call__(self, x):                                          # x (..., in) at 2^-16
         xs, e = per_row(x)
         acc = exact_matmul(xs, self.w_t)                            # (..., out), |acc| < 2^47
-        half = None if self.pow_k is None else self.pow_k >> (e + 1)  # 2^(k - e - 1), 0 where k = e
-        return saturate(round_shift(acc * self.m, self.k - e, half) + self.b)
+        return requantize(acc, e, self.m, self.k, self.pow_k, self.b)
+
+
+def requantize(acc, e, m, k, pow_k, b):
+    """IntLinear's output at 2^-16: acc 2^e m / 2^k + b, one rounding shift (I-BERT's dyadic requantisation)."""
+    half = None if pow_k is None else pow_k >> (e + 1)              # 2^(k - e - 1), 0 where k = e
+    return saturate(round_shift(acc * m, k - e, half) + b)
 
 
 def i_sqrt(n):
@@ -197,16 +202,20 @@ class IntAttention:
         (qs, eq), (ks, ek) = per_row(q), per_row(k)                 # |qs|, |ks| <= 2^15; eq, ek <= 13
         ks, ek, v = cache.append(ks.double(), ek, v.double())       # (B, nh, Tk, .): earlier positions too
         acc = exact_matmul(qs, ks.transpose(-1, -2))                 # (B, nh, T, Tk), |acc| <= hs 2^30 <= 2^42
-        # to 2^-16: acc 2^(eq + ek - 16), the exponent in [-16, 10]: acc << 10 <= hs 2^40, then one rounding shift
-        ek = ek.transpose(-1, -2)
-        scores = saturate(round_shift(acc << 10, 26 - eq - ek, ((1 << 25) >> eq) >> ek))
         Tk = ks.size(2)
         # query i sees keys up to Tk - T + i: all of them for one query (the coder's steps)
         allowed = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        w = i_softmax(scores, allowed, self.W_BITS)                 # (B, nh, T, Tk), sum <= 2^24
+        w = attention_weights(acc, eq, ek.transpose(-1, -2), allowed)  # (B, nh, T, Tk), sum <= 2^24
         wv = exact_matmul(w, v)                                     # w >= 0: every partial sum <= 2^24 2^27 = 2^51
         y = round_shift(wv, self.W_BITS)                             # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attention_weights(acc, eq, ek, allowed):
+    """q.k (acc) to scores at 2^-16, acc 2^(eq + ek - 16), the exponent in [-16, 10]: acc << 10 <= hs 2^40,
+    then one rounding shift; then i-softmax, the weights at 2^-24."""
+    scores = saturate(round_shift(acc << 10, 26 - eq - ek, ((1 << 25) >> eq) >> ek))
+    return i_softmax(scores, allowed, IntAttention.W_BITS)
 
 
 class Cache:
@@ -219,7 +228,7 @@ class Cache:
 
     def append(self, *new):                                         # each (B, nh, T, .)
         if self.buffers is None:
-            self.buffers = [t.new_zeros(*t.shape[:2], self.context, t.shape[3]) for t in new]
+            self.buffers = [t.new_empty(*t.shape[:2], self.context, t.shape[3]) for t in new]  # read up to n
         T = new[0].size(2)
         for buffer, t in zip(self.buffers, new):
             buffer[:, :, self.n:self.n + T] = t
@@ -286,3 +295,13 @@ def frequencies(logits):
     e = i_exp(logits - logits.amax(-1, keepdim=True)) >> 4
     freq = 1 + e * BUDGET // e.sum(-1, keepdim=True)
     return torch.cat([freq.new_zeros(len(freq), 1), freq.cumsum(-1)], 1)
+
+
+def fuse():
+    """`--compile`: each element-wise chain (`per_row`, IntLinear's `requantize`, `i_gelu`, `attention_weights`)
+    compiled by torch.compile into one loop over its tensor instead of one pass over memory per operation.
+    Integer operations are exact in any fusion, so the integers stay the same (a test compares them)."""
+    global per_row, requantize, i_gelu, attention_weights
+    if not hasattr(i_gelu, "_torchdynamo_orig_callable"):             # once per process
+        per_row, requantize, i_gelu, attention_weights = (torch.compile(f, dynamic=True) for f in
+                                                          (per_row, requantize, i_gelu, attention_weights))

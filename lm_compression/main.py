@@ -41,6 +41,7 @@ import torch
 
 from benchmark import benchmark, coder_benchmark, plot
 from codec import Corrupt, DecodeIO, EncodeIO, code, compress, decompress, read_header
+from intmodel import fuse
 from predictors import load_predictor
 from sample import sample
 from train import benchmark as benchmark_training, read_text, resolve_device, split, train
@@ -102,6 +103,8 @@ def shared_flags():
     model.add_argument("--float", action="store_true", help="run a byte model in float, not through the integer "
                        "path (float decodes only with the same device, dtype, torch version; decompress reads "
                        "which from the file)")
+    model.add_argument("--compile", action="store_true", help="torch.compile the integer path's element-wise "
+                       "kernels (the same bytes; faster on long inputs, after seconds of compiling)")
     return shared, model
 
 
@@ -148,7 +151,8 @@ def add_train_flags(t):
     t.add_argument("--resume", action="store_true", help="continue --out where it stopped")
     t.add_argument("--sample-only", action="store_true", help="skip training: held-out rate, round trip and a sample")
     t.add_argument("--wandb", action="store_true", help="log to Weights & Biases (off by default)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model for the training step (and the "
+                   "integer path's kernels for the round trip after it)")
     t.add_argument("--benchmark", action="store_true", help="only time the training step of these flags (on the "
                    "training text if it is here, else random bytes) and print one JSON line; writes nothing")
     flags = {"benchmark_steps": (number(int, 1), "--benchmark's timed steps, after warm-up ones"),
@@ -236,6 +240,8 @@ def load(args, spec, integer=True):
             print(f"using {spec} (what `train --quick` wrote; pass --model to choose another)", file=sys.stderr)
     t0 = time.perf_counter()
     lm = load_predictor(spec, resolve_device(args.device), getattr(args, "context", 2048), integer)
+    if getattr(args, "compile", False) and lm.inference == "integer":   # not on `benchmark`
+        fuse()
     if time.perf_counter() - t0 > 2:
         print(f"loaded {spec} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return lm
@@ -345,7 +351,7 @@ def cmd_benchmark_coder(args):
         data = (text * (args.bytes // len(text) + 1))[:args.bytes]
     else:
         data = bytes(torch.randint(256, (args.bytes,), generator=torch.Generator().manual_seed(args.seed)).tolist())
-    print(json.dumps(coder_benchmark(lm, data, "real" if args.file else "random")))
+    print(json.dumps(coder_benchmark(lm, data, "real" if args.file else "random") | {"compile": args.compile}))
 
 
 def cmd_benchmark(args):
