@@ -103,16 +103,27 @@ def build_model(cfg):
 
 
 def on_device(model, args, device):
-    """The model on `device` and what a training step runs: fused Adam (one kernel, and no per-step .item()
-    of Adam's step count; Adam with L2, as before, not AdamW), TF32 on CUDA, and with --compile a
-    torch.compile'd bits/dim. No bf16 autocast: the log-determinants are sums of thousands of s values
-    (README, Speed)."""
+    """The model on `device` and what a training step runs: on CUDA channels_last conv weights (the convs'
+    outputs follow them; kept off on the CPU, where it is faster but rounds differently: README, Speed) and
+    TF32; fused Adam (one kernel, and no per-step .item() of Adam's step count; Adam with L2, as before, not
+    AdamW); with --compile a torch.compile'd bits/dim. No bf16 autocast: the log-determinants are sums of
+    thousands of s values (README, Speed)."""
+    model = model.to(device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = model.to(device)
+        model = model.to(memory_format=torch.channels_last)
     fused = device.startswith("cuda") or device == "cpu" or None
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     return model, (torch.compile(model.bits_per_dim) if args.compile else model.bits_per_dim), optimizer
+
+
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s maths (the same ops, so the same bits) without its per-tensor
+    .to(device) calls: the global gradient norm, and the gradients scaled by min(1, max_norm / (norm + 1e-6))."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0))
+    return grad_norm
 
 
 def train_step(model, bits_per_dim, optimizer, x, lr, args, check=None):
@@ -122,8 +133,7 @@ def train_step(model, bits_per_dim, optimizer, x, lr, args, check=None):
         group["lr"] = lr
     loss = bits_per_dim(x).mean()                               # maximum likelihood, in bits/dim
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),  # clips only with --grad-clip > 0
-                                               args.grad_clip if args.grad_clip > 0 else math.inf)
+    grad_norm = clip_grad_norm(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)  # > 0: clips
     if check:
         check(loss, grad_norm)
     optimizer.step()
@@ -182,6 +192,15 @@ def refuse_or_resume(args, ckpt_path, device):
     return ckpt
 
 
+def match_layout(optimizer):
+    """Adam's moments from a checkpoint in their parameter's memory layout (a CUDA run saves channels_last
+    ones, a CPU run not): fused Adam walks each parameter and its moments in memory order."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                state[k] = torch.empty_like(p).copy_(v)
+
+
 def start_run(args):
     """Everything the loop needs, as a namespace: the data (training images on the device), the flow, Adam,
     and where a resumed run stands (or the shipped weights, with --pretrained)."""
@@ -201,6 +220,7 @@ def start_run(args):
     if ckpt:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        match_layout(run.optimizer)
         run.epoch = ckpt["epoch"]
     elif args.pretrained:                                       # fine-tuning: the shipped weights, a new Adam
         run.model.load_state_dict(load_pretrained(args.dataset, cfg))

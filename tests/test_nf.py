@@ -356,6 +356,12 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tmp_path, mo
     assert e.value.code == 130
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(nf.train, "evaluate", evaluate)
+    ckpt = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)  # Adam's moments as a CUDA run saves
+    for state in ckpt["optimizer"]["state"].values():                    # them: channels_last, unlike the CPU's
+        for k, v in state.items():
+            if v.dim() == 4 and v.shape[1] > 1:
+                state[k] = v.contiguous(memory_format=torch.channels_last)
+    torch.save(ckpt, tmp_path / "resumed" / "ckpt.pt")
     nf.train.train(nf.main.parse_args(["--resume", "--out-dir", str(tmp_path / "resumed"), "--data-dir", str(data)]))
 
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
