@@ -27,8 +27,8 @@ class FlowConfig:
     alpha: float = 0.05     # the logit transform's margin (the paper's alpha)
 
 
-def squeeze(x):             # (B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block becomes 4 channels,
-    return F.pixel_unshuffle(x, 2)  # "b c (h p) (w q) -> b (c p q) h w" in one op, in x's memory format
+def squeeze(x):             # (B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block becomes 4 channels
+    return F.pixel_unshuffle(x, 2)                          # b c (h p) (w q) -> b (c p q) h w, in one op
 
 
 def unsqueeze(x):           # the inverse of squeeze
