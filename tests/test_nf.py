@@ -528,7 +528,7 @@ def tiny_flow_and_adam():
 def test_a_training_step_launches_only_the_ops_of_the_maths():
     """One optimiser step of a tiny flow (4 checkerboard couplings, 1 channel-wise, 5 actnorms, 55 parameter
     tensors): 317 kernel-launching ops with torch 2.14, 361 when every checkerboard coupling rebuilt its mask
-    from arange and masked s and t apart; the budget keeps 4% slack for other torch versions."""
+    from arange and masked s and t apart; the budget keeps 9% slack for other torch versions (the named ops above are the sharp checks)."""
     model, adam, x = tiny_flow_and_adam()
     args = SimpleNamespace(grad_clip=100.0)
     nf.train.train_step(model, model.bits_per_dim, adam, x, 1e-3, args)  # Adam's state exists from here on
@@ -536,7 +536,7 @@ def test_a_training_step_launches_only_the_ops_of_the_maths():
         nf.train.train_step(model, model.bits_per_dim, adam, x, 1e-3, args)
     assert not {"arange", "remainder", "rsub", "_to_copy", "clone"} & set(counted.ops), counted.ops
     assert counted.ops["convolution"] == counted.ops["convolution_backward"] == 5 * 4  # 4 convs a coupling
-    assert sum(counted.ops.values()) <= 330, counted.ops
+    assert sum(counted.ops.values()) <= 345, counted.ops
 
 
 def test_channels_last_weights_as_on_cuda_give_the_same_flow_and_gradients():
