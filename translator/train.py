@@ -191,11 +191,11 @@ def valid_bleu(model, tok, sources, refs):
 
 
 def open_log(path, resume_step):
-    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first."""
+    """CSV of the run; on resume, rows past the checkpoint (lost work) and torn rows are dropped first."""
     rows = []
     if resume_step and path.is_file():
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, errors="replace") as f:
+            rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= resume_step]
     f = open(path, "w", newline="")
     writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
     writer.writeheader()
