@@ -15,6 +15,7 @@ files), `cli_error_line` (a command that must fail with exactly one line) and
 import gzip
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,27 @@ def cli_error_line(folder, *args):
 @pytest.fixture
 def root():
     return ROOT
+
+
+def shipped_copy(folder, dest):
+    """pretrained/<folder>/ and pretrained/SHA256SUMS copied to dest/pretrained/, a copy to tamper with.
+    -> dest/pretrained"""
+    shutil.copytree(ROOT / "pretrained" / folder, dest / "pretrained" / folder)
+    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", dest / "pretrained" / "SHA256SUMS")
+    return dest / "pretrained"
+
+
+def flip_bit(path, at=None):
+    """Flip the lowest bit of byte `at` of a file (default: the middle byte): one bit of one weight."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def unlist(pretrained, name):
+    """Drop the line of pretrained/<name> from that copy's SHA256SUMS (a file the manifest does not list)."""
+    sums = pretrained / "SHA256SUMS"
+    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if not line.endswith("  " + name)))
 
 
 SYNCS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")   # each waits for a GPU's queue to drain

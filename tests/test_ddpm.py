@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import import_folder, write_idx
+from conftest import flip_bit, import_folder, shipped_copy, write_idx
 
 ddpm = import_folder("ddpm")
 Diffusion, UNet, UNetConfig = ddpm.model.Diffusion, ddpm.model.UNet, ddpm.model.UNetConfig
@@ -687,12 +687,7 @@ def test_a_tampered_shipped_file_is_one_line_naming_it(root, tmp_path):
     """A copy of the folder and its shipped weights with one byte flipped: one line naming the file, and
     nothing written."""
     shutil.copytree(root / "ddpm", tmp_path / "ddpm", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(root / "pretrained" / "ddpm", tmp_path / "pretrained" / "ddpm")
-    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    weights = tmp_path / "pretrained" / "ddpm" / "fashion.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1
-    weights.write_bytes(data)
+    flip_bit(shipped_copy("ddpm", tmp_path) / "ddpm" / "fashion.safetensors")
     r = subprocess.run([sys.executable, "ddpm/main.py", "--dataset", "fashion", "--sample-only", "--pretrained",
                         "--out-dir", "runs", "--figures-dir", "fig"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip() == ("ddpm: pretrained/ddpm/fashion.safetensors does not match "

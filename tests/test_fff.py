@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, count_syncs, import_folder, write_idx
+from conftest import ROOT, count_syncs, flip_bit, import_folder, shipped_copy, unlist, write_idx
 from torch.distributions import Bernoulli
 
 fff = import_folder("fff")
@@ -463,22 +463,16 @@ def test_the_shipped_weights_load_into_todays_models_and_reproduce_their_check(n
 def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
     """A flipped byte in a shipped file, or a file missing from pretrained/SHA256SUMS: one line naming
     the file, before anything is loaded."""
-    import shutil
-    shutil.copytree(ROOT / "pretrained" / "fff", tmp_path / "pretrained" / "fff")
-    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    monkeypatch.setattr(fff.pretrained, "ROOT", tmp_path / "pretrained")
-    weights = tmp_path / "pretrained" / "fff" / "fff.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1
-    weights.write_bytes(bytes(data))
+    pretrained = shipped_copy("fff", tmp_path)
+    monkeypatch.setattr(fff.pretrained, "ROOT", pretrained)
+    flip_bit(pretrained / "fff" / "fff.safetensors")
     argv = ["--sample-only", "--pretrained", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
             "--data-dir", str(tmp_path / "nothing")]
     with pytest.raises(SystemExit) as e:
         fff.main.main(argv)
     assert str(e.value.code) == ("fff: pretrained/fff/fff.safetensors does not match pretrained/SHA256SUMS; "
                                  "restore it with git checkout")
-    sums = tmp_path / "pretrained" / "SHA256SUMS"
-    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith("fff/fff.json")))
+    unlist(pretrained, "fff/fff.json")
     with pytest.raises(SystemExit) as e:
         fff.main.main(argv)
     assert "pretrained/fff/fff.json does not match pretrained/SHA256SUMS" in str(e.value.code)

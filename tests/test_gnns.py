@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, count_syncs, import_folder, write_idx
+from conftest import ROOT, count_syncs, flip_bit, import_folder, shipped_copy, unlist, write_idx
 from torch.utils.flop_counter import FlopCounterMode
 
 gnns = import_folder("gnns")
@@ -513,22 +513,16 @@ def test_the_shipped_weights_load_into_todays_model_and_reproduce_their_check(na
 def test_a_tampered_shipped_file_is_refused_in_one_line_naming_it(tmp_path, monkeypatch):
     """A flipped byte in a shipped file, or a file missing from pretrained/SHA256SUMS: one line naming
     the file, before anything is loaded or written."""
-    import shutil
-    shutil.copytree(ROOT / "pretrained" / "gnns", tmp_path / "pretrained" / "gnns")
-    shutil.copy(ROOT / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    monkeypatch.setattr(gnns.pretrained, "ROOT", tmp_path / "pretrained")
-    weights = tmp_path / "pretrained" / "gnns" / "gcn.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1
-    weights.write_bytes(bytes(data))
+    pretrained = shipped_copy("gnns", tmp_path)
+    monkeypatch.setattr(gnns.pretrained, "ROOT", pretrained)
+    flip_bit(pretrained / "gnns" / "gcn.safetensors")
     argv = ["--sample-only", "--pretrained", "--model", "gcn", "--device", "cpu",
             "--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing")]
     with pytest.raises(SystemExit) as e:
         gnns.main.main(argv)
     assert str(e.value.code) == ("gnns: pretrained/gnns/gcn.safetensors does not match pretrained/SHA256SUMS; "
                                  "restore it with git checkout")
-    sums = tmp_path / "pretrained" / "SHA256SUMS"
-    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if not l.endswith("gnns/gcn.json")))
+    unlist(pretrained, "gnns/gcn.json")
     with pytest.raises(SystemExit) as e:
         gnns.main.main(argv)
     assert "pretrained/gnns/gcn.json does not match pretrained/SHA256SUMS" in str(e.value.code)

@@ -7,14 +7,13 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, import_folder
+from conftest import ROOT, flip_bit, import_folder, shipped_copy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -545,14 +544,9 @@ def test_sample_only_pretrained_writes_samples_and_the_curve_without_a_run(tmp_p
 
 
 def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "pretrained"
-    shutil.copytree(gpt.pretrained.ROOT / "gpt", root / "gpt")
-    shutil.copy(gpt.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    root = shipped_copy("gpt", tmp_path)
     monkeypatch.setattr(gpt.pretrained, "ROOT", root)
-    weights = root / "gpt" / "1984.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-2] ^= 1  # one bit of one weight
-    weights.write_bytes(bytes(data))
+    flip_bit(root / "gpt" / "1984.safetensors", at=-2)
     line = error_line(["--sample-only", "--pretrained", "--device", "cpu", "--out-dir", tmp_path / "out"], capsys)
     assert "pretrained/gpt/1984.safetensors" in line and "SHA256SUMS" in line and "git checkout" in line
     assert not (tmp_path / "out").exists()

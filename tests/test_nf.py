@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import import_folder, write_idx
+from conftest import flip_bit, import_folder, shipped_copy, write_idx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 nf = import_folder("nf")
@@ -587,12 +587,7 @@ def test_sample_only_with_the_shipped_weights_needs_no_data_and_writes_no_run(tm
 def test_a_tampered_shipped_file_is_one_line_naming_it(root, tmp_path):
     """A copy of the folder and its shipped weights with one byte flipped: one line naming the file."""
     shutil.copytree(root / "nf", tmp_path / "nf", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(root / "pretrained" / "nf", tmp_path / "pretrained" / "nf")
-    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    weights = tmp_path / "pretrained" / "nf" / "mnist.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1
-    weights.write_bytes(data)
+    flip_bit(shipped_copy("nf", tmp_path) / "nf" / "mnist.safetensors")
     r = subprocess.run([sys.executable, "nf/main.py", "--sample-only", "--pretrained", "--out-dir", "runs",
                         "--figures-dir", "fig"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip() == ("nf: pretrained/nf/mnist.safetensors does not match "

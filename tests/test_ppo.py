@@ -4,13 +4,12 @@ a spy on that math inside a real update (the flags reach it), learning, and clea
 import csv
 import json
 import math
-import shutil
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import import_folder
+from conftest import flip_bit, import_folder, shipped_copy, unlist
 from torch.distributions import Categorical, Independent, Normal
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -377,18 +376,12 @@ def test_the_shipped_agents_load_into_todays_code_and_reproduce_their_check(env_
 
 
 def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "pretrained"
-    shutil.copytree(ppo.pretrained.ROOT / "ppo", root / "ppo")
-    shutil.copy(ppo.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    root = shipped_copy("ppo", tmp_path)
     monkeypatch.setattr(ppo.pretrained, "ROOT", root)
-    weights = root / "ppo" / "cartpole.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # one bit of one weight
-    weights.write_bytes(bytes(data))
+    flip_bit(root / "ppo" / "cartpole.safetensors", at=-1)
     argv = ["--sample-only", "--pretrained", "--out-dir", str(tmp_path / "out")]
     one_line_error(capsys, argv, "pretrained/ppo/cartpole.safetensors", "SHA256SUMS", "git checkout")
-    sums = root / "SHA256SUMS"  # a file the manifest does not list is refused the same way
-    sums.write_text("".join(l + "\n" for l in sums.read_text().splitlines() if "ppo/cartpole.json" not in l))
+    unlist(root, "ppo/cartpole.json")  # a file the manifest does not list is refused the same way
     one_line_error(capsys, argv, "pretrained/ppo/cartpole.json", "SHA256SUMS")
     assert not (tmp_path / "out").exists()
 

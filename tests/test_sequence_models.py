@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from conftest import cli_error_line, import_folder
+from conftest import cli_error_line, flip_bit, import_folder, shipped_copy, unlist
 
 sm = import_folder("sequence_models")
 TORCH = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -1196,19 +1196,13 @@ def test_interact_and_fine_tuning_read_the_shipped_weights(capsys):
 
 def copy_of_the_shipped_weights(tmp_path, monkeypatch):
     """pretrained/sequence_models/ and pretrained/SHA256SUMS copied to tmp_path, and read from there."""
-    import shutil
-    shutil.copytree(sm.pretrained.PRETRAINED, tmp_path / "pretrained" / "sequence_models")
-    shutil.copyfile(sm.pretrained.PRETRAINED.parent / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    monkeypatch.setattr(sm.pretrained, "PRETRAINED", tmp_path / "pretrained" / "sequence_models")
+    monkeypatch.setattr(sm.pretrained, "PRETRAINED", shipped_copy("sequence_models", tmp_path) / "sequence_models")
     return tmp_path / "pretrained"
 
 
 def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
     root = copy_of_the_shipped_weights(tmp_path, monkeypatch)
-    weights = root / "sequence_models" / "imdb-lstm.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # one bit of one weight
-    weights.write_bytes(bytes(data))
+    flip_bit(root / "sequence_models" / "imdb-lstm.safetensors", at=-1)
     with pytest.raises(SystemExit) as e:
         sm.main.main(["interact", "--pretrained", "--task", "imdb", "--review", "fine", "--device", "cpu"])
     assert e.value.code == ("sequence_models: pretrained/sequence_models/imdb-lstm.safetensors does not match "
@@ -1218,8 +1212,7 @@ def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeyp
 
 def test_a_shipped_file_without_its_sha256_line_is_refused(tmp_path, monkeypatch):
     root = copy_of_the_shipped_weights(tmp_path, monkeypatch)
-    sums = root / "SHA256SUMS"
-    sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if "numbers-lstm.json" not in line))
+    unlist(root, "sequence_models/numbers-lstm.json")
     assert sm.pretrained.load_shipped("imdb", "lstm")["task"] == "imdb"  # the other files still pass
     with pytest.raises(SystemExit, match=r"pretrained/sequence_models/numbers-lstm\.json does not match"):
         sm.pretrained.load_shipped("numbers", "lstm")

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ROOT, import_folder
+from conftest import ROOT, import_folder, shipped_copy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -711,9 +710,7 @@ def test_sample_pretrained_tells_a_story_and_draws_the_figures_without_a_run(tmp
 
 
 def test_a_tampered_shipped_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "pretrained"
-    shutil.copytree(ts.pretrained.ROOT / "tiny_stories_lm", root / "tiny_stories_lm")
-    shutil.copy(ts.pretrained.ROOT / "SHA256SUMS", root / "SHA256SUMS")
+    root = shipped_copy("tiny_stories_lm", tmp_path)
     monkeypatch.setattr(ts.pretrained, "ROOT", root)
     tokenizer = root / "tiny_stories_lm" / "transformer.tokenizer.json"
     tokenizer.write_text(tokenizer.read_text().replace("time", "tame", 1))  # one merge of the BPE changed

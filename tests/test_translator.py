@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ROOT, import_folder
+from conftest import ROOT, flip_bit, import_folder, shipped_copy, unlist
 from torch.utils.flop_counter import FlopCounterMode
 
 tr = import_folder("translator")
@@ -586,20 +586,14 @@ def test_a_tampered_or_unlisted_shipped_file_is_a_one_line_error_naming_it(tmp_p
     """A copy of the folder and of pretrained/translator with one byte flipped: translate --pretrained stops
     in one line naming the file, before loading it; so does a file whose line is gone from SHA256SUMS."""
     shutil.copytree(ROOT / "translator", tmp_path / "translator", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(SHIPPED, tmp_path / "pretrained" / "translator")
-    sums = (ROOT / "pretrained" / "SHA256SUMS").read_text()
-    (tmp_path / "pretrained" / "SHA256SUMS").write_text(sums)
-    weights = tmp_path / "pretrained" / "translator" / "en-fr.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1
-    weights.write_bytes(bytes(data))
+    weights = shipped_copy("translator", tmp_path) / "translator" / "en-fr.safetensors"
+    flip_bit(weights)
     r = subprocess.run([sys.executable, "translator/main.py", "translate", "--pretrained", "Hello."], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and r.stderr.strip() == ("translator: pretrained/translator/en-fr.safetensors does not "
                                                       "match pretrained/SHA256SUMS; restore it with git checkout")
     shutil.copy(SHIPPED / "en-fr.safetensors", weights)  # intact again, but the tokenizer's line is gone
-    (tmp_path / "pretrained" / "SHA256SUMS").write_text(
-        "".join(line + "\n" for line in sums.splitlines() if "translator/en-fr.tokenizer.json" not in line))
+    unlist(tmp_path / "pretrained", "translator/en-fr.tokenizer.json")
     monkeypatch.setattr(tr.pretrained, "ROOT", tmp_path / "pretrained")
     with pytest.raises(SystemExit, match=r"^translator: pretrained/translator/en-fr\.tokenizer\.json does not match "
                                          r"pretrained/SHA256SUMS; restore it with git checkout$"):
