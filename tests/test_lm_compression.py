@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import import_folder
+from conftest import flip_bit, import_folder, shipped_copy
 
 lmc = import_folder("lm_compression")
 coder, codec, model, predictors = lmc.coder, lmc.codec, lmc.model, lmc.predictors
@@ -798,13 +798,8 @@ def test_the_shipped_byte_model_loads_and_reproduces_its_check():
 
 def test_a_tampered_shipped_file_is_one_line_naming_it(tmp_path):
     root = Path(lmc.weights.ROOT).parent
-    for part in ("lm_compression", "pretrained/lm_compression"):
-        shutil.copytree(root / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(root / "pretrained" / "SHA256SUMS", tmp_path / "pretrained" / "SHA256SUMS")
-    weights_file = tmp_path / "pretrained" / "lm_compression" / "byte_model.safetensors"
-    blob = bytearray(weights_file.read_bytes())
-    blob[-1] ^= 1
-    weights_file.write_bytes(bytes(blob))
+    shutil.copytree(root / "lm_compression", tmp_path / "lm_compression", ignore=shutil.ignore_patterns("__pycache__"))
+    flip_bit(shipped_copy("lm_compression", tmp_path) / "lm_compression" / "byte_model.safetensors", at=-1)
     (tmp_path / "in.txt").write_bytes(b"Big Brother is watching you.")
     run = subprocess.run([sys.executable, tmp_path / "lm_compression" / "main.py", "compress", "--pretrained",
                           tmp_path / "in.txt", tmp_path / "out.lmz"], capture_output=True, text=True)
