@@ -121,9 +121,8 @@ class TokenLM:
 
     @torch.no_grad()
     def freqs(self, inputs, past=None):
-        out = self.net(input_ids=torch.as_tensor(inputs, device=self.device).view(1, 1), past_key_values=past,
-                       use_cache=True)
-        return float_frequencies(out.logits[:, -1]), out.past_key_values
+        out = self.net(input_ids=torch.as_tensor(inputs, device=self.device).view(1, 1), cache=past, use_cache=True)
+        return float_frequencies(out.logits[:, -1]), out.cache
 
 
 def transformers():
