@@ -337,13 +337,16 @@ class Checkpoint(Callback):
             return f"at step {ckpt['step']} (epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']})"
         return f"after epoch {ckpt['epoch']} (step {ckpt['step']})"
 
+    def metrics(self):  # the run's Metrics callback: the epoch's rows a mid-epoch checkpoint carries
+        return next(cb for cb in self.learner.callbacks if isinstance(cb, Metrics))
+
     def before_epoch(self):  # after ResetState and Metrics (lower order) have cleared what a resume restores
         self.batch, L, carry = 0, self.learner, self.carry
         if carry:
             state = carry["lm_state"]  # h (layers, N, H), or the LSTM's (h, c)
             if state is not None:
                 L.model.state = tuple(h.to(L.device) for h in state) if isinstance(state, tuple) else state.to(L.device)
-            metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
+            metrics = self.metrics()
             metrics.rows["train"] = list(carry["rows"].to(L.device).unbind(0))
             metrics.t0 -= carry.get("seconds", 0.0)  # the epoch's time counts what the killed run had done
             self.carry = None
@@ -357,7 +360,7 @@ class Checkpoint(Callback):
     def after_step(self):
         L = self.learner
         if self.every and L.step % self.every == 0 and self.batch < len(L.loader):  # the last: after_epoch's
-            metrics = next(cb for cb in L.callbacks if isinstance(cb, Metrics))
+            metrics = self.metrics()
             rows = metrics.rows.get("train")
             self.save(self.state({"epoch": L.epoch, "batch": self.batch, "lm_state": getattr(L.model, "state", None),
                                   "rows": torch.stack(rows).cpu() if rows else torch.zeros(0, 3),

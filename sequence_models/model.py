@@ -180,10 +180,11 @@ class SentimentClassifier(nn.Module):
         self.head = nn.Linear(POOLED[pooling] * hidden_size, num_classes)
 
     def pool(self, outputs, mask):
-        mean, max_ = masked_pool(outputs, mask).chunk(2, dim=-1)          # (N, H) each
+        pooled = masked_pool(outputs, mask)                                # (N, 2H): [mean; max]
         if self.pooling == "concat":
+            mean, max_ = pooled.chunk(2, dim=-1)                           # (N, H) each
             return torch.cat([last_output(outputs, mask), max_, mean], dim=-1)  # h_c = [h_T, maxpool(H), meanpool(H)]
-        return torch.cat([mean, max_], dim=-1)
+        return pooled
 
     def forward(self, x, mask):
         # x (N, L) token ids, 0 = padding; mask (N, L)
