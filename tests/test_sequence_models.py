@@ -232,19 +232,27 @@ def test_artar_is_merity_formula_on_dropped_and_raw_outputs_and_is_not_in_the_re
     assert learner.history[0]["train_loss"] == pytest.approx(ce, abs=1e-6)  # Metrics saw the plain loss
 
 
+def rates_seen(seed, n_reviews, batch_size, schedule, read):
+    """Fit a tiny IMDb LSTM with ULMFiT's three parameter groups (head, LSTM, embedding at lr 1e-2,
+    1e-2 / 2.6, 1e-2 / 2.6^2) on n_reviews random reviews for 2 epochs under the `schedule` callback;
+    -> [read(group) for each group] before every optimiser step."""
+    torch.manual_seed(seed)
+    model = sm.model.SentimentClassifier(30, "lstm", emb_size=4, hidden_size=4, dropout=0.0)
+    groups = sm.train.param_groups(model, SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.6))
+    rows = [(torch.randint(2, 30, (3,)).tolist(), i % 2) for i in range(n_reviews)]
+    data = SimpleNamespace(train=sm.data.ReviewLoader(rows, batch_size), valid=sm.data.ReviewLoader(rows[:4], 4))
+    seen = []
+    tap = Tap(5, lambda L, e: seen.append([read(g) for g in L.opt.param_groups]), "before_step")
+    sm.learner.Learner(model, data, sm.callbacks.cross_entropy, torch.optim.AdamW(groups),
+                       [sm.callbacks.Metrics(), schedule, tap]).fit(2)
+    return seen
+
+
 def test_one_cycle_is_smith_schedule_written_out_per_group_and_step():
     """torch's OneCycleLR defaults, written out: over T = epochs x batches steps, cosine from
     peak/25 up to the peak by step 0.3 T - 1, then down to peak/25/1e4 at step T - 1; beta_1 goes
     0.95 -> 0.85 -> 0.95. Each ULMFiT group (head, LSTM, embedding) peaks at lr, lr/D, lr/D^2."""
-    torch.manual_seed(16)
-    model = sm.model.SentimentClassifier(30, "lstm", emb_size=4, hidden_size=4, dropout=0.0)
-    groups = sm.train.param_groups(model, SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.6))
-    rows = [(torch.randint(2, 30, (3,)).tolist(), i % 2) for i in range(20)]
-    data = SimpleNamespace(train=sm.data.ReviewLoader(rows, 4), valid=sm.data.ReviewLoader(rows[:4], 4))
-    seen = []
-    tap = Tap(5, lambda L, e: seen.append([(g["lr"], g["betas"][0]) for g in L.opt.param_groups]), "before_step")
-    sm.learner.Learner(model, data, sm.callbacks.cross_entropy, torch.optim.AdamW(groups),
-                     [sm.callbacks.Metrics(), sm.callbacks.OneCycle(), tap]).fit(2)
+    seen = rates_seen(16, 20, 4, sm.callbacks.OneCycle(), lambda g: (g["lr"], g["betas"][0]))
     T = 2 * 5
     anneal = lambda a, b, pct: b + (a - b) / 2 * (1 + math.cos(math.pi * pct))
     top = 0.3 * T - 1
@@ -260,16 +268,8 @@ def test_one_cycle_is_smith_schedule_written_out_per_group_and_step():
 def test_slanted_triangular_rates_are_ulmfit_equation_3_per_group_and_step():
     """Howard & Ruder 2018, eq. 3, written out with cut_frac 0.1 and ratio 32 over T = 2 epochs x 15
     batches (T cut_frac whole, so the paper's cut (1/cut_frac - 1) form): each ULMFiT group peaks at
-    its own rate, and a resume mid-fit continues the same rates."""
-    torch.manual_seed(17)
-    model = sm.model.SentimentClassifier(30, "lstm", emb_size=4, hidden_size=4, dropout=0.0)
-    groups = sm.train.param_groups(model, SimpleNamespace(task="imdb", lr=1e-2, lr_decay=2.6))
-    rows = [(torch.randint(2, 30, (3,)).tolist(), i % 2) for i in range(15)]
-    data = SimpleNamespace(train=sm.data.ReviewLoader(rows, 1), valid=sm.data.ReviewLoader(rows[:4], 4))
-    seen = []
-    tap = Tap(5, lambda L, e: seen.append([g["lr"] for g in L.opt.param_groups]), "before_step")
-    sm.learner.Learner(model, data, sm.callbacks.cross_entropy, torch.optim.AdamW(groups),
-                       [sm.callbacks.Metrics(), sm.callbacks.SCHEDULES["stlr"](), tap]).fit(2)
+    its own rate."""
+    seen = rates_seen(17, 15, 1, sm.callbacks.SCHEDULES["stlr"](), lambda g: g["lr"])
     T, cut_frac, ratio = 30, 0.1, 32
     cut = math.floor(T * cut_frac)
     for t, step in enumerate(seen):
