@@ -7,7 +7,8 @@
 Each folder is run as its own process (`python <folder>/main.py --benchmark ...`), exactly as a
 reader would run it; no folder is imported here. A folder prints one JSON line as its last line of
 stdout (the columns are explained in benchmarks/README.md). The rows are written to
-benchmarks/results/<device>-<date>.csv and printed as a markdown table. A folder that fails is a row
+benchmarks/results/<device>-<date>.csv after every folder (a run stopped half-way keeps what it
+measured) and printed as a markdown table at the end. A folder that fails is a row
 with its one-line error; the others still run.
 """
 import argparse
@@ -95,14 +96,8 @@ def markdown(rows):
     return "\n".join(out)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rows = []
-    for folder in args.folders or paper_folders():
-        t0 = time.perf_counter()
-        rows.append(run_folder(folder, args))
-        print(f"{folder}: {time.perf_counter() - t0:.1f} s{' (' + rows[-1]['error'] + ')' if rows[-1].get('error') else ''}",
-              file=sys.stderr)
+def write_csv(rows, args, previous=None):
+    """Write the rows so far; named after the first row's device (a GPU's name once one has run)."""
     device = next((r["device"] for r in rows if r.get("device")), args.device).replace(":", "")
     out = Path(args.results_dir) / f"{device}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +105,30 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    if previous is not None and previous != out:
+        previous.unlink(missing_ok=True)
+    return out
+
+
+def progress(row, seconds):
+    if row.get("error"):
+        return f"{row['folder']}: {seconds:.1f} s ({row['error']})"
+    return (f"{row['folder']}: {seconds:.1f} s, {fmt(row.get('samples_per_s'))} {row.get('unit', 'samples')}/s, "
+            f"{fmt(row.get('step_ms'))} ms/step")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows, out = [], None
+    for folder in args.folders or paper_folders():
+        t0 = time.perf_counter()
+        rows.append(run_folder(folder, args))
+        print(progress(rows[-1], time.perf_counter() - t0), file=sys.stderr, flush=True)
+        # rewritten after every folder, so a run stopped half-way keeps the rows it measured
+        out = write_csv(rows, args, previous=out)
     print(markdown(rows))
     print(f"\nwritten to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 1 if any(r.get("error") for r in rows) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,10 @@
 """benchmarks/run.py: every folder's --benchmark as a subprocess, one CSV and one markdown table."""
 import csv
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -30,3 +33,26 @@ def test_an_unknown_folder_is_a_one_line_error():
     r = subprocess.run([sys.executable, "benchmarks/run.py", "nosuchfolder"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "nosuchfolder" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_stopped_half_way_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """The CSV is rewritten after every folder: stopping the run (a timeout, Ctrl-C) loses no row."""
+    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    row = {"folder": "fff", "device": "cuda:0 NVIDIA H200", "unit": "images", "samples_per_s": 1234.5, "step_ms": 2.0}
+
+    def run_folder(folder, args):
+        if folder == "gpt":
+            raise KeyboardInterrupt
+        return dict(row, folder=folder)
+
+    monkeypatch.setattr(run, "run_folder", run_folder)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--results-dir", str(tmp_path), "fff", "gnns", "gpt"])
+    (path,) = tmp_path.glob("*.csv")  # one file, named after the GPU, not "auto"
+    assert path.name.startswith("cuda0 NVIDIA H200-")
+    with open(path) as f:
+        assert [r["folder"] for r in csv.DictReader(f)] == ["fff", "gnns"]
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[1].startswith("gnns: ") and progress[1].endswith(" s, 1,234 images/s, 2 ms/step")
