@@ -173,16 +173,20 @@ def test_loss(model, diffusion, x_0, device, batch_size=500):
 
 
 def open_log(path, resume_epoch):
-    """CSV of the run, one row per epoch; on resume, rows past the checkpoint are dropped first."""
+    """CSV of the run, one row per epoch; on resume, rows past the checkpoint are dropped first. The kept rows
+    replace the log in one rename: a run stopped at any moment leaves the old log or the new one, never an empty one."""
     rows = []
     if resume_epoch and path.is_file():
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    f = open(path, "a", newline="")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def kept(ckpt_path):

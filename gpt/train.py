@@ -163,16 +163,20 @@ def train_step(model, optimizer, batches, lr, args, autocast, ddp=False, before_
 
 
 def open_log(path, resume_step):
-    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first."""
+    """CSV of the run; on resume, rows past the checkpoint (lost work) are dropped first. The kept rows
+    replace the log in one rename: a run stopped at any moment leaves the old log or the new one, never an empty one."""
     rows = []
     if resume_step and path.is_file():
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    f = open(path, "a", newline="")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def train(args):

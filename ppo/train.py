@@ -365,10 +365,14 @@ class RunLog:
         if resume_step and (out / "log.csv").is_file():
             with open(out / "log.csv") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["global_step"]) <= resume_step]
-        self.file = open(out / "log.csv", "w", newline="")
+        # the kept rows replace the log in one rename: stopped at any moment, the old log or the new one is there
+        with open(out / "log.csv.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(out / "log.csv.tmp", out / "log.csv")
+        self.file = open(out / "log.csv", "a", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
-        self.csv.writeheader()
-        self.csv.writerows(rows)
         self.wandb = None
         if args.wandb:
             import wandb

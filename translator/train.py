@@ -191,16 +191,20 @@ def valid_bleu(model, tok, sources, refs):
 
 
 def open_log(path, resume_step):
-    """CSV of the run; on resume, rows past the checkpoint (lost work) and torn rows are dropped first."""
+    """CSV of the run; on resume, rows past the checkpoint (lost work) and torn rows are dropped first. The kept rows
+    replace the log in one rename: a run stopped at any moment leaves the old log or the new one, never an empty one."""
     rows = []
     if resume_step and path.is_file():
         with open(path, errors="replace") as f:
             rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= resume_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return f, writer
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    f = open(path, "a", newline="")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def prepare_data(args, saved_tokenizer=None, max_len=None):
