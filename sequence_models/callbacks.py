@@ -428,11 +428,12 @@ class CSVLog(Callback):
         self.path = Path(path)
 
     def after_epoch(self):
-        rows = self.learner.history
-        with open(self.path, "w", newline="") as f:
+        rows, tmp = self.learner.history, self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:                  # then renamed over the log: never half-written
             writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.path)
 
 
 class TensorBoard(Callback):
