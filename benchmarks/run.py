@@ -7,7 +7,7 @@
 Each folder is run as its own process (`python <folder>/main.py --benchmark ...`), exactly as a
 reader would run it; no folder is imported here. A folder prints one JSON line as its last line of
 stdout (the columns are explained in benchmarks/README.md). The rows are written to
-benchmarks/results/<device>-<date>.csv after every folder (a run stopped half-way keeps what it
+benchmarks/results/<device>-<date>[-quick][-compile].csv after every folder (a run stopped half-way keeps what it
 measured) and printed as a markdown table at the end. A folder that fails is a row
 with its one-line error; the others still run.
 """
@@ -15,6 +15,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,12 +100,15 @@ def markdown(rows):
 def write_csv(rows, args, previous=None):
     """Write the rows so far; named after the first row's device (a GPU's name once one has run)."""
     device = next((r["device"] for r in rows if r.get("device")), args.device).replace(":", "")
-    out = Path(args.results_dir) / f"{device}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}.csv"
+    suffix = ("-quick" if args.quick else "") + ("-compile" if args.compile else "")
+    out = Path(args.results_dir) / f"{device}-{datetime.date.today().isoformat()}{suffix}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, out)
     if previous is not None and previous != out:
         previous.unlink(missing_ok=True)
     return out
@@ -129,6 +133,7 @@ def main(argv=None):
     print(markdown(rows))
     print(f"\nwritten to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 1 if any(r.get("error") for r in rows) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
