@@ -29,7 +29,7 @@ QUICK = dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=64, epochs=6, train
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
                "num_examples", "compile", "log_interval", "benchmark", "benchmark_steps", "pretrained",
                "export_pretrained"}
-MODEL_FLAGS = {"patch_size", "dim", "depth", "heads", "mlp_dim", "dropout"}  # --pretrained takes these from its JSON
+MODEL_FLAGS = {"patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "stem_channels"}  # --pretrained takes these from its JSON
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,13 +74,16 @@ def memory_needed(args):
     """(parameters, bytes) of one training step, from the flags alone, before anything is allocated:
     16 bytes per parameter (float32 weights, gradients and AdamW's two moments) plus, roughly, the
     activations autograd keeps for one batch (per layer and token about 12 D + 3 mlp-dim floats, and
-    two (N+1) x (N+1) maps per head)."""
-    P, D, L, k, M = args.patch_size, args.dim, args.depth, args.heads, args.mlp_dim
+    two (N+1) x (N+1) maps per head; with the stem about 5 S x H x W: two convolutions' and GELUs'
+    outputs and the patches cut from them)."""
+    P, D, L, k, M, S = args.patch_size, args.dim, args.depth, args.heads, args.mlp_dim, args.stem_channels
     T = (IMAGE_SIZE // P) ** 2 + 1                                     # N patches + the class token
-    params = ((P * P + 1) * D + (T + 1) * D                            # E (weights, bias), x_class, E_pos
+    C = S or 1                                                         # channels cut into patches
+    params = ((9 * S + S + 9 * S * S + S if S else 0)                  # the stem: 3x3 convs 1 -> S -> S (+ biases)
+              + (P * P * C + 1) * D + (T + 1) * D                      # E (weights, bias), x_class, E_pos
               + L * (4 * D * D + 2 * D * M + 9 * D + M)                # per block: U_qkv, U_msa, MLP, 2 LNs
               + 2 * D + D * D + D + 10 * D + 10)                       # final LN, head (D -> D -> 10)
-    activations = args.batch_size * L * (T * (12 * D + 3 * M) + 2 * k * T * T)
+    activations = args.batch_size * (L * (T * (12 * D + 3 * M) + 2 * k * T * T) + 5 * S * IMAGE_SIZE ** 2)
     return params, 16 * params + 4 * activations
 
 
@@ -89,7 +92,8 @@ def check_memory(p, args):
     device = resolve_device(args.device)
     have = device_memory(device)
     if need > have:
-        p.error(f"--dim {args.dim} --depth {args.depth} --mlp-dim {args.mlp_dim} --batch-size {args.batch_size}: "
+        stem = f" --stem-channels {args.stem_channels}" if args.stem_channels else ""
+        p.error(f"--dim {args.dim} --depth {args.depth} --mlp-dim {args.mlp_dim}{stem} --batch-size {args.batch_size}: "
                 f"{params:,} parameters need about {need / 2 ** 30:,.1f} GiB of memory for weights, gradients, "
                 f"AdamW state and one batch's activations ({device} here has {have / 2 ** 30:,.1f} GiB); "
                 f"choose a smaller model or --batch-size")
@@ -115,6 +119,9 @@ def add_data_and_model_flags(p):
     g.add_argument("--heads", type=positive(int), default=4, help="attention heads k")
     g.add_argument("--mlp-dim", type=positive(int), default=128, help="hidden width of each block's MLP")
     g.add_argument("--dropout", type=number(float, 0, 1), default=0.0, help="dropout probability")
+    g.add_argument("--stem-channels", type=number(int, 0), default=0, metavar="S",
+                   help="the paper's hybrid (Section 3.1): cut the patches from the S-channel feature map of a CNN stem "
+                        "(two 3x3 convolutions with GELU at full resolution) instead of the pixels (0: off, raw patches)")
 
 
 def build_parser():

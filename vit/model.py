@@ -1,9 +1,10 @@
 """The Vision Transformer of Dosovitskiy et al. (2021), equations 1-4 and Appendix A
 (multi-head self-attention), in the order an image meets them:
-patches -> embedding (+ class token, + positions) -> L pre-LN encoder blocks -> head.
+(with --stem-channels, the hybrid's CNN stem ->) patches -> embedding (+ class token, + positions)
+-> L pre-LN encoder blocks -> head.
 
 Shapes: B images, C channels, H x W pixels, P patch side, N = HW / P^2 patches,
-D model width, k heads, D_h = D / k per head.
+D model width, k heads, D_h = D / k per head, S channels of the hybrid's stem.
 """
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class ViTConfig:
     mlp_dim: int = 128     # hidden width of the MLP in each block
     num_classes: int = 10
     dropout: float = 0.0
+    stem_channels: int = 0  # S: 0 patches the pixels; S > 0 the feature map of a CNN stem (the hybrid, §3.1)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -35,6 +37,21 @@ class ViTConfig:
     @property
     def num_patches(self):
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_channels(self):
+        """Channels of what is cut into patches: the image's C, or the stem's S."""
+        return self.stem_channels or self.channels
+
+
+def cnn_stem(cfg):
+    """Section 3.1, "Hybrid Architecture": "the input sequence can be formed from feature maps of a CNN".
+    Two 3x3 convolutions at full resolution (C -> S -> S), each followed by GELU, (B, C, H, W) -> (B, S, H, W);
+    no normalisation layer (the weights' EMA averages parameters only). S = 0: the identity, no parameters."""
+    if not cfg.stem_channels:
+        return nn.Identity()
+    S = cfg.stem_channels
+    return nn.Sequential(nn.Conv2d(cfg.channels, S, 3, padding=1), nn.GELU(), nn.Conv2d(S, S, 3, padding=1), nn.GELU())
 
 
 def patchify(x, P):
@@ -100,7 +117,8 @@ class ViT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.E = nn.Linear(cfg.patch_size ** 2 * cfg.channels, cfg.dim)          # E in R^{(P^2 C) x D}
+        self.stem = cnn_stem(cfg)                                                 # the hybrid's CNN, or identity
+        self.E = nn.Linear(cfg.patch_size ** 2 * cfg.patch_channels, cfg.dim)    # E in R^{(P^2 C) x D}; C = S if hybrid
         self.x_class = nn.Parameter(torch.zeros(1, 1, cfg.dim))                  # learnable [class] token
         self.E_pos = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim) * 0.02)  # 1D learned positions
         self.dropout = nn.Dropout(cfg.dropout)
@@ -114,14 +132,20 @@ class ViT(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        # Xavier-uniform weights and zero biases, as in the authors' JAX code; on small data this
-        # trains several times faster at the start than the N(0, 0.02) of BERT-style code.
         if isinstance(m, nn.Linear):
+            # Xavier-uniform weights and zero biases, as in the authors' JAX code; on small data this
+            # trains several times faster at the start than the N(0, 0.02) of BERT-style code.
             nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            # The stem: Kaiming-normal (He et al. 2015: fan-in, ReLU gain; GELU is ReLU-like), zero biases, so that
+            # normalised pixels (second moment 1) leave the stem at about 0.85 and E sees features on the raw
+            # patches' scale; PyTorch's default (kaiming-uniform, a = sqrt(5)) would leave them at about 0.01.
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
 
     def embed(self, x):                                       # x: (B, C, H, W)
-        x_p = patchify(x, self.cfg.patch_size)                # (B, N, P^2 C)
+        x_p = patchify(self.stem(x), self.cfg.patch_size)     # (B, N, P^2 C), or (B, N, P^2 S) from the stem
         x_class = self.x_class.expand(x.shape[0], -1, -1)     # (B, 1, D)
         # (1) z_0 = [x_class; x_p^1 E; x_p^2 E; ...; x_p^N E] + E_pos
         z0 = torch.cat([x_class, self.E(x_p)], dim=1) + self.E_pos

@@ -50,14 +50,15 @@ def read_meta(name):
 
 
 def pretrained_config(name):
-    """The shipped model's config (the model flags: patch_size, dim, depth, heads, mlp_dim, dropout)."""
-    return read_meta(name)["config"]
+    """The shipped model's config (the model flags: patch_size, dim, depth, heads, mlp_dim, dropout,
+    stem_channels), each field the JSON predates at its default."""
+    return asdict(ViTConfig(**read_meta(name)["config"]))
 
 
 def load_pretrained(name, cfg=None):
     """The shipped state dict, in float32; with `cfg`, refused unless it is the shipped model's config."""
     meta = read_meta(name)
-    if cfg is not None and asdict(cfg) != meta["config"]:
+    if cfg is not None and cfg != ViTConfig(**meta["config"]):   # a JSON from before a config field: its default
         raise SystemExit(f"vit: pretrained/vit/{name} is another model ({meta['config']}); leave out the model flags")
     return {k: v.float() for k, v in load_file(verified(paths(name)[0])).items()}
 

@@ -78,10 +78,10 @@ def smoothed_cross_entropy(logits, y, epsilon):
 
 
 def configure_optimizer(model, args):
-    """AdamW; weight decay on the weight matrices only, not on biases, LayerNorms,
-    the class token or the position embeddings. On CUDA the fused kernel: one launch per step."""
-    decay = [p for p in model.parameters() if p.ndim == 2]
-    no_decay = [p for p in model.parameters() if p.ndim != 2]
+    """AdamW; weight decay on the weight matrices (and the hybrid stem's 4-D kernels) only, not on biases,
+    LayerNorms, the class token or the position embeddings. On CUDA the fused kernel: one launch per step."""
+    decay = [p for p in model.parameters() if p.ndim in (2, 4)]
+    no_decay = [p for p in model.parameters() if p.ndim not in (2, 4)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
                              fused=True if decay[0].is_cuda else None)
@@ -270,7 +270,7 @@ def peak_flops(device):
 
 def training_flops(cfg, batch_size, args):
     """FLOPs of one forward and backward pass per image, counted by FlopCounterMode on the meta device
-    (matmuls only: biases, LayerNorms and softmax are not counted)."""
+    (matmuls, and with --stem-channels the stem's convolutions; biases, LayerNorms, GELU and softmax are not counted)."""
     with torch.device("meta"):
         model, x = ViT(cfg), torch.zeros(batch_size, cfg.channels, cfg.image_size, cfg.image_size)
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
@@ -294,8 +294,7 @@ def benchmark(args):
         n = args.train_size or 60_000 - args.val_size
         train_x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, device=device)
         train_y = torch.randint(0, 10, (n,), device=device)
-    cfg = ViTConfig(image_size=train_x.shape[1], patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                    heads=args.heads, mlp_dim=args.mlp_dim, dropout=args.dropout)
+    cfg = model_config(args, train_x)
     model, optimizer, fwd = build(cfg, args, device)
     ema = make_ema(model, None, args)
     order, g = shuffle(len(train_x), args.seed, train_x.device)
@@ -346,7 +345,7 @@ def model_config(args, train_x):
     if H != W:
         raise SystemExit(f"vit: images are {H}x{W}; this ViT takes square images")
     return ViTConfig(image_size=H, patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
-                     mlp_dim=args.mlp_dim, dropout=args.dropout)
+                     mlp_dim=args.mlp_dim, dropout=args.dropout, stem_channels=args.stem_channels)
 
 
 def restore(model, optimizer, ckpt, cfg, ckpt_path, args):
@@ -356,7 +355,7 @@ def restore(model, optimizer, ckpt, cfg, ckpt_path, args):
         if args.pretrained:
             model.load_state_dict(load_pretrained(args.dataset, cfg))
         return 0, 0.0, float("nan")
-    if asdict(cfg) != ckpt["config"]:
+    if cfg != ViTConfig(**ckpt["config"]):                 # a checkpoint from before a config field: its default
         raise SystemExit(f"vit: {ckpt_path} holds another model ({ckpt['config']}); "
                          f"resume without model flags, or train it in another --out-dir")
     model.load_state_dict(ckpt["model"])
@@ -405,7 +404,8 @@ def run_log(out, epoch, args):
 
 def describe(model, cfg, data, device, args, epoch):
     train_x = data["train"][0]
-    print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}, "
+    stem = f" of a {cfg.stem_channels}-channel CNN stem's feature map" if cfg.stem_channels else ""
+    print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}{stem}, "
           f"D={cfg.dim}, L={cfg.depth}, k={cfg.heads}); {args.dataset}: {len(train_x):,} train / "
           f"{len(data['val'][0]):,} val / {len(data['test'][0]):,} test images on {device}"
           + (f"; resuming after epoch {epoch}" if epoch else ""))
