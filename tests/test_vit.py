@@ -112,6 +112,71 @@ def test_patch_embedding_is_an_unfold_then_E_with_the_class_token_and_positions_
     assert changed[1] > 0 and changed[[0, 2, 3, 4]].eq(0).all()   # the class token and the other patches keep
 
 
+def test_the_hybrid_cuts_the_patches_from_a_two_conv_gelu_stems_feature_map():
+    """Section 3.1's hybrid written out: two 3x3 convolutions (padding 1, full resolution) C -> S -> S, each
+    followed by GELU; the (B, S, H, W) map cut by hand into P x P patches in row-major order, each flattened
+    as (row, column, channel) like the pixels' patches; then E in R^{(P^2 S) x D}, the class token, E_pos."""
+    torch.manual_seed(0)
+    B, C, S, P, D = 3, 2, 5, 4, 16
+    model = tiny(image_size=8, channels=C, patch_size=P, stem_channels=S).eval()
+    conv1, conv2 = (m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        for t in (model.x_class, conv1.bias, conv2.bias):
+            t.normal_()                                           # zero at init: make them visible
+    x = torch.randn(B, C, 8, 8)
+    f = F.gelu(F.conv2d(F.gelu(F.conv2d(x, conv1.weight, conv1.bias, padding=1)), conv2.weight, conv2.bias, padding=1))
+    assert conv1.weight.shape == (S, C, 3, 3) and conv2.weight.shape == (S, S, 3, 3) and f.shape == (B, S, 8, 8)
+    x_p = f.reshape(B, S, 2, P, 2, P).permute(0, 2, 4, 3, 5, 1).reshape(B, 4, P * P * S)   # (B, N, P*P*S)
+    z0 = torch.cat([model.x_class.expand(B, 1, D), x_p @ model.E.weight.T + model.E.bias], 1) + model.E_pos
+    torch.testing.assert_close(model.embed(x), z0)
+    x2 = x.clone()
+    x2[:, :, 3, 3] += 1                         # a pixel at the first patch's corner reaches, through two 3x3
+    changed = (model.embed(x2) - model.embed(x)).abs().amax(-1)[0]   # convolutions, the 3 patches beside it
+    assert changed[[1, 2, 3, 4]].gt(0).all() and changed[0] == 0
+
+
+def test_the_stem_is_kaiming_normal_with_zero_biases():
+    """He et al. (2015) with ReLU's gain: std sqrt(2 / fan_in), fan_in = 9 C_in (PyTorch's default would
+    give 1 / sqrt(3 fan_in), about 0.4 of it), biases zero."""
+    torch.manual_seed(0)
+    model = vit.model.ViT(vit.model.ViTConfig(stem_channels=32, dim=32, depth=1, heads=2, mlp_dim=32))
+    for conv, fan_in, tol in zip((m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)), (9, 288), (0.2, 0.05)):
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_in) - 1) < tol and abs(conv.weight.mean()) < 0.1
+        assert conv.bias.eq(0).all()
+
+
+def test_weight_decay_reaches_the_stems_kernels_and_the_matrices_only():
+    """AdamW's decayed group: the stem's two 3x3 kernels and the Linear weights; not the biases, LayerNorms,
+    class token or E_pos."""
+    import argparse
+    model = tiny(stem_channels=3)
+    decay, no_decay = vit.train.configure_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=1e-3)).param_groups
+    named = dict(model.named_parameters())
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {"stem.0.weight", "stem.2.weight"} | linear
+    assert {id(named[n]) for n in expected} == {id(p) for p in decay["params"]} and decay["weight_decay"] == 0.1
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in named.items() if n not in expected}
+
+
+def test_without_a_stem_the_model_has_exactly_the_parameters_it_had_before_the_hybrid():
+    """--stem-channels 0 (the default) adds nothing: the names, order and shapes of the state dict written
+    out as the code before the hybrid (304a5b0) gave them, so its checkpoints and shipped weights load; with
+    S > 0 only the two convolutions (no normalisation layer, no buffers) are added and E widens to P^2 S."""
+    D, M = 16, 32
+    block = [("ln1.weight", (D,)), ("ln1.bias", (D,)), ("msa.U_qkv.weight", (3 * D, D)), ("msa.U_qkv.bias", (3 * D,)),
+             ("msa.U_msa.weight", (D, D)), ("msa.U_msa.bias", (D,)), ("ln2.weight", (D,)), ("ln2.bias", (D,)),
+             ("mlp.fc1.weight", (M, D)), ("mlp.fc1.bias", (M,)), ("mlp.fc2.weight", (D, M)), ("mlp.fc2.bias", (D,))]
+    rest = ([(f"blocks.{i}.{n}", s) for i in range(2) for n, s in block]
+            + [("ln.weight", (D,)), ("ln.bias", (D,)), ("head.0.weight", (D, D)), ("head.0.bias", (D,)),
+               ("head.2.weight", (10, D)), ("head.2.bias", (10,))])
+    before = [("x_class", (1, 1, D)), ("E_pos", (1, 17, D)), ("E.weight", (D, 4)), ("E.bias", (D,)), *rest]
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+    assert shapes(tiny()) == shapes(tiny(stem_channels=0)) == before       # P = 2, C = 1: E in R^{4 x D}
+    hybrid = [("x_class", (1, 1, D)), ("E_pos", (1, 17, D)), ("stem.0.weight", (6, 1, 3, 3)), ("stem.0.bias", (6,)),
+              ("stem.2.weight", (6, 6, 3, 3)), ("stem.2.bias", (6,)), ("E.weight", (D, 4 * 6)), ("E.bias", (D,)), *rest]
+    assert shapes(tiny(stem_channels=6)) == hybrid
+
+
 def heads_of(msa, z):
     """q, k, v (B, k, T, D_h) from U_qkv's output laid out as [q | k | v], each [head 1 | head 2 | ...]."""
     B, T, D = z.shape
@@ -354,10 +419,12 @@ def test_flags_reach_the_math_in_a_training_step(tmp_path, monkeypatch):
 
 
 def test_the_memory_estimate_counts_the_parameters_of_the_model_it_refuses(monkeypatch):
-    for flags in ([], ["--patch-size", "7", "--dim", "32", "--depth", "3", "--heads", "2", "--mlp-dim", "40"]):
+    for flags in ([], ["--patch-size", "7", "--dim", "32", "--depth", "3", "--heads", "2", "--mlp-dim", "40"],
+                  ["--stem-channels", "32"], ["--stem-channels", "1", "--patch-size", "2", "--dim", "24", "--heads", "3"],
+                  ["--stem-channels", "7", "--patch-size", "14", "--dim", "40", "--depth", "2", "--mlp-dim", "16"]):
         args = vit.main.parse_args(["--device", "cpu", *flags])
         cfg = vit.model.ViTConfig(patch_size=args.patch_size, dim=args.dim, depth=args.depth, heads=args.heads,
-                                  mlp_dim=args.mlp_dim)
+                                  mlp_dim=args.mlp_dim, stem_channels=args.stem_channels)
         params, need = vit.main.memory_needed(args)
         assert params == vit.model.ViT(cfg).num_params() and need > 16 * params
     monkeypatch.setattr(vit.main, "device_memory", lambda device: 2 ** 30)     # a 1 GiB device
@@ -497,6 +564,42 @@ def test_two_epochs_equal_one_then_resume_with_flip_erasing_and_ema(tmp_path, mo
     assert all(torch.equal(v, a["ema"][k].half()) for k, v in shipped.items())
 
 
+def test_a_hybrid_run_resumes_samples_and_exports_as_the_hybrid_and_older_checkpoints_as_raw_patches(
+        tmp_path, monkeypatch, one_line_error):
+    """--stem-channels travels with the checkpoint (--resume and --sample-only rebuild the stem without the
+    flag typed), the exported JSON (--pretrained) and is refused when typed against it; a checkpoint written
+    before the field existed (no stem_channels in its config or flags) resumes as the raw-patch ViT it was."""
+    monkeypatch.setattr(vit.main, "sample", lambda args: None)
+    data = synthetic_mnist(tmp_path / "data", n_train=200, n_test=20)
+    out = tmp_path / "hybrid"
+    vit.main.main(run_args(data, out, "--epochs", "1", "--stem-channels", "4"))
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    assert first["config"]["stem_channels"] == 4 and first["model"]["stem.2.weight"].shape == (4, 4, 3, 3)
+    vit.main.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--data-dir", str(data)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"] == first["config"]
+    assert not torch.equal(ckpt["model"]["stem.0.weight"], first["model"]["stem.0.weight"])   # trained on
+    args = vit.main.parse_args(["--sample-only", "--out-dir", str(out), "--device", "cpu"])
+    model = vit.sample.load_for_sampling(args, "cpu")[0]
+    assert model.cfg.stem_channels == 4 and all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    assert "holds another model" in one_line_error("--resume", "--epochs", "3", "--out-dir", out, "--data-dir", data,
+                                                   "--stem-channels", "0")
+    monkeypatch.setattr(vit.pretrained, "ROOT", tmp_path / "pretrained")
+    vit.main.main(["--export-pretrained", str(out), "--data-dir", str(data)])
+    shipped, meta = vit.pretrained.load_model("mnist", "cpu")
+    assert meta["config"]["stem_channels"] == 4 and "--stem-channels 4" in meta["command"]
+    assert vit.main.parse_args(["--pretrained", "--sample-only", "--device", "cpu"]).stem_channels == 4
+
+    old = tmp_path / "old"                                        # a raw-patch run, made to look older
+    vit.main.main(run_args(data, old, "--epochs", "1"))
+    ckpt = torch.load(old / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["stem_channels"], ckpt["args"]["stem_channels"]
+    torch.save(ckpt, old / "ckpt.pt")
+    vit.main.main(["--resume", "--epochs", "2", "--out-dir", str(old), "--data-dir", str(data)])
+    resumed = torch.load(old / "ckpt.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"]["stem_channels"] == 0 and "stem.0.weight" not in resumed["model"]
+
+
 @pytest.fixture
 def one_line_error(capsys):
     """main(ARGS), in this process: it must stop with exactly one line (its exit message or stderr)."""
@@ -517,6 +620,8 @@ def one_line_error(capsys):
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
     (["--hflip", "1.5"], "--hflip: '1.5': must be >= 0 and <= 1"),
     (["--ema", "1"], "--ema 1 would keep the initial weights for ever; choose a decay below 1"),
+    (["--stem-channels", "-1"], "--stem-channels: '-1': must be >= 0"),
+    (["--stem-channels", "100000"], "--stem-channels 100000 --batch-size 128: 90,103,709,098 parameters need about"),
 ])
 def test_bad_flags_get_one_line(args, says, one_line_error):
     assert says in one_line_error(*args)
