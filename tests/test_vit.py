@@ -673,6 +673,19 @@ def test_benchmark_prints_one_json_line_of_the_quick_config(tmp_path, capsys):
     assert not (tmp_path / "run").exists()                                      # nothing written
 
 
+def test_benchmark_flops_count_the_stems_convolutions():
+    """With --stem-channels S the FLOPs per image add the two 3x3 convolutions at full resolution (2 H W S 9 C_in
+    forward; backward twice that, except the first's, whose input (pixels) needs no gradient) and E's wider
+    input, which now needs its gradient."""
+    import argparse
+    P, N, T, D, L, M, K, S, HW = 7, 16, 17, 32, 3, 64, 10, 8, 28 * 28
+    cfg = vit.model.ViTConfig(patch_size=P, dim=D, depth=L, heads=4, mlp_dim=M, stem_channels=S)
+    encoder_and_head = 2 * (L * (T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * M) + D * D + D * K)
+    E, conv1, conv2 = 2 * N * P * P * S * D, 2 * HW * S * 9, 2 * HW * S * S * 9
+    flops = vit.train.training_flops(cfg, 2, argparse.Namespace(label_smoothing=0.1))
+    assert flops == 3 * (encoder_and_head + E + conv2) + 2 * conv1
+
+
 def test_benchmark_uses_the_real_images_when_they_are_there(tmp_path, capsys, monkeypatch):
     data = synthetic_mnist(tmp_path / "data", n_train=700)
     seen = []

@@ -404,7 +404,7 @@ def run_log(out, epoch, args):
 
 def describe(model, cfg, data, device, args, epoch):
     train_x = data["train"][0]
-    stem = f" of a {cfg.stem_channels}-channel CNN stem's feature map" if cfg.stem_channels else ""
+    stem = f" of the CNN stem's {cfg.stem_channels}-channel feature map" if cfg.stem_channels else ""
     print(f"{model.num_params():,} parameters ({cfg.num_patches} patches of {cfg.patch_size}x{cfg.patch_size}{stem}, "
           f"D={cfg.dim}, L={cfg.depth}, k={cfg.heads}); {args.dataset}: {len(train_x):,} train / "
           f"{len(data['val'][0]):,} val / {len(data['test'][0]):,} test images on {device}"
