@@ -92,6 +92,9 @@ class Progress(Callback):
         if self.learner.training and self.learner.step % self.every == 0:
             self.pbar.set_postfix(loss=f"{self.learner.loss.item():.3f}")
 
+    def after_cancel_batch(self):  # a batch skipped (a resumed epoch's first ones) still moves the bar
+        self.pbar.update()
+
     def before_validate(self):
         if hasattr(self, "pbar"):
             self.pbar.close()  # the epoch's training bar
