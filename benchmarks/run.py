@@ -7,9 +7,10 @@
 Each folder is run as its own process (`python <folder>/main.py --benchmark ...`), exactly as a
 reader would run it; no folder is imported here. A folder prints one JSON line as its last line of
 stdout (the columns are explained in benchmarks/README.md). The rows are written to
-benchmarks/results/<device>-<date>[-quick][-compile].csv after every folder (a run stopped half-way keeps what it
-measured) and printed as a markdown table at the end. A folder that fails is a row
-with its one-line error; the others still run.
+benchmarks/results/<device>-<date>[-quick][-compile].csv after every folder (a run stopped
+half-way keeps what it measured; rows of other folders from an earlier run that day stay) and
+printed as a markdown table at the end. A folder that fails is a row with its one-line error; the
+others still run.
 """
 import argparse
 import csv
@@ -98,16 +99,23 @@ def markdown(rows):
 
 
 def write_csv(rows, args, previous=None):
-    """Write the rows so far; named after the first row's device (a GPU's name once one has run)."""
+    """Write the rows so far to the file of the first row's device (a GPU's name once one has run),
+    date and mode. The rows of folders this run has not measured, from an earlier run's file of the
+    same name, are kept: re-running one folder replaces its row, not the table."""
     device = next((r["device"] for r in rows if r.get("device")), args.device).replace(":", "")
     suffix = ("-quick" if args.quick else "") + ("-compile" if args.compile else "")
     out = Path(args.results_dir) / f"{device}-{datetime.date.today().isoformat()}{suffix}.csv"
+    measured = {r["folder"] for r in rows}
+    kept = []
+    if out.is_file():
+        with open(out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r.get("folder") not in measured]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(sorted(kept + rows, key=lambda r: r["folder"]))
     os.replace(tmp, out)
     if previous is not None and previous != out:
         previous.unlink(missing_ok=True)

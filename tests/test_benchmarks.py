@@ -35,24 +35,55 @@ def test_an_unknown_folder_is_a_one_line_error():
     assert r.returncode != 0 and "nosuchfolder" in r.stderr.strip().splitlines()[-1]
 
 
-def test_a_run_stopped_half_way_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
-    """The CSV is rewritten after every folder: stopping the run (a timeout, Ctrl-C) loses no row."""
+def load_run_py():
     spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
-    row = {"folder": "fff", "device": "cuda:0 NVIDIA H200", "unit": "images", "samples_per_s": 1234.5, "step_ms": 2.0}
+    return run
+
+
+GPU_ROW = {"device": "cuda:0 NVIDIA H200", "unit": "images", "samples_per_s": 1234.5, "step_ms": 2.0}
+
+
+def csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_stopped_half_way_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """The CSV is rewritten after every folder: stopping the run (a timeout, Ctrl-C) loses no row. A
+    first folder that fails has no device name: its provisional auto-<date>.csv gives way to the GPU's."""
+    run = load_run_py()
 
     def run_folder(folder, args):
         if folder == "gpt":
             raise KeyboardInterrupt
-        return dict(row, folder=folder)
+        return {"folder": folder, "error": "no output"} if folder == "ddpm" else dict(GPU_ROW, folder=folder)
 
     monkeypatch.setattr(run, "run_folder", run_folder)
     with pytest.raises(KeyboardInterrupt):
-        run.main(["--results-dir", str(tmp_path), "fff", "gnns", "gpt"])
+        run.main(["--results-dir", str(tmp_path), "ddpm", "fff", "gnns", "gpt"])
     (path,) = tmp_path.glob("*.csv")  # one file, named after the GPU, not "auto"
-    assert path.name.startswith("cuda0 NVIDIA H200-")
-    with open(path) as f:
-        assert [r["folder"] for r in csv.DictReader(f)] == ["fff", "gnns"]
+    assert path.name.startswith("cuda0 NVIDIA H200-") and not path.name.endswith("-compile.csv")
+    assert [r["folder"] for r in csv_rows(path)] == ["ddpm", "fff", "gnns"]
     progress = capsys.readouterr().err.splitlines()
-    assert progress[1].startswith("gnns: ") and progress[1].endswith(" s, 1,234 images/s, 2 ms/step")
+    assert progress[0].startswith("ddpm: ") and progress[0].endswith(" s (no output)")
+    assert progress[2].startswith("gnns: ") and progress[2].endswith(" s, 1,234 images/s, 2 ms/step")
+
+
+def test_rerunning_some_folders_replaces_their_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    """A second run that day (one folder again) must not replace the first run's table; --compile
+    runs go to their own file."""
+    run = load_run_py()
+    rate = {"value": 100.0}
+    monkeypatch.setattr(run, "run_folder", lambda folder, args: dict(GPU_ROW, folder=folder,
+                                                                      samples_per_s=rate["value"]))
+    run.main(["--results-dir", str(tmp_path), "fff", "gnns", "vit"])
+    rate["value"] = 200.0
+    run.main(["--results-dir", str(tmp_path), "gnns"])
+    run.main(["--results-dir", str(tmp_path), "--compile", "vit"])
+    plain, compiled = sorted(tmp_path.glob("*.csv"), key=lambda p: p.name.endswith("-compile.csv"))
+    assert compiled.name.endswith("-compile.csv")
+    assert [(r["folder"], float(r["samples_per_s"])) for r in csv_rows(plain)] == [
+        ("fff", 100.0), ("gnns", 200.0), ("vit", 100.0)]
+    assert [(r["folder"], float(r["samples_per_s"])) for r in csv_rows(compiled)] == [("vit", 200.0)]
