@@ -15,8 +15,8 @@ The loop calls its callbacks at these events, in this order:
     after_fit
 
 Callbacks run in the order of their `order` attribute. A callback stops the loop by raising
-CancelBatch (skip the rest of this batch; after_cancel_batch runs instead of after_batch),
-CancelEpoch (go on with the next epoch) or CancelFit (finish now; after_fit still runs).
+CancelBatch (skip the rest of this batch: after_cancel_batch runs instead of its after_batch, unlike
+fast.ai's), CancelEpoch (go on with the next epoch) or CancelFit (finish now; after_fit still runs).
 """
 import torch
 

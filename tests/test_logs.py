@@ -19,7 +19,7 @@ def rows_on_disk(path):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_reopening_a_log_keeps_the_rows_up_to_the_checkpoint_on_disk_at_once(folder, tmp_path):
     train = import_folder(folder).train
-    key = train.LOG_FIELDS[0] if train.LOG_FIELDS[0] in ("epoch", "step") else "step"
+    key = train.LOG_FIELDS[0]                   # "epoch" or "step"
     path = tmp_path / "log.csv"
     f, writer = train.open_log(path, 0)
     for i in (1, 2, 3):

@@ -131,7 +131,7 @@ def test_the_hybrid_cuts_the_patches_from_a_two_conv_gelu_stems_feature_map():
     torch.testing.assert_close(model.embed(x), z0)
     x2 = x.clone()
     x2[:, :, 3, 3] += 1                         # a pixel at the first patch's corner reaches, through two 3x3
-    changed = (model.embed(x2) - model.embed(x)).abs().amax(-1)[0]   # convolutions, the 3 patches beside it
+    changed = (model.embed(x2) - model.embed(x)).abs().amax(-1)[0]   # convolutions, all 4 patches (not the class token)
     assert changed[[1, 2, 3, 4]].gt(0).all() and changed[0] == 0
 
 

@@ -139,7 +139,7 @@ class ViT(nn.Module):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
             # The stem: Kaiming-normal (He et al. 2015: fan-in, ReLU gain; GELU is ReLU-like), zero biases, so that
-            # normalised pixels (second moment 1) leave the stem at about 0.85 and E sees features on the raw
+            # normalised pixels (second moment 1) leave the stem with a second moment of about 0.8 and E sees features on the raw
             # patches' scale; PyTorch's default (kaiming-uniform, a = sqrt(5)) would leave them at about 0.01.
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
