@@ -30,7 +30,7 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, dropout=0.0, batch_s
              warmup_steps=20, eval_interval=100, log_interval=10, num_samples=2, max_new_tokens=200,
              benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and how to sample.
-NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "compile", "wandb", "prompt",
+NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "compile", "compile_mode", "wandb", "prompt",
                "num_samples", "max_new_tokens", "temperature", "top_k", "pretrained", "export_pretrained"}
 
 
@@ -117,6 +117,9 @@ def build_parser():
     g.add_argument("--log-interval", type=positive(int), default=10, help="steps between log lines")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off elsewhere)")
+    g.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile's mode when compiling: reduce-overhead replays the model's kernels as CUDA "
+                        "graphs (far fewer launches a step; CUDA only)")
     g.add_argument("--benchmark", action="store_true", help="time training steps of this config and print one JSON "
                                                             "line (tokens/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")

@@ -263,7 +263,7 @@ def start_run(args, procs):
         load_weights(raw, shipped[1])
     if ckpt:
         restore(ckpt, raw, optimizer, procs)
-    model = torch.compile(raw) if compiles(args, device_type) else raw
+    model = torch.compile(raw, mode=args.compile_mode) if compiles(args, device_type) else raw
     if procs.ddp:
         model = DDP(model, device_ids=[procs.local_rank] if device_type == "cuda" else None)
     return SimpleNamespace(
@@ -421,7 +421,7 @@ def benchmark(args):
     torch.manual_seed(args.seed)
     raw = GPT(cfg).to(device)
     optimizer = raw.configure_optimizers(args.weight_decay, args.lr, (0.9, args.beta2))
-    model = torch.compile(raw) if compiles(args, device_type) else raw
+    model = torch.compile(raw, mode=args.compile_mode) if compiles(args, device_type) else raw
 
     def batches(step):
         if real:
@@ -456,4 +456,4 @@ def benchmark(args):
         "mfu": flops * tokens / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "compile": compiles(args, device_type), "data": "real" if real else "random"}))
+        "compile": args.compile_mode if compiles(args, device_type) else False, "data": "real" if real else "random"}))

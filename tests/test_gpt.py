@@ -480,6 +480,16 @@ def test_a_fresh_run_does_not_overwrite_a_checkpoint(trained, quick, capsys):
 
 # ---- --benchmark
 
+def test_compile_mode_reaches_torch_compile_and_the_benchmark_line(tmp_path, capsys, monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs) is the mode torch.compile gets, and the JSON says so."""
+    calls = []
+    monkeypatch.setattr(gpt.train.torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    gpt.main.main([str(a) for a in ["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "1", "--compile",
+                                    "--compile-mode", "reduce-overhead", "--data-dir", tmp_path / "nothing"]])
+    assert calls == [{"mode": "reduce-overhead"}]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["compile"] == "reduce-overhead"
+
+
 @pytest.mark.parametrize("data", ["random", "real"])
 def test_benchmark_prints_one_json_line_of_the_quick_config(data, tmp_path, capsys):
     text = "the quick brown fox jumps over the lazy dog. " * 80

@@ -787,3 +787,15 @@ def test_pretrained_without_sample_only_fine_tunes_from_the_shipped_weights(tmp_
     (epoch, state), = seen
     assert epoch == 0 and all(torch.equal(state[k], v.float()) for k, v in shipped.items())
     assert "leave out --dim" in one_line_error("--pretrained", "--dim", "32", "--out-dir", str(tmp_path / "r2"))
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs) is what torch.compile gets; without --compile nothing compiles."""
+    calls = []
+    monkeypatch.setattr(vit.train.torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    cfg = vit.model.ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=16)
+    for argv, expected in [([], []), (["--compile"], [{"mode": "default"}]),
+                           (["--compile", "--compile-mode", "reduce-overhead"], [{"mode": "reduce-overhead"}])]:
+        calls.clear()
+        vit.train.build(cfg, vit.main.parse_args([*argv, "--device", "cpu"]), "cpu")
+        assert calls == expected

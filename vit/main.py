@@ -27,7 +27,7 @@ QUICK = dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=64, epochs=6, train
              batch_size=128, lr=3e-3, warmup_epochs=0.5, num_examples=8, benchmark_steps=5, out_dir=QUICK_OUT_DIR)
 # Flags that --resume does not take from the checkpoint: where things go and what to draw.
 NOT_RESUMED = {"resume", "sample_only", "quick", "out_dir", "figures_dir", "device", "wandb", "data_dir",
-               "num_examples", "compile", "log_interval", "benchmark", "benchmark_steps", "pretrained",
+               "num_examples", "compile", "compile_mode", "log_interval", "benchmark", "benchmark_steps", "pretrained",
                "export_pretrained"}
 MODEL_FLAGS = {"patch_size", "dim", "depth", "heads", "mlp_dim", "dropout", "stem_channels"}  # --pretrained takes these from its JSON
 
@@ -156,6 +156,9 @@ def build_parser():
                         "min(decay, (1+t)/(10+t)) at step t) and validate, test and export it (0: off)")
     g.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile's mode with --compile: reduce-overhead replays the model's kernels as CUDA graphs "
+                        "(far fewer launches a step; CUDA only)")
     g.add_argument("--log-interval", type=positive(int), default=50,
                    help="steps between progress-bar updates; on CUDA also between non-finite checks (each waits for the GPU)")
     g.add_argument("--benchmark", action="store_true",

@@ -94,10 +94,10 @@ def evaluated_weights(ckpt):
 
 def build(cfg, args, device):
     """The model (weights seeded by --seed), its optimiser, and what the training step calls: the
-    model, compiled with --compile."""
+    model, compiled with --compile (in --compile-mode)."""
     torch.manual_seed(args.seed)
     model = ViT(cfg).to(device)
-    return model, configure_optimizer(model, args), torch.compile(model) if args.compile else model
+    return model, configure_optimizer(model, args), torch.compile(model, mode=args.compile_mode) if args.compile else model
 
 
 def stop_if_non_finite(finite, loss, grad_norm, step, ckpt_path):
@@ -327,7 +327,7 @@ def benchmark(args):
         "mfu": flops * B / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-        "compile": bool(args.compile), "data": "real" if real else "random"}))
+        "compile": args.compile_mode if args.compile else False, "data": "real" if real else "random"}))
 
 
 def resume_or_refuse(args, device):
