@@ -3,6 +3,7 @@ read, the weights read through safetensors (no pickle), the card (JSON: config, 
 metric, a fixed-input check) beside them."""
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -73,4 +74,6 @@ def refresh_sums(paths):
     lines = dict(line.split("  ", 1)[::-1] for line in sums.read_text().splitlines()) if sums.is_file() else {}
     for p in paths:
         lines[p.relative_to(ROOT).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    sums.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items()) if (ROOT / f).exists()))
+    tmp = sums.with_name(sums.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
+    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items()) if (ROOT / f).exists()))
+    os.replace(tmp, sums)

@@ -78,7 +78,9 @@ def write_sums():
     lines = {f: h for f, h in read_sums().items() if (ROOT / f).is_file()}
     for path in sorted(HERE.iterdir()):
         lines[path.relative_to(ROOT).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
-    SUMS.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
+    tmp = SUMS.with_name(SUMS.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
+    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
+    os.replace(tmp, SUMS)
 
 
 def export_pretrained(run_dir, defaults):

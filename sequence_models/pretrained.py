@@ -146,4 +146,6 @@ def refresh_sums():
     for f in sorted(PRETRAINED.iterdir()):
         if f.is_file():
             lines[f"{FOLDER}/{f.name}"] = hashlib.sha256(f.read_bytes()).hexdigest()
-    sums.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(lines.items())))
+    tmp = sums.with_name(sums.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
+    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(lines.items())))
+    os.replace(tmp, sums)

@@ -122,5 +122,7 @@ def refresh_sums():
     for path in sorted((ROOT / FOLDER).iterdir()):
         if path.is_file():
             lines[f"{FOLDER}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    sums.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
+    tmp = sums.with_name(sums.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
+    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
+    os.replace(tmp, sums)
     print(f"refreshed {sums}")
