@@ -78,12 +78,17 @@ def check_output(net):
             "loss": loss.item(), "argmax_last": logits[:, -1].argmax(-1).tolist()}
 
 
+def write_atomic(path, text):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def refresh_sums(paths):
     """Write the sha256 lines of paths into pretrained/SHA256SUMS, keeping the other folders' lines."""
     sums = ROOT / "SHA256SUMS"
     lines = dict(line.split("  ", 1)[::-1] for line in sums.read_text().splitlines()) if sums.is_file() else {}
     for p in paths:
         lines[p.relative_to(ROOT).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    tmp = sums.with_name(sums.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
-    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items()) if (ROOT / f).exists()))
-    os.replace(tmp, sums)
+    # every folder's lines, replaced in one rename: never half-written
+    write_atomic(sums, "".join(f"{h}  {f}\n" for f, h in sorted(lines.items()) if (ROOT / f).exists()))

@@ -1,7 +1,6 @@
 """From a checkpoint to what a person reads: stories, tokens, loss curves and attention maps."""
 import csv
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +10,8 @@ import torch
 
 from data import BPETokenizer, WordTokenizer, load_tokenizer, piece_strings, read_stories, train_tokenizer
 from model import Config, Transformer, build_model, generate
-from pretrained import load_weights, log_path, pretrained_tokenizer, pretrained_weights
+from pretrained import load_weights, log_path, pretrained_tokenizer, pretrained_weights, write_atomic
 from train import TOKENIZER_CHARS, load_checkpoint, load_model, resolve_device
-
-
-def write_atomic(path, text):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def tell_stories(args, model, tok):

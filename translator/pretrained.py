@@ -114,6 +114,12 @@ def export_pretrained(ckpt, run_dir, defaults):
     refresh_sums()
 
 
+def write_atomic(path, text):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def refresh_sums():
     """Rewrite this folder's lines of pretrained/SHA256SUMS, keeping the other folders' lines."""
     sums = ROOT / "SHA256SUMS"
@@ -122,7 +128,6 @@ def refresh_sums():
     for path in sorted((ROOT / FOLDER).iterdir()):
         if path.is_file():
             lines[f"{FOLDER}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    tmp = sums.with_name(sums.name + ".tmp")  # every folder's lines: replaced in one rename, never half-written
-    tmp.write_text("".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
-    os.replace(tmp, sums)
+    # every folder's lines, replaced in one rename: never half-written
+    write_atomic(sums, "".join(f"{h}  {f}\n" for f, h in sorted(lines.items())))
     print(f"refreshed {sums}")

@@ -3,7 +3,6 @@ pieces), sacreBLEU and chrF on the test split, example translations, the cross-a
 translated sentence as a heatmap, and the training curves."""
 import csv
 import json
-import os
 import re
 import sys
 import time
@@ -16,17 +15,11 @@ import torch
 
 from data import find_zip, first_sentences, group, read_pairs, split_pairs
 from model import num_params, translate_ids
-from pretrained import load_pretrained
+from pretrained import load_pretrained, write_atomic
 from train import load_model, resolve_device, translation_scores
 
 SEED_SENTENCE = "She saw a boy sitting on a bench."
 BREAKS = [r"(?<=[.!?;:])\s+", r"(?<=,)\s+", r"\s+"]  # where a long text is cut: sentences, then commas, then words
-
-
-def write_atomic(path, text):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def fit(tok, text, limit, breaks=BREAKS):
