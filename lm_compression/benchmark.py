@@ -72,7 +72,7 @@ def coder_benchmark(lm, data, kind):
     device = f"cuda:0 {torch.cuda.get_device_name(lm.device)}" if str(lm.device).startswith("cuda") else str(lm.device)
     return {"folder": "lm_compression", "device": device, "torch": torch.__version__, "model": lm.name,
             "inference": lm.inference, "context": lm.context, "chunks_side_by_side": GROUP if lm.kind == "bytes" else 1,
-            "threads": torch.get_num_threads() if lm.inference == "float" else 1, "bytes": len(data),
+            "threads": torch.get_num_threads(), "bytes": len(data),
             "data": kind, "compressed_bytes": len(blob), "rate": len(blob) / len(data),
             "compress_kB_s": len(data) / seconds / 1e3, "decompress_kB_s": len(data) / back_seconds / 1e3,
             "exact": back == data}

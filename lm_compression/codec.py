@@ -266,10 +266,10 @@ def describe(setting):
 @contextmanager
 def threads(setting):
     """A float predictor decodes with the thread count it encoded with (its sums depend on it). The
-    integer path runs on one: its results do not depend on it, and its tensors are too small to gain
-    from more (on the shared 2-core machine of the README, 2 threads decoded 10x slower than 1)."""
+    integer path keeps torch's (all cores unless OMP_NUM_THREADS or torch.set_num_threads say
+    otherwise): its integers do not depend on it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(setting["threads"]) if setting.get("path") == "float" else 1)
+    torch.set_num_threads(int(setting["threads"]) if setting.get("path") == "float" else before)
     try:
         yield
     finally:

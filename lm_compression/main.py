@@ -21,7 +21,8 @@ The README's CPU result (a byte model on 1984, then its held-out end against gzi
 --model is a byte-model checkpoint (default: OUT_DIR/byte_model.pt, what `train` writes), a
 Hugging Face causal LM name or local folder, or a .gguf file (through transformers' gguf loading).
 A byte model codes through the integer-only path (intmodel.py): what one machine compresses, any
-machine decompresses, whatever its threads or CPU. --float runs it in float instead; float (and
+machine decompresses, whatever its threads or CPU (it runs on all cores; OMP_NUM_THREADS=1 for one,
+faster where other jobs keep the cores busy). --float runs it in float instead; float (and
 every Hugging Face model) decompresses only with the device, dtype and torch version it was
 compressed with (the file records them; the thread count is restored).
 """

@@ -667,8 +667,17 @@ def test_coded_length_is_the_integer_models_cross_entropy(name):
     assert ideal - 1 <= 8 * len(code) <= 1.005 * ideal + 64 * 8, (8 * len(code), ideal)
 
 
+class CountingIntLM(predictors.IntByteLM):
+    """The integer path, recording the thread count each decoding step ran with."""
+    seen = []
+
+    def freqs(self, inputs, past=None):
+        self.seen.append(torch.get_num_threads())
+        return super().freqs(inputs, past)
+
+
 def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count():
-    lm = predictors.IntByteLM(scaled_net(context=16), "scaled")
+    lm = CountingIntLM(scaled_net(context=16), "scaled")
     data = np.random.default_rng(0).integers(0, 256, 40 * 16 + 5).astype(np.uint8).tobytes()  # two batches of chunks
     chunks = torch.cat([torch.full((8, 1), model.BOS), torch.tensor(list(data[:8 * 15])).view(8, 15)], 1)
     before = torch.get_num_threads()
@@ -679,7 +688,9 @@ def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count
         for n in (2, 4):
             torch.set_num_threads(n)
             assert np.array_equal(int_frequencies_full(lm.int_net, chunks), reference)
+            lm.seen.clear()
             assert codec.decompress(blob, lm, progress=False) == data and torch.get_num_threads() == n
+            assert set(lm.seen) == {n}                                  # the caller's threads, not forced to 1
     finally:
         torch.set_num_threads(before)
     assert codec.read_header(blob)["setting"] == {"path": "integer", "version": str(im.VERSION),
