@@ -269,7 +269,8 @@ def threads(setting):
     integer path keeps torch's (all cores unless OMP_NUM_THREADS or torch.set_num_threads say
     otherwise): its integers do not depend on it."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(setting["threads"]) if setting.get("path") == "float" else before)
+    if setting.get("path") == "float":
+        torch.set_num_threads(int(setting["threads"]))
     try:
         yield
     finally:

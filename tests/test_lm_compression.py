@@ -667,13 +667,22 @@ def test_coded_length_is_the_integer_models_cross_entropy(name):
     assert ideal - 1 <= 8 * len(code) <= 1.005 * ideal + 64 * 8, (8 * len(code), ideal)
 
 
-class CountingIntLM(predictors.IntByteLM):
-    """The integer path, recording the thread count each decoding step ran with."""
-    seen = []
+class CountsThreads:
+    """Mixed into a predictor: records the thread count each forward pass (`freqs`) ran with."""
 
     def freqs(self, inputs, past=None):
         self.seen.append(torch.get_num_threads())
         return super().freqs(inputs, past)
+
+
+class CountingIntLM(CountsThreads, predictors.IntByteLM):
+    """The integer path."""
+    seen = []
+
+
+class CountingLM(CountsThreads, predictors.ByteLM):
+    """A float byte model."""
+    seen = []
 
 
 def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count():
@@ -695,15 +704,6 @@ def test_integer_path_gives_the_same_integers_and_decodes_under_any_thread_count
         torch.set_num_threads(before)
     assert codec.read_header(blob)["setting"] == {"path": "integer", "version": str(im.VERSION),
                                                    "weights": f"int{im.WEIGHT_BITS}"}
-
-
-class CountingLM(predictors.ByteLM):
-    """A float byte model that records the thread count each forward pass ran with."""
-    seen = []
-
-    def freqs(self, inputs, past=None):
-        self.seen.append(torch.get_num_threads())
-        return super().freqs(inputs, past)
 
 
 def test_float_path_restores_the_thread_count_and_refuses_another_setting_before_decoding(tmp_path):
