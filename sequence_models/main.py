@@ -10,7 +10,7 @@ words), makemore's names and any text, character by character.
     python sequence_models/main.py interact --pretrained --task imdb --review "A dull, lifeless mess."  # shipped
     python sequence_models/main.py interact --task numbers --prompt "nine thousand twelve . nine thousand thirteen ."
     python sequence_models/main.py sweep --task names --model mlp --grid context=3,8 lr=1e-3,3e-3 --epochs 5
-    python sequence_models/main.py --task imdb-lm --data-dir /path/to/datasets --epochs 10 --bptt 32  # pretrain (--resume)
+    python sequence_models/main.py --task imdb-lm --data-dir /path/to/datasets  # pretrain 10 epochs (--resume)
     python sequence_models/main.py transfer --seeds 3 --data-dir /path/to/datasets  # pretrained vs scratch, few labels
     python sequence_models/main.py probe --data-dir /path/to/datasets          # linear probe: pretrained vs random encoder
     python sequence_models/main.py --quick --data-dir /path/to/datasets                   # the pipeline, CPU, < 60 s
@@ -48,8 +48,8 @@ DEFAULTS = {
                     weight_decay=0.1, patience=0, checkpoint_every=0),
     "names": dict(epochs=20, batch_size=128, lr=3e-3, emb_size=24, hidden_size=256, layers=1, dropout=0.1,
                   weight_decay=0.01, patience=0, checkpoint_every=0),
-    "imdb-lm": dict(epochs=1, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.1,
-                    weight_decay=0.01, patience=0, checkpoint_every=500),
+    "imdb-lm": dict(epochs=10, batch_size=64, lr=3e-3, emb_size=128, hidden_size=256, layers=1, dropout=0.1,
+                    weight_decay=0.01, patience=0, checkpoint_every=500, bptt=32, emb_dropout=0.1),
     "text": dict(epochs=10, batch_size=64, lr=3e-3, emb_size=32, hidden_size=256, layers=2, dropout=0.1,
                  weight_decay=0.01, patience=0, checkpoint_every=0),
 }
@@ -58,7 +58,7 @@ QUICK = {
     "numbers": dict(epochs=5, hidden_size=32, emb_size=32),
     "names": dict(epochs=2, hidden_size=32, emb_size=8),
     "text": dict(epochs=2, hidden_size=32, emb_size=8),
-    "imdb-lm": dict(limit=1000, vocab_size=5000, lm_vocab=2000, emb_size=32, hidden_size=48),
+    "imdb-lm": dict(epochs=1, limit=1000, vocab_size=5000, lm_vocab=2000, emb_size=32, hidden_size=48),
 }
 QUICK_OUT_DIR = "runs/sequence_models-quick"
 NUMBERS_PROMPT = "eight thousand one hundred eleven . eight thousand one hundred twelve ."
@@ -176,7 +176,7 @@ class Config:
     dropout: float = flag(None, f"dropout; imdb: on embeddings, between layers, before the head; the LMs: on the last "
                           f"layer's outputs {per_task('dropout')}", "model", type=number(float, 0, 1))
     emb_dropout: float = flag(0.0, "recurrent LMs: dropout on the embedding outputs (AWD-LSTM's input dropout; "
-                              "0: off)", "model", type=number(float, 0, 1))
+                              "0: off; imdb-lm: 0.1)", "model", type=number(float, 0, 1))
     context: int = flag(3, "mlp: previous characters seen (Bengio's n - 1)", "model", type=number(int, 1, 1024))
     direct: bool = flag(False, "mlp: add Bengio's direct connections W x", "model", action="store_true")
     pooling: str = flag("meanmax", "imdb: what the head reads: meanmax, [mean; max] over the LSTM outputs; concat, "
@@ -198,7 +198,7 @@ class Config:
     lr_decay: float = flag(1.0, "imdb: the LSTM learns at lr / D, the embedding at lr / D^2 (ULMFiT: 2.6)",
                            type=number(float, 1))
     lm_vocab: int = flag(10_000, "imdb-lm: predict the N most frequent words, the rest as <unk>", type=number(int, 3))
-    bptt: int = flag(16, "stateful LMs (numbers, imdb-lm, text): tokens per window (truncated BPTT)",
+    bptt: int = flag(16, "stateful LMs (numbers, imdb-lm, text): tokens per window (truncated BPTT; imdb-lm: 32)",
                      type=number(int, 1, 1024))
     ar: float = flag(2.0, "recurrent LMs: activation regularisation alpha", type=number(float, 0))
     tar: float = flag(1.0, "recurrent LMs: temporal activation regularisation beta", type=number(float, 0))
