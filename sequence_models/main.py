@@ -176,7 +176,8 @@ class Config:
     dropout: float = flag(None, f"dropout; imdb: on embeddings, between layers, before the head; the LMs: on the last "
                           f"layer's outputs {per_task('dropout')}", "model", type=number(float, 0, 1))
     emb_dropout: float = flag(0.0, "recurrent LMs: dropout on the embedding outputs (AWD-LSTM's input dropout; "
-                              "0: off; imdb-lm: 0.1)", "model", type=number(float, 0, 1))
+                              f"0: off; imdb-lm: {DEFAULTS['imdb-lm']['emb_dropout']})", "model",
+                              type=number(float, 0, 1))
     context: int = flag(3, "mlp: previous characters seen (Bengio's n - 1)", "model", type=number(int, 1, 1024))
     direct: bool = flag(False, "mlp: add Bengio's direct connections W x", "model", action="store_true")
     pooling: str = flag("meanmax", "imdb: what the head reads: meanmax, [mean; max] over the LSTM outputs; concat, "
@@ -198,7 +199,8 @@ class Config:
     lr_decay: float = flag(1.0, "imdb: the LSTM learns at lr / D, the embedding at lr / D^2 (ULMFiT: 2.6)",
                            type=number(float, 1))
     lm_vocab: int = flag(10_000, "imdb-lm: predict the N most frequent words, the rest as <unk>", type=number(int, 3))
-    bptt: int = flag(16, "stateful LMs (numbers, imdb-lm, text): tokens per window (truncated BPTT; imdb-lm: 32)",
+    bptt: int = flag(16, "stateful LMs (numbers, imdb-lm, text): tokens per window (truncated BPTT; "
+                     f"imdb-lm: {DEFAULTS['imdb-lm']['bptt']})",
                      type=number(int, 1, 1024))
     ar: float = flag(2.0, "recurrent LMs: activation regularisation alpha", type=number(float, 0))
     tar: float = flag(1.0, "recurrent LMs: temporal activation regularisation beta", type=number(float, 0))
