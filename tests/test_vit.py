@@ -531,7 +531,8 @@ def test_ema_after_k_steps_is_the_closed_form_of_the_recorded_weights(tmp_path, 
 
 def test_two_epochs_equal_one_then_resume_with_flip_erasing_and_ema(tmp_path, monkeypatch):
     """The recipe options replay on --resume (their draws seeded by (seed, epoch), the EMA in the
-    checkpoint), and sample.py and --export-pretrained use the EMA weights."""
+    checkpoint), and sample.py and --export-pretrained use the EMA weights; the export names the
+    machine of each part of a resumed run (here a second one for the resumed epoch)."""
     monkeypatch.setattr(vit.main, "sample", lambda args: None)
     data = synthetic_mnist(tmp_path / "data", n_train=300, n_test=20)
     recipe = ["--epochs", "2", "--crop-padding", "1", "--hflip", "0.5", "--random-erasing", "0.5", "--ema", "0.9"]
@@ -547,6 +548,7 @@ def test_two_epochs_equal_one_then_resume_with_flip_erasing_and_ema(tmp_path, mo
     with pytest.raises(SystemExit):
         vit.main.main(run_args(data, tmp_path / "resumed", *recipe))
     monkeypatch.setattr(vit.train, "evaluate", evaluate)
+    monkeypatch.setattr(vit.train, "hardware", lambda: "machine B")
     vit.main.main(["--resume", "--out-dir", str(tmp_path / "resumed"), "--data-dir", str(data)])   # the run's flags
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "resumed"))
     assert b["epoch"] == 2 and b["args"]["random_erasing"] == 0.5
@@ -562,6 +564,11 @@ def test_two_epochs_equal_one_then_resume_with_flip_erasing_and_ema(tmp_path, mo
     import safetensors.torch
     shipped = safetensors.torch.load_file(tmp_path / "pretrained" / "vit" / "mnist.safetensors")
     assert all(torch.equal(v, a["ema"][k].half()) for k, v in shipped.items())
+    here = vit.pretrained.hardware()
+    assert a["hardware"] == [here] and b["hardware"] == [here, "machine B"]
+    vit.main.main(["--export-pretrained", str(tmp_path / "resumed"), "--data-dir", str(data)])
+    card = json.loads((tmp_path / "pretrained" / "vit" / "mnist.json").read_text())
+    assert card["hardware"] == f"{here}; then machine B"
 
 
 def test_a_hybrid_run_resumes_samples_and_exports_as_the_hybrid_and_older_checkpoints_as_raw_patches(

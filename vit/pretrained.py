@@ -106,7 +106,7 @@ def refresh_sums(files):
 
 
 def hardware():
-    """This machine, in words (the run is exported where it trained)."""
+    """This machine, in words (training records it in the checkpoint, and the export writes those)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "") if Path("/proc/cpuinfo").is_file() else ""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -130,7 +130,8 @@ def export(ckpt, weights_of_run, run_dir, command, test):
         preds = torch.cat([model(normalize(images[i:i + 1000], name)).argmax(-1) for i in range(0, len(images), 1000)])
     wrong = (preds != labels).nonzero()[:, 0]
     n = 16  # the README's attention grid: the first 12 test images, then the first 4 the model gets wrong
-    meta = {"folder": "vit", "name": name, "config": ckpt["config"], "command": command, "hardware": hardware(),
+    meta = {"folder": "vit", "name": name, "config": ckpt["config"], "command": command,
+            "hardware": "; then ".join(ckpt.get("hardware") or [f"exported on {hardware()}"]),
             "wall_time_s": round(ckpt["train_time"], 1), "wall_time_note": "the training loop's time, as logged",
             "epochs": ckpt["epoch"], "dtype": str(DTYPE).removeprefix("torch."),
             "metric": {"name": "test_acc", "value": (preds == labels).float().mean().item(),

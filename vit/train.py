@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import DATASETS, find, idx_files, load_data, normalize, random_crop, random_erasing, random_hflip
 from model import ViT, ViTConfig
-from pretrained import load_pretrained
+from pretrained import hardware, load_pretrained
 
 FOLDER = "vit"  # stamped into checkpoints, so that another folder's checkpoint is refused
 QUICK_OUT_DIR = "runs/vit-quick"  # the one place a fresh (--quick) run may overwrite a checkpoint
@@ -348,6 +348,12 @@ def model_config(args, train_x):
                      mlp_dim=args.mlp_dim, dropout=args.dropout, stem_channels=args.stem_channels)
 
 
+def machines_of(ckpt, here):
+    """The machines a run trained on, in order: the checkpoint's list, plus this one if it differs from the last."""
+    machines = (ckpt or {}).get("hardware", [])
+    return machines if machines[-1:] == [here] else [*machines, here]
+
+
 def restore(model, optimizer, ckpt, cfg, ckpt_path, args):
     """The state to continue from: the checkpoint's (weights, optimiser, epoch, time), or with
     --pretrained the shipped weights (fine-tuning starts at epoch 0), or nothing. -> (epoch, train_time, val_acc)"""
@@ -427,6 +433,7 @@ def train(args):
     model, optimizer, fwd = build(cfg, args, device)
     epoch, train_time, val_acc = restore(model, optimizer, ckpt, cfg, ckpt_path, args)
     ema = make_ema(model, ckpt, args)                       # None without --ema
+    machines = machines_of(ckpt, hardware())                # where each part of the run trained, for the export
     judged = model if ema is None else ema                  # what validation (and sample.py) evaluates
     schedule = schedule_of(len(train_x), args)
     describe(model, cfg, data, device, args, epoch)
@@ -446,7 +453,8 @@ def train(args):
                 val_acc = row["val_acc"]
             save_atomic({"folder": FOLDER, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "ema": None if ema is None else ema.state_dict(), "epoch": epoch + 1,
-                         "config": asdict(cfg), "args": vars(args), "val_acc": val_acc, "train_time": train_time},
+                         "config": asdict(cfg), "args": vars(args), "val_acc": val_acc, "train_time": train_time,
+                         "hardware": machines},
                         ckpt_path)
             log(row, epoch + 1)
             tqdm.write(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
