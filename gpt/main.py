@@ -123,6 +123,8 @@ def build_parser():
     g.add_argument("--benchmark", action="store_true", help="time training steps of this config and print one JSON "
                                                             "line (tokens/s, step time, TFLOP/s, MFU); writes nothing")
     g.add_argument("--benchmark-steps", type=positive(int), default=20, help="--benchmark: timed steps after 3 warm-up ones (--quick: 5)")
+    g.add_argument("--profile", action="store_true", help="--benchmark: then profile as many steps; the costliest "
+                                                          "ops and, on CUDA, the GPU's busy share of a step to stderr")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default=None, help="text to continue (default: a newline, as if at a paragraph start)")
@@ -167,6 +169,8 @@ def parse_args(argv=None):
         apply_overrides(args, explicit, {k: v for k, v in saved.items() if k not in NOT_RESUMED})
     if args.pretrained:
         apply_overrides(args, explicit, {k: v for k, v in pretrained_card()["config"].items() if k != "vocab_size"})
+    if args.profile and not args.benchmark:
+        p.error("--profile profiles --benchmark's steps; add --benchmark")
     if args.benchmark and (args.resume or args.sample_only or args.pretrained):
         p.error("--benchmark times a fresh model; leave out --resume, --sample-only and --pretrained")
     if args.n_embd % args.n_head:

@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -403,7 +404,8 @@ def save_checkpoint(run, args, step):
 def benchmark(args):
     """--benchmark: the model, optimiser and step of training (same autocast and compile), a few warm-up
     steps, then the median of --benchmark-steps timed optimiser steps, each fetching its batches as
-    training does. Real windows of the text when it is already there (nothing is downloaded), else
+    training does, and the mean of as many in flight (`time_steps`); --profile: a profile of as many
+    more (`profile_steps`). Real windows of the text when it is already there (nothing is downloaded), else
     random characters. Prints one JSON line; writes nothing."""
     device = resolve_device(args.device)
     check_memory(args, device)
@@ -436,15 +438,15 @@ def benchmark(args):
         elif device_type == "mps":
             torch.mps.synchronize()
 
-    warmup, times = 3, []
-    for step in range(warmup + args.benchmark_steps):
-        synchronize()
-        t0 = time.perf_counter()
+    def run_step(step):
         micro = [to_device(b, device) for b in batches(step)]
         train_step(model, optimizer, micro, get_lr(step, args), args, autocast)
-        synchronize()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[warmup:])
+
+    warmup, steps = 3, args.benchmark_steps
+    times, in_flight = time_steps(run_step, warmup, steps, synchronize)
+    if args.profile:
+        profile_steps(run_step, warmup + 2 * steps, steps, synchronize, device_type)
+    step_s = statistics.median(times)
     tokens = args.batch_size * cfg.block_size * args.grad_accum
     flops, peak = raw.flops_per_token(), peak_flops(device)
     cuda = device_type == "cuda"
@@ -456,4 +458,48 @@ def benchmark(args):
         "mfu": flops * tokens / step_s / peak if peak else None,
         "peak_mem_mb": (torch.cuda.max_memory_allocated(device) if cuda
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        "step_ms_in_flight": in_flight * 1e3,
         "compile": args.compile_mode if compiles(args, device_type) else False, "data": "real" if real else "random"}))
+
+
+def time_steps(run_step, warmup, steps, synchronize):
+    """After `warmup` steps, `steps` steps each timed alone (synchronised before and after: what one step
+    costs), then `steps` more in flight with one synchronisation at the end (what training sees, which
+    does not wait for the GPU between steps: the host queues the next step while the GPU runs this one).
+    Returns the single steps' times and the in-flight steps' mean time, in seconds."""
+    times = []
+    for step in range(warmup + steps):
+        synchronize()
+        t0 = time.perf_counter()
+        run_step(step)
+        synchronize()
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for step in range(warmup + steps, warmup + 2 * steps):
+        run_step(step)
+    synchronize()
+    return times[warmup:], (time.perf_counter() - t0) / steps
+
+
+def profile_steps(run_step, first, steps, synchronize, device_type):
+    """--profile: `steps` more steps under torch.profiler; to stderr, the ops that took the most time (on a
+    GPU, the kernels by device time) and, on CUDA, how much of a step the GPU was busy: a GPU idle for most
+    of the step waits on the host (Python, launches), which CUDA graphs (--compile-mode reduce-overhead) cut.
+    The profiler slows the host, so the busy share is a lower bound."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device_type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for step in range(first, first + steps):
+            run_step(step)
+        synchronize()
+        wall = time.perf_counter() - t0
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25),
+          file=sys.stderr)
+    if cuda:
+        busy = sum(e.self_device_time_total for e in averages
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
+        print(f"GPU busy {busy / steps * 1e3:.2f} ms of {wall / steps * 1e3:.2f} ms a step ({busy / wall:.0%}) "
+              f"under the profiler", file=sys.stderr)

@@ -517,6 +517,24 @@ def test_benchmark_prints_one_json_line_of_the_quick_config(data, tmp_path, caps
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+
+def test_benchmark_times_steps_alone_and_in_flight_and_profile_prints_to_stderr(tmp_path, capsys, monkeypatch):
+    """3 warm-up steps, --benchmark-steps timed alone, as many in flight, as many profiled, each a new step
+    of the schedule; stdout stays the one JSON line benchmarks/run.py reads, the profile goes to stderr."""
+    steps, real_step = [], gpt.train.train_step
+    monkeypatch.setattr(gpt.train, "train_step", lambda *a, **kw: steps.append(a[3]) or real_step(*a, **kw))
+    gpt.main.main([str(a) for a in ["--benchmark", "--quick", "--device", "cpu", "--benchmark-steps", "2", "--profile",
+                                    "--data-dir", tmp_path / "nothing"]])
+    out, err = capsys.readouterr()
+    args = gpt.main.parse_args(["--quick"])
+    assert steps == [gpt.train.get_lr(step, args) for step in range(3 + 3 * 2)]
+    row = json.loads(out)                                   # one line, nothing else
+    assert row["step_ms_in_flight"] > 0 and row["step_ms"] > 0
+    assert "aten::mm" in err and "Self CPU time total" in err
+    with pytest.raises(SystemExit):
+        gpt.main.parse_args(["--profile"])
+    assert "--profile profiles --benchmark's steps" in capsys.readouterr().err
+
 # ---- the shipped model (pretrained/gpt/)
 
 def test_the_shipped_model_loads_into_todays_code_and_reproduces_its_check():
