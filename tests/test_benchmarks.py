@@ -1,6 +1,8 @@
 """benchmarks/run.py: every folder's --benchmark as a subprocess, one CSV and one markdown table."""
 import csv
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 
@@ -87,3 +89,28 @@ def test_rerunning_some_folders_replaces_their_rows_and_keeps_the_others(tmp_pat
     assert [(r["folder"], float(r["samples_per_s"])) for r in csv_rows(plain)] == [
         ("fff", 100.0), ("gnns", 200.0), ("vit", 100.0)]
     assert [(r["folder"], float(r["samples_per_s"])) for r in csv_rows(compiled)] == [("vit", 200.0)]
+
+
+def test_the_gpu_script_names_flags_its_folders_have_and_skips_what_does_not_fit(tmp_path):
+    """benchmarks/gpu_language.sh runs on a lent GPU, where a renamed flag would cost the whole call: every
+    --flag of its commands is in that folder's --help (of its subcommand). With no time left every command
+    is skipped, each on a line of summary.txt, and nothing runs."""
+    script = ROOT / "benchmarks" / "gpu_language.sh"
+    dry = subprocess.run(["bash", script, tmp_path / "data", tmp_path / "logs"], capture_output=True, text=True,
+                         env={**os.environ, "DRY": "1"}, check=True).stdout.splitlines()
+    assert len(dry) >= 10 and not (tmp_path / "logs").exists()
+    helps = {}
+    for line in dry:
+        words = line.split(": ", 1)[1].split()
+        assert words[0] == "python" and (ROOT / words[1]).is_file(), line
+        sub = [w for w in words[2:3] if not w.startswith("-")]      # benchmark-coder, evaluate
+        key = (words[1], *sub)
+        if key not in helps:
+            helps[key] = subprocess.run([sys.executable, *key, "--help"], cwd=ROOT, capture_output=True, text=True,
+                                        check=True).stdout
+        flags = [w.replace("--no-", "--", 1) for w in words[2:] if w.startswith("--")]  # --no-X: X's switch
+        missing = [f for f in flags if not re.search(rf"(?<![\w-]){f}(?![\w-])", helps[key])]
+        assert not missing, (line, missing)
+    subprocess.run(["bash", script, tmp_path / "data", tmp_path / "logs", "0"], capture_output=True, check=True)
+    summary = (tmp_path / "logs" / "summary.txt").read_text().splitlines()
+    assert len(summary) == len(dry) and all(": skipped, " in s for s in summary)
