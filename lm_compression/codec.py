@@ -42,7 +42,8 @@ TAIL = struct.Struct(">16sIIQI")         # digest, chunk size, chunks side by si
 TAIL_V2 = struct.Struct(">16sIQI")       # version 2: no chunks side by side, always 32
 CHECK = struct.Struct(">I")              # CRC-32 of the container up to here
 UNIFORM = np.arange(257, dtype=np.int64)  # cumulative frequencies of a uniform byte
-GROUP, GROUP_V2 = 512, 32                # byte model: chunks coded side by side (a batch per forward pass)
+GROUP, GROUP_V2 = 2048, 32               # byte model: chunks coded side by side (a batch per decoding step;
+                                         # 512 before 2026-12-01: the container records it)
 FULL_PASS = 8                            # integer path, encoding: chunks per full forward pass (8, not
                                          # 32: smaller tensors, 1.2x faster with --compile; same bytes)
 ESCAPE_STEP = 32                         # escaped bytes: counts start at 1, +32 per occurrence

@@ -240,7 +240,8 @@ def test_the_full_pass_encoder_writes_what_the_step_by_step_decoder_reads(group)
 @pytest.mark.parametrize("kernels", ["written out", "compiled"])
 def test_the_integer_path_writes_the_bytes_it_wrote_before_and_compiled_kernels_write_them_too(kernels, monkeypatch):
     """The code of a fixed model and text (sha256 taken with the code at dedcd10, before `--compile` and the
-    speed-ups after it) with the kernels as written and with `intmodel.fuse`'s compiled ones: the same bytes."""
+    speed-ups after it) with the kernels as written and with `intmodel.fuse`'s compiled ones: the same bytes.
+    512 chunks side by side, the default then (the container records it)."""
     if kernels == "compiled":
         for name in ("per_row", "requantize", "i_gelu", "attention_weights"):  # restored after the test
             monkeypatch.setattr(im, name, getattr(im, name))
@@ -248,7 +249,7 @@ def test_the_integer_path_writes_the_bytes_it_wrote_before_and_compiled_kernels_
         assert hasattr(im.i_gelu, "_torchdynamo_orig_callable")
     lm = predictors.IntByteLM(scaled_net(context=16), "scaled")
     data = ORWELL + np.random.default_rng(0).integers(0, 256, 300).astype(np.uint8).tobytes()
-    blob = codec.compress(data, lm, progress=False)
+    blob = codec.compress(data, lm, progress=False, group=512)
     assert hashlib.sha256(blob).hexdigest() == "4f53e651ca4999341d766daf30be882f85006ad5cd069707a1eaaded3b820138"
     assert codec.decompress(blob, lm, progress=False) == data
 
