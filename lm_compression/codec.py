@@ -44,8 +44,6 @@ CHECK = struct.Struct(">I")              # CRC-32 of the container up to here
 UNIFORM = np.arange(257, dtype=np.int64)  # cumulative frequencies of a uniform byte
 GROUP, GROUP_V2 = 2048, 32               # byte model: chunks coded side by side (a batch per decoding step;
                                          # 512 before 2026-12-01: the container records it)
-FULL_PASS = 8                            # integer path, encoding: chunks per full forward pass (8, not
-                                         # 32: smaller tensors, 1.2x faster with --compile; same bytes)
 ESCAPE_STEP = 32                         # escaped bytes: counts start at 1, +32 per occurrence
 SETTING = {"integer": ("path", "version", "weights"),              # what the container records
            "float": ("path", "device", "dtype", "threads", "torch")}
@@ -101,6 +99,13 @@ def utf8_cut(buf, start, end):
     return cut
 
 
+def full_pass(device):
+    """Chunks per full forward pass when encoding; the bytes do not depend on it. 8 on a CPU (small tensors:
+    1.2x faster than 32 with --compile), 256 elsewhere: on a GPU a pass costs its ~1,360 kernel launches
+    whatever its size (not measured: no GPU was lent)."""
+    return 8 if torch.device(device).type == "cpu" else 256
+
+
 def encode_bytes_full(lm, io, buf, length, pbar, group=GROUP):
     """The integer path's encoder: every byte's share of the frequencies from full passes over its chunk
     (all inputs are known), then the coder in the order `code_bytes` decodes: group by group, position by
@@ -110,7 +115,8 @@ def encode_bytes_full(lm, io, buf, length, pbar, group=GROUP):
     y[:length] = torch.frombuffer(bytearray(buf[:length]), dtype=torch.uint8)
     y = y.view(n, C)                                         # (n, C); the last chunk padded (causal: unread)
     x = torch.cat([torch.full((n, 1), BOS), y[:, :-1]], 1)
-    shares = torch.cat([lm.shares(x[i:i + FULL_PASS], y[i:i + FULL_PASS]) for i in range(0, n, FULL_PASS)])
+    k = full_pass(lm.device)
+    shares = torch.cat([lm.shares(x[i:i + k], y[i:i + k]) for i in range(0, n, k)])
     coded = torch.arange(n * C).view(n, C) < length          # (n, C): positions inside the input
     for g in range(0, n, group):
         in_order = shares[g:g + group].transpose(0, 1)[coded[g:g + group].T]   # (positions, 3), t-major

@@ -225,10 +225,13 @@ def test_version_2_files_are_still_decoded_and_32_chunks_side_by_side_code_as_be
         codec.decompress(bytes(v4), lm, progress=False)
 
 
-@pytest.mark.parametrize("group", [1, 3, 512])
-def test_the_full_pass_encoder_writes_what_the_step_by_step_decoder_reads(group):
+@pytest.mark.parametrize("group, passes", [(1, 8), (3, 8), (512, 8), (3, 1), (512, 5), (512, 256)])
+def test_the_full_pass_encoder_writes_what_the_step_by_step_decoder_reads(group, passes, monkeypatch):
     """Encoding with the integer path takes every position's frequencies from full passes; the code must
-    be the one the position-by-position loop writes (and decodes), for any group of chunks side by side."""
+    be the one the position-by-position loop writes (and decodes), for any group of chunks side by side
+    and any number of chunks per full pass (8 on a CPU, 256 on a GPU)."""
+    assert (codec.full_pass("cpu"), codec.full_pass("meta")) == (8, 256)
+    monkeypatch.setattr(codec, "full_pass", lambda device: passes)
     lm, data = tiny_byte_lm(), ORWELL[:-3]                              # the last chunk 5 bytes long
     steps = codec.EncodeIO()
     codec.code_bytes(lm, steps, bytearray(data), len(data), tqdm_stub(), group)
