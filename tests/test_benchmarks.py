@@ -99,18 +99,17 @@ def test_the_gpu_script_names_flags_its_folders_have_and_skips_what_does_not_fit
     dry = subprocess.run(["bash", script, tmp_path / "data", tmp_path / "logs"], capture_output=True, text=True,
                          env={**os.environ, "DRY": "1"}, check=True).stdout.splitlines()
     assert len(dry) >= 10 and not (tmp_path / "logs").exists()
-    helps = {}
-    for line in dry:
-        words = line.split(": ", 1)[1].split()
-        assert words[0] == "python" and (ROOT / words[1]).is_file(), line
-        sub = [w for w in words[2:3] if not w.startswith("-")]      # benchmark-coder, evaluate
-        key = (words[1], *sub)
-        if key not in helps:
-            helps[key] = subprocess.run([sys.executable, *key, "--help"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout
+    commands = [line.split(": ", 1)[1].split() for line in dry]
+    assert all(words[0] == "python" and (ROOT / words[1]).is_file() for words in commands), dry
+    # the script or subcommand (benchmark-coder, evaluate) of each command: its --help, all started at once
+    keys = [(words[1], *[w for w in words[2:3] if not w.startswith("-")]) for words in commands]
+    helps = {key: subprocess.Popen([sys.executable, *key, "--help"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for key in dict.fromkeys(keys)}
+    helps = {key: p.communicate()[0] for key, p in helps.items()}
+    for words, key in zip(commands, keys):
         flags = [w.replace("--no-", "--", 1) for w in words[2:] if w.startswith("--")]  # --no-X: X's switch
         missing = [f for f in flags if not re.search(rf"(?<![\w-]){f}(?![\w-])", helps[key])]
-        assert not missing, (line, missing)
+        assert not missing, (words, missing)
     subprocess.run(["bash", script, tmp_path / "data", tmp_path / "logs", "0"], capture_output=True, check=True)
     summary = (tmp_path / "logs" / "summary.txt").read_text().splitlines()
     assert len(summary) == len(dry) and all(": skipped, " in s for s in summary)
