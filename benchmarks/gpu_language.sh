@@ -13,6 +13,7 @@ set -u
 DATA=$(realpath -m "${1:?usage: gpu_language.sh DATA_DIR LOG_DIR [SECONDS]}")
 LOGS=$(realpath -m "${2:?usage: gpu_language.sh DATA_DIR LOG_DIR [SECONDS]}")
 BUDGET=${3:-540}
+export PYTHONUNBUFFERED=1                          # a command stopped at its limit keeps what it printed
 cd "$(dirname "$0")/.." || exit 1
 if [ -z "${DRY:-}" ]; then
   mkdir -p "$LOGS" || exit 1
