@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from codec import GROUP, compress, decompress
+from codec import compress, decompress, group_for
 
 CHUNK = 2048
 
@@ -71,7 +71,7 @@ def coder_benchmark(lm, data, kind):
     back, back_seconds = measure(lambda b: decompress(b, lm, progress=False), blob)
     device = f"cuda:0 {torch.cuda.get_device_name(lm.device)}" if str(lm.device).startswith("cuda") else str(lm.device)
     return {"folder": "lm_compression", "device": device, "torch": torch.__version__, "model": lm.name,
-            "inference": lm.inference, "context": lm.context, "chunks_side_by_side": GROUP if lm.kind == "bytes" else 1,
+            "inference": lm.inference, "context": lm.context, "chunks_side_by_side": group_for(lm) if lm.kind == "bytes" else 1,
             "threads": torch.get_num_threads(), "bytes": len(data),
             "data": kind, "compressed_bytes": len(blob), "rate": len(blob) / len(data),
             "compress_kB_s": len(data) / seconds / 1e3, "decompress_kB_s": len(data) / back_seconds / 1e3,

@@ -20,10 +20,11 @@ predictor's device, dtype, threads and torch version), 16-byte weight digest, ch
 coded side by side, original length, CRC-32 of the original; the code; CRC-32 of everything before it.
 
 Speed: the integer path encodes from full passes (every input is known; its integers equal the
-position-by-position ones), so only decoding steps through the KV cache, GROUP chunks at a time;
+position-by-position ones), so only decoding steps through the KV cache, `group_for(lm)` chunks at a time;
 each step's frequencies stay on the predictor's device until the coder needs them (encoding: three
 numbers per byte; decoding: the rows, once per step).
 """
+import os
 import struct
 import zlib
 from contextlib import contextmanager
@@ -42,8 +43,9 @@ TAIL = struct.Struct(">16sIIQI")         # digest, chunk size, chunks side by si
 TAIL_V2 = struct.Struct(">16sIQI")       # version 2: no chunks side by side, always 32
 CHECK = struct.Struct(">I")              # CRC-32 of the container up to here
 UNIFORM = np.arange(257, dtype=np.int64)  # cumulative frequencies of a uniform byte
-GROUP, GROUP_V2 = 2048, 32               # byte model: chunks coded side by side (a batch per decoding step;
-                                         # 512 before 2026-12-01: the container records it)
+GROUP, GROUP_V2 = 2048, 32               # byte model: at most GROUP chunks coded side by side (a batch per
+                                         # decoding step; 512 before 2026-12-01: the container records it)
+CACHE_BUDGET = 2 << 30                   # bytes of decoding's KV cache a group of chunks may take
 ESCAPE_STEP = 32                         # escaped bytes: counts start at 1, +32 per occurrence
 SETTING = {"integer": ("path", "version", "weights"),              # what the container records
            "float": ("path", "device", "dtype", "threads", "torch")}
@@ -97,6 +99,25 @@ def utf8_cut(buf, start, end):
     while cut < len(buf) and cut > start + 1 and end - cut < 3 and buf[cut] & 0xC0 == 0x80:
         cut -= 1
     return cut
+
+
+def group_for(lm):
+    """Chunks coded side by side: as many as CACHE_BUDGET holds the decoding KV cache of, at most GROUP (the
+    shipped model: 2048). It depends on the model's shape alone, so a model and an input give the same bytes
+    on every machine."""
+    return max(1, min(GROUP, CACHE_BUDGET // lm.cache_bytes))
+
+
+def check_memory(lm, group, length):
+    """Refuse, in one line, a decoding whose KV cache (`group` chunks side by side) cannot fit the device."""
+    need = min(group, -(-length // lm.context)) * lm.cache_bytes
+    device = str(lm.device)
+    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
+            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if need > have:
+        raise SystemExit(f"lm_compression: decoding this file takes about {need / 2**30:,.1f} GiB for the model's "
+                         f"cache ({group} chunks side by side, as it was compressed) and {device} has "
+                         f"{have / 2**30:,.1f} GiB; decompress it on a machine with more memory")
 
 
 def full_pass(device):
@@ -193,8 +214,9 @@ def code(lm, io, buf, length, encoding, progress=True, setting=None, group=GROUP
             code_tokens(lm, io, buf, length, pbar, encoding)
 
 
-def compress(data, lm, progress=True, group=GROUP):
-    """bytes -> container bytes."""
+def compress(data, lm, progress=True, group=None):
+    """bytes -> container bytes; a byte model codes `group` chunks side by side (default `group_for(lm)`)."""
+    group = group or (group_for(lm) if lm.kind == "bytes" else GROUP)
     io = EncodeIO()
     code(lm, io, bytearray(data), len(data), True, progress, group=group)
     name, setting = lm.name.encode()[:65535], pack_setting(lm.setting())
@@ -290,6 +312,8 @@ def decompress(blob, lm, progress=True):
     check_setting(header, lm)
     check_model(header, lm)
     lm.context = header["context"]
+    if lm.kind == "bytes":
+        check_memory(lm, header["group"], header["length"])
     io = DecodeIO(header["code"])
     buf = bytearray(header["length"])
     code(lm, io, buf, header["length"], False, progress, header["setting"], header["group"])

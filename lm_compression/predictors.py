@@ -51,6 +51,7 @@ class ByteLM:
     def __init__(self, net, name, device):
         self.net, self.name, self.device = net.to(device).eval(), name, device
         self.context, self.vocab = net.cfg.context, 256
+        self.cache_bytes = 2 * net.cfg.n_layer * net.cfg.context * net.cfg.n_embd * 4  # a chunk's float32 KV cache
         self.digest = digest(net)
 
     def setting(self):
@@ -74,6 +75,7 @@ class IntByteLM:
         except ValueError as e:
             raise SystemExit(f"lm_compression: {name}: {e}; compress with --float")
         self.name, self.device, self.context, self.vocab = name, device, net.cfg.context, 256
+        self.cache_bytes = 2 * net.cfg.n_layer * net.cfg.context * net.cfg.n_embd * 8  # a chunk's float64 KV cache
         self.digest = self.int_net.digest()
 
     def setting(self):

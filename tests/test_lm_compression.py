@@ -225,6 +225,26 @@ def test_version_2_files_are_still_decoded_and_32_chunks_side_by_side_code_as_be
         codec.decompress(bytes(v4), lm, progress=False)
 
 
+def test_the_group_fills_the_cache_budget_and_decoding_refuses_a_cache_the_machine_cannot_hold(monkeypatch):
+    """Chunks side by side: as many as 2 GiB of decoding's KV cache holds, at most 2048: the shipped model's
+    shape (4 layers, width 128, context 128, float64: 1 MiB a chunk) gets 2048, a 6-layer, 512-wide model of
+    context 256 (12 MiB a chunk) 170; the container records it. A file whose cache does not fit the machine
+    is refused in one line before anything is decoded."""
+    shipped = model.ByteTransformer(model.ByteConfig(context=128, n_layer=4, n_head=4, n_embd=128))
+    big = model.ByteTransformer(model.ByteConfig(context=256, n_layer=6, n_head=8, n_embd=512))
+    assert [codec.group_for(predictors.IntByteLM(net, "x")) for net in (shipped, big)] == [2048, 170]
+    assert codec.group_for(predictors.ByteLM(big, "x", "cpu")) == 341              # float32: half the bytes
+    lm, data = tiny_byte_lm(), ORWELL * 3
+    blob = codec.compress(data, lm, progress=False)
+    assert codec.read_header(blob)["group"] == codec.group_for(lm) == 2048
+    chunks = -(-len(data) // lm.context)
+    monkeypatch.setattr(codec.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1}.get(name, chunks * lm.cache_bytes - 1))
+    with pytest.raises(SystemExit, match=r"^lm_compression: decoding this file takes about .* GiB .*more memory$"):
+        codec.decompress(blob, lm, progress=False)
+    monkeypatch.setattr(codec.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1}.get(name, chunks * lm.cache_bytes))
+    assert codec.decompress(blob, lm, progress=False) == data
+
+
 @pytest.mark.parametrize("group, passes", [(1, 8), (3, 8), (512, 8), (3, 1), (512, 5), (512, 256)])
 def test_the_full_pass_encoder_writes_what_the_step_by_step_decoder_reads(group, passes, monkeypatch):
     """Encoding with the integer path takes every position's frequencies from full passes; the code must
