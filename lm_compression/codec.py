@@ -24,7 +24,6 @@ position-by-position ones), so only decoding steps through the KV cache, `group_
 each step's frequencies stay on the predictor's device until the coder needs them (encoding: three
 numbers per byte; decoding: the rows, once per step).
 """
-import os
 import struct
 import zlib
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from coder import Decoder, Encoder
 from model import BOS
+from train import device_memory
 
 MAGIC, VERSION = b"LMZ\x1a", 3
 KINDS = {"bytes": 0, "tokens": 1}
@@ -111,9 +111,7 @@ def group_for(lm):
 def check_memory(lm, group, length):
     """Refuse, in one line, a decoding whose KV cache (`group` chunks side by side) cannot fit the device."""
     need = min(group, -(-length // lm.context)) * lm.cache_bytes
-    device = str(lm.device)
-    have = (torch.cuda.mem_get_info(device)[1] if device.startswith("cuda")
-            else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    device, have = str(lm.device), device_memory(lm.device)
     if need > have:
         raise SystemExit(f"lm_compression: decoding this file takes about {need / 2**30:,.1f} GiB for the model's "
                          f"cache ({group} chunks side by side, as it was compressed) and {device} has "

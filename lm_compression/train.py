@@ -90,6 +90,13 @@ def num_params(cfg):
     return (257 + cfg.context) * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C + 256 * C
 
 
+def device_memory(device):
+    """Bytes of memory on `device`: the GPU's total on CUDA, the machine's physical memory elsewhere."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_memory(cfg, batch_size, device):
     """Refuse, before anything is read or allocated, a model that cannot fit: 16 bytes per parameter
     (float32 weights, gradients, AdamW's two moments) plus one batch's activations kept for the
@@ -97,11 +104,7 @@ def check_memory(cfg, batch_size, device):
     params = num_params(cfg)
     T = cfg.context + 1
     activations = 4 * batch_size * T * (cfg.n_layer * (20 * cfg.n_embd + 2 * cfg.n_head * T) + 3 * 256)
-    need = 16 * params + activations
-    if device.startswith("cuda"):
-        have = torch.cuda.mem_get_info(torch.device(device))[1]
-    else:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need, have = 16 * params + activations, device_memory(device)
     if need > have:
         raise SystemExit(f"lm_compression: this model ({params:,} parameters, batch {batch_size} x {cfg.context}) "
                          f"needs about {need / 2 ** 30:,.1f} GiB of memory for weights, optimiser state and "

@@ -238,10 +238,10 @@ def test_the_group_fills_the_cache_budget_and_decoding_refuses_a_cache_the_machi
     blob = codec.compress(data, lm, progress=False)
     assert codec.read_header(blob)["group"] == codec.group_for(lm) == 2048
     chunks = -(-len(data) // lm.context)
-    monkeypatch.setattr(codec.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1}.get(name, chunks * lm.cache_bytes - 1))
+    monkeypatch.setattr(codec, "device_memory", lambda device: chunks * lm.cache_bytes - 1)
     with pytest.raises(SystemExit, match=r"^lm_compression: decoding this file takes about .* GiB .*more memory$"):
         codec.decompress(blob, lm, progress=False)
-    monkeypatch.setattr(codec.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1}.get(name, chunks * lm.cache_bytes))
+    monkeypatch.setattr(codec, "device_memory", lambda device: chunks * lm.cache_bytes)
     assert codec.decompress(blob, lm, progress=False) == data
 
 
