@@ -28,6 +28,14 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a display
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# pytest.ini runs the tests in up to 4 processes (pytest-xdist, `-n auto`; `pytest -n 0`: one): each
+# takes its share of the cores, so that their threads do not wait for each other
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # the commands tests run
+    torch.set_num_threads(min(THREADS, torch.get_num_threads()))
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
