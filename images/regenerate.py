@@ -5,7 +5,7 @@
 
 Each line below is a folder's own command (`--sample-only --pretrained` or its equivalent) with
 `--figures-dir`; this script only runs them one after the other, from the repository root, with
-their run folders under runs/regenerate/ so that no training run of yours is touched, and copies
+their run folders under `--out-dir` (runs/regenerate/) so that no training run of yours is touched, and copies
 into images/ the figures each command is listed for below. Commands
 marked DATA draw from test images or sentences and need `--data-dir` (the layout of the top-level
 README's Data section); without it they are skipped and said so. Curves are drawn from the training
@@ -46,12 +46,12 @@ COMMANDS = {
 }
 
 
-def command(folder, i, spec, data_dir, figures_dir):
+def command(folder, i, spec, data_dir, figures_dir, out_dir):
     """The argv that runs one entry of COMMANDS, or None when it needs data that was not given."""
     if DATA in spec and data_dir is None:
         return None
     flags = [a for a in spec if a != DATA]
-    out = ["--out-dir", str(ROOT / "runs" / "regenerate" / f"{folder}-{i}"), "--figures-dir", str(figures_dir)]
+    out = ["--out-dir", str(Path(out_dir) / f"{folder}-{i}"), "--figures-dir", str(figures_dir)]
     data = ["--data-dir", data_dir] if DATA in spec else []
     if folder == "translator":  # `translate TEXT`: the sentence goes last
         return [sys.executable, str(ROOT / folder / "main.py"), *flags[:-1], *out, flags[-1]]
@@ -61,7 +61,7 @@ def command(folder, i, spec, data_dir, figures_dir):
 def redraw(folder, i, spec, figures, args):
     """Run one command into a scratch folder and copy the figures it is listed for; False on failure."""
     with tempfile.TemporaryDirectory() as scratch:
-        cmd = command(folder, i, spec, args.data_dir, scratch)
+        cmd = command(folder, i, spec, args.data_dir, scratch, args.out_dir)
         shown = " ".join(repr(a) if " " in a else a for a in [f"{folder}/main.py", *(spec if cmd is None else cmd[2:])])
         if cmd is None:
             print(f"skipped (needs --data-dir): {shown}")
@@ -83,14 +83,17 @@ def main(argv=None):
     p.add_argument("folders", nargs="*", metavar="FOLDER", help=f"folders to redraw (default: all: {', '.join(COMMANDS)})")
     p.add_argument("--data-dir", help="dataset root for the commands that draw from test data (skipped without it)")
     p.add_argument("--figures-dir", default=str(ROOT / "images"), help="where the figures go (default: images/)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "regenerate"),
+                   help="where the commands' run folders go (default: runs/regenerate/)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.folders) - set(COMMANDS))
     if unknown:
         p.error(f"no figures to redraw for {', '.join(unknown)} (folders: {', '.join(COMMANDS)})")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir} is not a folder")
-    if Path(args.figures_dir).is_file():
-        p.error(f"--figures-dir {args.figures_dir} is a file; pass a folder")
+    for flag, path in (("--figures-dir", args.figures_dir), ("--out-dir", args.out_dir)):
+        if Path(path).is_file():
+            p.error(f"{flag} {path} is a file; pass a folder")
     Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
     failed = 0
     for folder in args.folders or COMMANDS:
