@@ -117,12 +117,12 @@ def test_the_compress_try_it_round_trips(tmp_path):
 
 
 def test_regenerate_redraws_from_the_shipped_weights_and_skips_what_needs_data(tmp_path):
-    figures = tmp_path / "figures"
-    r = subprocess.run([sys.executable, "images/regenerate.py", "--figures-dir", str(figures), "--out-dir", str(tmp_path / "runs"),
+    figures, runs = tmp_path / "figures", tmp_path / "runs"
+    r = subprocess.run([sys.executable, "images/regenerate.py", "--figures-dir", str(figures), "--out-dir", str(runs),
                         "tiny_stories_lm", "fff"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert sorted(p.name for p in figures.iterdir()) == ["tiny_stories_lm_attention_layer3.png"]
-    assert (tmp_path / "runs" / "tiny_stories_lm-0" / "attention.html").is_file()  # the run folder, not the checkout's runs/
+    assert (runs / "tiny_stories_lm-0" / "attention.html").is_file()  # its run folder, not the checkout's runs/
     assert "skipped (needs --data-dir): fff/main.py" in r.stdout
